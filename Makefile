@@ -1,0 +1,31 @@
+# Two commands on a fresh machine with Python 3.11:
+#   make run    creates .venv, installs kexue, runs the main job (embedded default config)
+#   make test   creates .venv, installs kexue[test], runs the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= configs/demo.py
+
+.PHONY: run test lint bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) -m experiments.demo --config $(CONFIG)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n 2 tests
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.ops
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis

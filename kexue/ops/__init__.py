@@ -1,0 +1,1 @@
+"""Pure JAX ops: RoPE, attention and masks, GlobalPointer, ZLPR losses, distances."""

@@ -1,0 +1,105 @@
+"""Boundary checks and dtype helpers shared by every op in `kexue.ops`.
+
+Every check raises a `ValueError` whose message names the argument, what was
+expected and what arrived, so a researcher sees the problem without a stack dive.
+Checks read only static shapes and dtypes, so they are free under `jax.jit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def shape_of(x) -> tuple[int, ...]:
+    """Static shape of an array-like (works on tracers, NumPy arrays and lists)."""
+    return tuple(np.shape(x))
+
+
+def check_min_rank(name: str, x, min_rank: int, layout: str = "") -> None:
+    """Raise if `x` has fewer than `min_rank` axes."""
+    shape = shape_of(x)
+    if len(shape) < min_rank:
+        hint = f" ({layout})" if layout else ""
+        raise ValueError(
+            f"`{name}` must have at least {min_rank} axes{hint}; got shape {shape}."
+        )
+
+
+def check_rank(name: str, x, rank: int, layout: str = "") -> None:
+    """Raise if `x` does not have exactly `rank` axes."""
+    shape = shape_of(x)
+    if len(shape) != rank:
+        hint = f" ({layout})" if layout else ""
+        raise ValueError(f"`{name}` must have {rank} axes{hint}; got shape {shape}.")
+
+
+def check_same_shape(name_a: str, a, name_b: str, b) -> None:
+    """Raise if `a` and `b` differ in shape."""
+    sa, sb = shape_of(a), shape_of(b)
+    if sa != sb:
+        raise ValueError(
+            f"`{name_a}` and `{name_b}` must have the same shape; "
+            f"got {name_a}.shape={sa} and {name_b}.shape={sb}."
+        )
+
+
+def check_dim(name: str, x, axis: int, expected: int, what: str = "") -> None:
+    """Raise if `x.shape[axis] != expected`."""
+    shape = shape_of(x)
+    got = shape[axis]
+    if got != expected:
+        detail = f" ({what})" if what else ""
+        raise ValueError(
+            f"`{name}` must have size {expected} on axis {axis}{detail}; "
+            f"got shape {shape}."
+        )
+
+
+def check_broadcastable(name_a: str, a_shape: Sequence[int], name_b: str,
+                        b_shape: Sequence[int]) -> tuple[int, ...]:
+    """Return the broadcast shape, or raise naming both arguments."""
+    try:
+        return tuple(np.broadcast_shapes(tuple(a_shape), tuple(b_shape)))
+    except ValueError:
+        raise ValueError(
+            f"`{name_a}` with shape {tuple(a_shape)} does not broadcast against "
+            f"`{name_b}` with shape {tuple(b_shape)}."
+        ) from None
+
+
+def check_one_of(name: str, value, allowed: Sequence) -> None:
+    """Raise if `value` is not one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {list(allowed)}; got {value!r}.")
+
+
+def check_positive(name: str, value) -> None:
+    """Raise if a static Python number is not strictly positive."""
+    if not value > 0:
+        raise ValueError(f"`{name}` must be positive; got {value!r}.")
+
+
+def check_floating(name: str, x) -> None:
+    """Raise if `x` is not a floating-point array."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"`{name}` must be a floating-point array; got dtype {dtype}.")
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """Dtype to accumulate in: at least float32 (float64 stays float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def large_negative(dtype) -> float:
+    """A finite, very negative logit for masking entries of `dtype`.
+
+    Large enough that `exp(large_negative - typical_logit)` underflows to exactly 0
+    in float32/bfloat16/float16, yet far enough from `finfo.min` that adding a few
+    ordinary logits or subtracting a row max cannot overflow to `-inf`/NaN.
+    """
+    info = jnp.finfo(dtype)
+    return float(-0.7 * float(info.max)) if info.bits <= 16 else -1e12

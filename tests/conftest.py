@@ -1,0 +1,43 @@
+"""Shared pytest set-up.
+
+* Eight virtual CPU devices, so sharding code is exercised without accelerators.
+  Must run before JAX initialises its backends, hence at import time here.
+* `rng`: a NumPy generator with a fresh seed for every test. The seed is printed in
+  the report of a failing test; set KEXUE_TEST_SEED=<seed> to replay it.
+* Hypothesis runs without deadlines (first calls include XLA compilation).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("kexue", deadline=None, max_examples=30, derandomize=False)
+settings.register_profile("ci", deadline=None, max_examples=30, derandomize=False,
+                          print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "kexue")
+
+_SEED_KEY = pytest.StashKey[int]()
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """Fresh random generator; the seed is reported if the test fails."""
+    env_seed = os.environ.get("KEXUE_TEST_SEED")
+    seed = int(env_seed) if env_seed else int(np.random.SeedSequence().entropy % (2**63))
+    request.node.stash[_SEED_KEY] = seed
+    return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    seed = item.stash.get(_SEED_KEY, None)
+    if seed is not None and report.failed:
+        report.sections.append(("random seed", f"replay with KEXUE_TEST_SEED={seed}"))
+    return report
