@@ -103,3 +103,26 @@ def large_negative(dtype) -> float:
     """
     info = jnp.finfo(dtype)
     return float(-0.7 * float(info.max)) if info.bits <= 16 else -1e12
+
+
+def check_broadcasts_to(name: str, shape: Sequence[int], target_name: str,
+                        target_shape: Sequence[int]) -> None:
+    """Raise unless `shape` broadcasts to exactly `target_shape` (one-way broadcasting)."""
+    shape, target_shape = tuple(shape), tuple(target_shape)
+    try:
+        ok = tuple(np.broadcast_shapes(shape, target_shape)) == target_shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"`{name}` with shape {shape} does not broadcast to `{target_name}` "
+            f"with shape {target_shape}."
+        )
+
+
+def check_dtype_kind(name: str, x, kinds: Sequence[str]) -> None:
+    """Raise unless the dtype of `x` is one of `kinds` ("bool", "integer", "floating")."""
+    dtype = jnp.result_type(x)
+    groups = {"bool": jnp.bool_, "integer": jnp.integer, "floating": jnp.floating}
+    if not any(jnp.issubdtype(dtype, groups[kind]) for kind in kinds):
+        raise ValueError(f"`{name}` must have a {' or '.join(kinds)} dtype; got dtype {dtype}.")

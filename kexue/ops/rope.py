@@ -1,0 +1,252 @@
+"""Rotary position embedding (RoPE), 1-D and N-D.
+
+RoPE (kexue.fm/archives/8265) encodes position `m` by rotating each feature pair of a
+query or key vector by the angle `m·θ_i`, with `θ_i = base^(-2i/r)` for pair `i` of the
+`r` rotary features. Since a rotation by `m` followed by the inverse of a rotation by
+`n` is a rotation by `m − n`, attention scores `⟨R_m q, R_n k⟩ = ⟨q, R_{n−m} k⟩`
+depend on positions only through their difference, and `‖R_m x‖ = ‖x‖`.
+
+Two pairings of the features are in use and both are provided (`layout`):
+
+* ``"interleaved"`` pairs `(x[2i], x[2i+1])`: RoFormer, bert4keras, HF RoFormer.
+* ``"half"`` pairs `(x[i], x[i + r/2])`: GPT-NeoX, LLaMA ("rotate half").
+
+Only the first `rotary_dim` features rotate ("partial rotary"); the rest pass through.
+Positions may be integers or floats (equal-mean random positions, archive 9444).
+Angles, sines and cosines are always computed in at least float32; the output has the
+dtype of `x`. Everything is elementwise (no gathers), so under `jax.jit` XLA fuses the
+whole rotation into a single loop over `x`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kexue.ops import _checks
+
+LAYOUTS = ("interleaved", "half")
+
+
+def _check_rotary_dim(name: str, rotary_dim, multiple: int = 2) -> None:
+    """`rotary_dim` must be a positive Python int divisible by `multiple`."""
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int | np.integer):
+        raise ValueError(f"`{name}` must be a Python int; got {rotary_dim!r}.")
+    if rotary_dim <= 0 or rotary_dim % multiple:
+        raise ValueError(
+            f"`{name}` must be a positive multiple of {multiple}; got {rotary_dim}."
+        )
+
+
+def _check_base(base) -> None:
+    if not (isinstance(base, int | float | np.number) and math.isfinite(base) and base > 1):
+        raise ValueError(f"`base` must be a finite number greater than 1; got {base!r}.")
+
+
+def rope_frequencies(rotary_dim: int, base: float = 10000.0) -> jax.Array:
+    """Rotation frequencies `θ_i = base^(-2i / rotary_dim)`, `i = 0 … rotary_dim/2 − 1`.
+
+    The geometric spectrum of RoPE (kexue.fm/archives/8265): pair 0 turns by one radian
+    per position, the last pair by about `1/base` radian.
+
+    Args:
+      rotary_dim: number of rotating features `r` (even, positive).
+      base: the frequency base (10000 in RoFormer and most LLMs).
+
+    Returns:
+      float32 array of shape `[rotary_dim // 2]`. The values are computed in float64 on
+      the host and rounded once, so they are constants under `jax.jit`.
+    """
+    _check_rotary_dim("rotary_dim", rotary_dim)
+    _check_base(base)
+    exponents = np.arange(rotary_dim // 2, dtype=np.float64) * (-2.0 / rotary_dim)
+    return jnp.asarray(np.power(float(base), exponents), dtype=jnp.float32)
+
+
+def _angle_dtype(positions) -> jnp.dtype:
+    """float32 for integer/float32/bf16 positions, float64 for float64 positions."""
+    dtype = jnp.result_type(positions)
+    return _checks.compute_dtype(dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32)
+
+
+def rope_sin_cos(positions, rotary_dim: int, *,
+                 base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+    """Sines and cosines of the RoPE angles `m·θ_i`, for caching across layers or steps.
+
+    `θ_i = base^(-2i/rotary_dim)` (kexue.fm/archives/8265). Models that apply RoPE in
+    every layer can compute this once and pass it to `apply_rope(x, sin_cos=...)`.
+
+    Args:
+      positions: `[..., n]` integer or float positions `m` (floats are allowed: see
+        equal-mean random positions, kexue.fm/archives/9444).
+      rotary_dim: number of rotating features `r` (even, positive).
+      base: the frequency base.
+
+    Returns:
+      `(sin, cos)`, each of shape `[..., n, rotary_dim // 2]` and dtype float32
+      (float64 if `positions` is float64).
+    """
+    _checks.check_dtype_kind("positions", positions, ("integer", "floating"))
+    _check_rotary_dim("rotary_dim", rotary_dim)
+    dtype = _angle_dtype(positions)
+    theta = rope_frequencies(rotary_dim, base).astype(dtype)
+    angles = jnp.asarray(positions).astype(dtype)[..., None] * theta
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def _rotate_pairs(x: jax.Array, sin: jax.Array, cos: jax.Array, layout: str) -> jax.Array:
+    """Rotate the feature pairs on the last axis of `x` (size `2p`) by angles with `sin`, `cos`.
+
+    `sin`/`cos` broadcast against `x.shape[:-1] + (p,)`. For each pair `(a, b)`:
+    `(a, b) ↦ (a cos − b sin, a sin + b cos)`. Slices, arithmetic and one concatenate
+    only, so XLA emits a single fused loop.
+    """
+    p = x.shape[-1] // 2
+    if layout == "interleaved":
+        pairs = x.reshape((*x.shape[:-1], p, 2))
+        a, b = pairs[..., 0], pairs[..., 1]
+        rotated = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)
+        return rotated.reshape(x.shape)
+    a, b = x[..., :p], x[..., p:]
+    return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+
+
+def _rotate_features(x: jax.Array, sin: jax.Array, cos: jax.Array, layout: str,
+                     rotary_dim: int, parts: int) -> jax.Array:
+    """Rotate the first `rotary_dim` features of `x [..., n, h, d]`; the rest pass through.
+
+    The rotary features are viewed as `parts` contiguous blocks of size
+    `rotary_dim / parts`, each paired within itself according to `layout`; `sin`/`cos`
+    broadcast against `[..., n, h, parts, rotary_dim / (2 parts)]`.
+    """
+    compute = _checks.compute_dtype(x.dtype)
+    x_rot = x[..., :rotary_dim].astype(compute)
+    blocks = x_rot.reshape((*x_rot.shape[:-1], parts, rotary_dim // parts))
+    rotated = _rotate_pairs(blocks, sin.astype(compute), cos.astype(compute), layout)
+    rotated = rotated.reshape(x_rot.shape).astype(x.dtype)
+    if rotary_dim == x.shape[-1]:
+        return rotated
+    return jnp.concatenate([rotated, x[..., rotary_dim:]], axis=-1)
+
+
+def _resolve_rotary_dim(x, rotary_dim, multiple: int) -> int:
+    d = x.shape[-1]
+    if rotary_dim is None:
+        rotary_dim = d
+    _check_rotary_dim("rotary_dim", rotary_dim, multiple)
+    if rotary_dim > d:
+        raise ValueError(
+            f"`rotary_dim` must be at most the head dim of `x`; got rotary_dim={rotary_dim} "
+            f"for x with shape {tuple(x.shape)}."
+        )
+    return int(rotary_dim)
+
+
+def apply_rope(x, positions=None, *, sin_cos: tuple[jax.Array, jax.Array] | None = None,
+               base: float = 10000.0, layout: str = "interleaved",
+               rotary_dim: int | None = None) -> jax.Array:
+    """Rotate queries or keys by their positions: `x_m ↦ R_m x_m` (kexue.fm/archives/8265).
+
+    For pair `i` with frequency `θ_i = base^(-2i/r)` and features `(a, b)` of the pair:
+    `(a, b) ↦ (a cos mθ_i − b sin mθ_i, a sin mθ_i + b cos mθ_i)`. Pairs are
+    `(x[2i], x[2i+1])` for ``layout="interleaved"`` (RoFormer) and `(x[i], x[i+r/2])`
+    for ``layout="half"`` (GPT-NeoX / LLaMA). Features from `rotary_dim` on pass through.
+
+    Args:
+      x: `[..., n, h, d]` queries or keys, any float dtype.
+      positions: `[..., n]` integer or float positions, broadcastable to `x.shape[:-2]`
+        (so `[n]` serves any batch). Defaults to `arange(n)` when `sin_cos` is None too.
+      sin_cos: optional `(sin, cos)` from `rope_sin_cos`, each `[..., n, rotary_dim/2]`
+        with leading axes broadcastable to `x.shape[:-2]`; replaces `positions` and
+        `base`.
+      base: frequency base, used when the angles come from `positions`.
+      layout: ``"interleaved"`` or ``"half"``.
+      rotary_dim: number of rotating features `r` (even, at most `d`); None means `d`.
+
+    Returns:
+      Array with the shape and dtype of `x`. Angles, sines and cosines are float32 (or
+      wider) whatever the dtype of `x`; the rotation itself is computed in at least
+      float32 and rounded once to `x.dtype`.
+    """
+    _checks.check_min_rank("x", x, 3, "[..., n, h, d]")
+    _checks.check_floating("x", x)
+    _checks.check_one_of("layout", layout, LAYOUTS)
+    x = jnp.asarray(x)
+    rotary_dim = _resolve_rotary_dim(x, rotary_dim, 2)
+    leading = tuple(x.shape[:-2])
+    if sin_cos is not None:
+        if positions is not None:
+            raise ValueError("Pass either `positions` or `sin_cos` to `apply_rope`, not both.")
+        if not (isinstance(sin_cos, tuple | list) and len(sin_cos) == 2):
+            raise ValueError(
+                "`sin_cos` must be the (sin, cos) pair returned by `rope_sin_cos`; "
+                f"got {type(sin_cos).__name__}."
+            )
+        sin, cos = (jnp.asarray(t) for t in sin_cos)
+        _checks.check_same_shape("sin", sin, "cos", cos)
+        _checks.check_min_rank("sin_cos[0]", sin, 2, "[..., n, rotary_dim // 2]")
+        _checks.check_dim("sin_cos[0]", sin, -1, rotary_dim // 2, "rotary_dim // 2")
+        _checks.check_broadcasts_to("sin_cos[0].shape[:-1]", sin.shape[:-1],
+                                    "x.shape[:-2]", leading)
+    else:
+        if positions is None:
+            positions = jnp.arange(x.shape[-3], dtype=jnp.int32)
+        _checks.check_broadcasts_to("positions", _checks.shape_of(positions),
+                                    "x.shape[:-2]", leading)
+        sin, cos = rope_sin_cos(positions, rotary_dim, base=base)
+    # [..., n, r/2] -> [..., n, 1 (heads), 1 (parts), r/2]
+    sin, cos = sin[..., None, None, :], cos[..., None, None, :]
+    return _rotate_features(x, sin, cos, layout, rotary_dim, parts=1)
+
+
+def apply_rope_nd(x, positions, *, base: float = 10000.0, layout: str = "interleaved",
+                  rotary_dim: int | None = None) -> jax.Array:
+    """N-dimensional RoPE: block-diagonal rotation, one block per position axis.
+
+    With `k` position axes (e.g. `(row, col)` of image patches, k = 2), the `r` rotary
+    features are split into `k` contiguous parts of size `r/k`; part `j` is rotated by
+    1-D RoPE at position `p_j` with its own frequencies `θ_i = base^(-2i/(r/k))` and the
+    pairing of `layout` inside the part (kexue.fm/archives/8397). Relativity holds per
+    axis: `R_{p}ᵀ R_{p'} = R_{p' − p}`, and the map is orthogonal (lossless). With
+    `k = 1` this is `apply_rope`.
+
+    Args:
+      x: `[..., n, h, d]` queries or keys, any float dtype.
+      positions: `[..., n, k]` integer or float positions; `positions.shape[:-1]` must
+        broadcast to `x.shape[:-2]`.
+      base: frequency base.
+      layout: ``"interleaved"`` or ``"half"`` (pairing inside each part).
+      rotary_dim: number of rotating features (divisible by `2k`, at most `d`); None
+        means `d`. Features from `rotary_dim` on pass through.
+
+    Returns:
+      Array with the shape and dtype of `x` (angles and rotation in at least float32).
+    """
+    _checks.check_min_rank("x", x, 3, "[..., n, h, d]")
+    _checks.check_floating("x", x)
+    _checks.check_one_of("layout", layout, LAYOUTS)
+    _checks.check_min_rank("positions", positions, 2, "[..., n, k]")
+    _checks.check_dtype_kind("positions", positions, ("integer", "floating"))
+    x = jnp.asarray(x)
+    positions = jnp.asarray(positions)
+    k = positions.shape[-1]
+    if k < 1:
+        raise ValueError(f"`positions` must have at least one axis of positions (last axis "
+                         f"k >= 1); got shape {positions.shape}.")
+    if rotary_dim is None and x.shape[-1] % (2 * k):
+        raise ValueError(
+            f"The head dim of `x` (shape {tuple(x.shape)}) must be divisible by 2k = {2 * k} "
+            f"for positions with shape {positions.shape}; or pass a `rotary_dim` that is."
+        )
+    rotary_dim = _resolve_rotary_dim(x, rotary_dim, 2 * k)
+    _checks.check_broadcasts_to("positions.shape[:-1]", positions.shape[:-1],
+                                "x.shape[:-2]", tuple(x.shape[:-2]))
+    part = rotary_dim // k
+    dtype = _angle_dtype(positions)
+    theta = rope_frequencies(part, base).astype(dtype)
+    angles = positions.astype(dtype)[..., None] * theta  # [..., n, k, part/2]
+    sin, cos = jnp.sin(angles)[..., None, :, :], jnp.cos(angles)[..., None, :, :]
+    return _rotate_features(x, sin, cos, layout, rotary_dim, parts=k)
