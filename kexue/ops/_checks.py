@@ -122,7 +122,14 @@ def check_broadcasts_to(name: str, shape: Sequence[int], target_name: str,
 
 def check_dtype_kind(name: str, x, kinds: Sequence[str]) -> None:
     """Raise unless the dtype of `x` is one of `kinds` ("bool", "integer", "floating")."""
-    dtype = jnp.result_type(x)
+    if hasattr(x, "dtype"):
+        dtype = x.dtype
+    else:
+        try:
+            dtype = jnp.asarray(x).dtype
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"`{name}` must be an array with a {' or '.join(kinds)} dtype; "
+                             f"got {type(x).__name__}: {error}") from error
     groups = {"bool": jnp.bool_, "integer": jnp.integer, "floating": jnp.floating}
     if not any(jnp.issubdtype(dtype, groups[kind]) for kind in kinds):
         raise ValueError(f"`{name}` must have a {' or '.join(kinds)} dtype; got dtype {dtype}.")

@@ -91,6 +91,7 @@ def rope_sin_cos(positions, rotary_dim: int, *,
     """
     _checks.check_dtype_kind("positions", positions, ("integer", "floating"))
     _check_rotary_dim("rotary_dim", rotary_dim)
+    positions = jnp.asarray(positions)
     dtype = _angle_dtype(positions)
     theta = rope_frequencies(rotary_dim, base).astype(dtype)
     angles = jnp.asarray(positions).astype(dtype)[..., None] * theta

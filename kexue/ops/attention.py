@@ -1,0 +1,195 @@
+"""Scaled dot-product attention with the entropy-invariant scale, masks and grouped queries.
+
+Standard attention scales logits by `1/√d`. The entropy of a query's attention
+distribution then grows like `log n` with the number `n` of keys it can see, so a model
+trained on short sequences attends too diffusely on long ones. Entropy-invariant
+attention (kexue.fm/archives/8823, 9034, 9588) scales the logits of query `i` by
+`log_b(n_i)/√d` instead, with `n_i` the number of keys that query sees and `b` the
+length the rest of the model was tuned at (512 by default; at `n_i = b` it is standard
+attention). The factor is per query, so it is folded into `q` before the dot product and
+the fused kernels of `jax.nn.dot_product_attention` (cuDNN flash on GPU) still apply.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kexue.ops import _checks
+
+__all__ = ["SCALES", "dot_product_attention", "entropy_invariant_scale"]
+
+SCALES = ("standard", "entropy_invariant")
+
+
+def _check_entropy_base(entropy_base) -> float:
+    if (isinstance(entropy_base, bool)
+            or not isinstance(entropy_base, int | float | np.integer | np.floating)
+            or not math.isfinite(entropy_base) or not entropy_base > 1):
+        raise ValueError(
+            f"`entropy_base` must be a finite number greater than 1; got {entropy_base!r}."
+        )
+    return float(entropy_base)
+
+
+def entropy_invariant_scale(num_keys, *, entropy_base: float = 512.0) -> jax.Array:
+    """The entropy-invariant logit factor `log(max(n, 1)) / log(b)` (kexue.fm/archives/8823).
+
+    Multiplying the standard `1/√d` scale by this factor keeps the attention entropy of
+    a query roughly independent of the number `n` of keys it sees; it is 1 at `n = b`.
+    A query that sees one key (or none, clamped to one) gets factor 0: its single key
+    takes all the weight whatever the logits.
+
+    Args:
+      num_keys: integer or float array (or number) of visible keys `n`, any shape.
+      entropy_base: `b`, the training length the other hyper-parameters were tuned at.
+
+    Returns:
+      Array with the shape of `num_keys`, float32 (float64 if `num_keys` is float64).
+    """
+    base = _check_entropy_base(entropy_base)
+    _checks.check_dtype_kind("num_keys", num_keys, ("integer", "floating"))
+    dtype = jnp.result_type(num_keys)
+    dtype = _checks.compute_dtype(dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32)
+    n = jnp.maximum(jnp.asarray(num_keys).astype(dtype), 1)
+    return jnp.log(n) / jnp.asarray(math.log(base), dtype)
+
+
+def _check_scale(scale) -> None:
+    if isinstance(scale, str):
+        _checks.check_one_of("scale", scale, SCALES)
+    elif (isinstance(scale, bool) or not isinstance(scale, int | float | np.integer | np.floating)
+          or not math.isfinite(scale)):
+        raise ValueError(
+            f"`scale` must be one of {list(SCALES)} or a finite Python number; got {scale!r}."
+        )
+
+
+def _prepare_mask(mask, q_shape: tuple[int, ...], n_k: int) -> jax.Array:
+    """Validate `mask` and bring it to `[B or 1, h or 1, n_q, n_k]` (batch axes flattened).
+
+    A mask with fewer axes than `q` is `[..., n_q, n_k]` and gets a head axis; one with as
+    many is `[..., h, n_q, n_k]`.
+    """
+    *batch, n_q, h, _ = q_shape
+    target = (*batch, h, n_q, n_k)
+    _checks.check_dtype_kind("mask", mask, ("bool",))
+    shape = _checks.shape_of(mask)
+    if len(shape) > len(q_shape):
+        raise ValueError(
+            f"`mask` must have at most {len(q_shape)} axes ([..., h, n_q, n_k] for q with "
+            f"shape {tuple(q_shape)}); got shape {shape}."
+        )
+    if len(shape) < 2:
+        raise ValueError(f"`mask` must have at least 2 axes ([..., n_q, n_k]); got shape {shape}.")
+    expanded = (*shape[:-2], 1, *shape[-2:]) if len(shape) < len(q_shape) else shape
+    expanded = (*(1,) * (len(target) - len(expanded)), *expanded)
+    try:
+        fits = tuple(np.broadcast_shapes(expanded, target)) == target
+    except ValueError:
+        fits = False
+    if not fits:
+        layout = "[..., n_q, n_k]" if len(shape) < len(q_shape) else "[..., h, n_q, n_k]"
+        raise ValueError(
+            f"`mask` with shape {shape} (read as {layout}) does not broadcast to "
+            f"[..., h, n_q, n_k] = {target} for q.shape={tuple(q_shape)} and n_k={n_k}."
+        )
+    mask = jnp.asarray(mask).reshape(expanded)
+    mask_batch = mask.shape[:-3]
+    heads = mask.shape[-3]
+    if all(size == 1 for size in mask_batch):
+        flat_batch = 1
+    else:
+        mask = jnp.broadcast_to(mask, (*batch, *mask.shape[-3:]))
+        flat_batch = math.prod(batch)
+    mask = mask.reshape((flat_batch, *mask.shape[-3:]))
+    return jnp.broadcast_to(mask, (flat_batch, heads, n_q, n_k))
+
+
+def dot_product_attention(q, k, v, *, mask=None, scale: str | float = "standard",
+                          entropy_base: float = 512.0,
+                          implementation: str | None = None) -> jax.Array:
+    """Multi-head attention `softmax(κ_i q_i·k_j + mask) v` with grouped-query heads.
+
+    The logit scale `κ_i` of query `i` is `1/√d` for ``scale="standard"``,
+    `log_b(n_i)/√d` for ``scale="entropy_invariant"`` (kexue.fm/archives/8823; `n_i` is
+    the number of keys query `i` sees in `mask`, per head, `n_k` without a mask, clamped
+    to at least 1; `b = entropy_base`), or the given number. Query head `j` reads
+    key/value head `j // (h / h_kv)` (grouped-query attention; `h_kv = 1` is multi-query).
+    The per-query factor multiplies `q` before `jax.nn.dot_product_attention` is called,
+    so its fused kernels apply; a scale that is the same for all queries (standard, a
+    number, or entropy-invariant without a mask) is passed to it directly.
+
+    Args:
+      q: `[..., n_q, h, d]` queries, float dtype.
+      k: `[..., n_k, h_kv, d]` keys, same dtype and leading axes as `q`, `h % h_kv == 0`.
+      v: `[..., n_k, h_kv, d]` values, same shape and dtype as `k`.
+      mask: optional bool, True = may attend. Either `[..., n_q, n_k]` (fewer axes than
+        `q`; shared by all heads) or `[..., h, n_q, n_k]` (as many axes as `q`), each
+        broadcastable to `q.shape[:-3] + (h, n_q, n_k)`. See `kexue.ops.masks`.
+      scale: ``"standard"``, ``"entropy_invariant"`` or a Python number (the logit
+        scale itself, `1/√d` not applied on top).
+      entropy_base: `b` of the entropy-invariant scale (the tuned training length).
+      implementation: passed to `jax.nn.dot_product_attention` (None, ``"xla"``,
+        ``"cudnn"``).
+
+    Returns:
+      `[..., n_q, h, d]` in the dtype of `q`. A query that sees no key gets zeros (with
+      finite, zero gradients), not the mean of the values.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_min_rank(name, x, 3, "[..., n, heads, d]")
+        _checks.check_floating(name, x)
+    _checks.check_same_shape("k", k, "v", v)
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(
+            "`q`, `k` and `v` must have the same dtype; "
+            f"got q.dtype={q.dtype}, k.dtype={k.dtype}, v.dtype={v.dtype}."
+        )
+    if q.shape[:-3] != k.shape[:-3]:
+        raise ValueError(
+            "`q` and `k` must have the same leading (batch) axes; "
+            f"got q.shape={q.shape} and k.shape={k.shape}."
+        )
+    _checks.check_dim("k", k, -1, q.shape[-1], "head dim d of q")
+    *batch, n_q, h, d = q.shape
+    n_k, h_kv = k.shape[-3], k.shape[-2]
+    if h % h_kv:
+        raise ValueError(
+            f"The number of query heads must be a multiple of the key/value heads; got "
+            f"q.shape={q.shape} (h={h}) and k.shape={k.shape} (h_kv={h_kv})."
+        )
+    _check_scale(scale)
+    base = _check_entropy_base(entropy_base)
+
+    flat = math.prod(batch)
+    q4 = q.reshape(flat, n_q, h, d)
+    k4 = k.reshape(flat, n_k, h_kv, d)
+    v4 = v.reshape(flat, n_k, h_kv, d)
+    mask4 = None if mask is None else _prepare_mask(mask, q.shape, n_k)
+
+    kernel_scale = 1.0
+    if scale == "standard":
+        kernel_scale = 1.0 / math.sqrt(d)
+    elif scale == "entropy_invariant":
+        if mask4 is None:
+            kernel_scale = math.log(n_k) / math.log(base) / math.sqrt(d)
+        else:
+            compute = _checks.compute_dtype(q.dtype)
+            counts = jnp.sum(mask4, axis=-1, dtype=compute)  # [B', h', n_q]
+            factor = entropy_invariant_scale(counts, entropy_base=base)
+            factor = jnp.swapaxes(factor, -1, -2)[..., None]  # [B', n_q, h', 1]
+            q4 = (q4.astype(compute) * (factor / math.sqrt(d))).astype(q.dtype)
+    else:
+        kernel_scale = float(scale)
+
+    out = jax.nn.dot_product_attention(q4, k4, v4, mask=mask4, scale=kernel_scale,
+                                       implementation=implementation)
+    if mask4 is not None:
+        seen = jnp.swapaxes(jnp.any(mask4, axis=-1), -1, -2)[..., None]  # [B', n_q, h', 1]
+        out = jnp.where(seen, out, jnp.zeros((), out.dtype))
+    return out.reshape(q.shape).astype(q.dtype)

@@ -1,0 +1,278 @@
+"""RoPE against explicit float64 rotation matrices, plus relativity, norm, and transform checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kexue.ops.rope import apply_rope, apply_rope_nd, rope_frequencies, rope_sin_cos
+
+TOL = {"rtol": 1e-5, "atol": 2e-5}
+
+
+def pair_indices(rotary_dim, layout, start=0):
+    """Feature index pairs (a, b) rotated together, for a block of `rotary_dim` features."""
+    half = rotary_dim // 2
+    if layout == "interleaved":
+        return [(start + 2 * i, start + 2 * i + 1) for i in range(half)]
+    return [(start + i, start + i + half) for i in range(half)]
+
+
+def rotation_matrix(positions, d, rotary_dim, layout, base=10000.0, derivative=False):
+    """Float64 `[d, d]` RoPE matrix for one token; `positions` holds one entry per axis.
+
+    The rotary features split into `len(positions)` blocks; block `j` rotates by
+    `positions[j]` with frequencies `base^(-2i/block)`. With `derivative`, returns
+    `dR/dm` of a single-axis rotation instead.
+    """
+    positions = np.atleast_1d(np.asarray(positions, np.float64))
+    block = rotary_dim // len(positions)
+    r = np.zeros((d, d)) if derivative else np.eye(d)
+    for axis, m in enumerate(positions):
+        for i, (a, b) in enumerate(pair_indices(block, layout, start=axis * block)):
+            theta = base ** (-2.0 * i / block)
+            c, s = np.cos(m * theta), np.sin(m * theta)
+            if derivative:
+                r[a, a], r[a, b], r[b, a], r[b, b] = -s * theta, -c * theta, c * theta, -s * theta
+            else:
+                r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
+    return r
+
+
+def rope_reference(x, positions, rotary_dim=None, layout="interleaved", base=10000.0,
+                   derivative=False, nd=False):
+    """Apply per-token matrices: x `[..., n, h, d]`, positions `[..., n]` (`[..., n, k]` if nd)."""
+    x = np.asarray(x, np.float64)
+    d = x.shape[-1]
+    rotary_dim = d if rotary_dim is None else rotary_dim
+    positions = np.asarray(positions, np.float64)
+    if not nd:
+        positions = positions[..., None]
+    positions = np.broadcast_to(positions, (*x.shape[:-2], positions.shape[-1]))
+    out = np.empty_like(x)
+    for idx in np.ndindex(*x.shape[:-2]):
+        r = rotation_matrix(positions[idx], d, rotary_dim, layout, base, derivative)
+        out[idx] = x[idx] @ r.T
+    return out
+
+
+def randn(rng, *shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# ------------------------------------------------------------------- frequencies
+
+
+@pytest.mark.parametrize(("rotary_dim", "base"), [(8, 10000.0), (6, 500.0), (64, 10000)])
+def test_rope_frequencies_formula(rotary_dim, base):
+    got = rope_frequencies(rotary_dim, base)
+    expected = [base ** (-2.0 * i / rotary_dim) for i in range(rotary_dim // 2)]
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-7)
+
+
+def test_rope_sin_cos_formula(rng):
+    positions = rng.uniform(-30, 30, size=(2, 5)).astype(np.float32)
+    sin, cos = rope_sin_cos(positions, 6, base=100.0)
+    angles = positions.astype(np.float64)[..., None] * 100.0 ** (-np.arange(3) * 2.0 / 6)
+    assert sin.shape == cos.shape == (2, 5, 3) and sin.dtype == cos.dtype == jnp.float32
+    np.testing.assert_allclose(sin, np.sin(angles), atol=1e-5)
+    np.testing.assert_allclose(cos, np.cos(angles), atol=1e-5)
+
+
+# ------------------------------------------------------------------ 1-D reference
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+@pytest.mark.parametrize("rotary_dim", [None, 4])
+@pytest.mark.parametrize("float_positions", [False, True])
+def test_apply_rope_matches_rotation_matrices(rng, layout, rotary_dim, float_positions):
+    x = randn(rng, 2, 5, 3, 10)
+    if float_positions:
+        positions = rng.uniform(-40, 40, size=(2, 5)).astype(np.float32)
+    else:
+        positions = rng.integers(0, 60, size=(2, 5)).astype(np.int32)
+    got = apply_rope(x, positions, layout=layout, rotary_dim=rotary_dim, base=1000.0)
+    assert got.shape == x.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, rope_reference(x, positions, rotary_dim, layout, 1000.0), **TOL)
+    if rotary_dim is not None:  # the pass-through features are untouched, bit for bit
+        np.testing.assert_array_equal(np.asarray(got)[..., rotary_dim:], x[..., rotary_dim:])
+
+
+def test_apply_rope_default_positions_and_shared_positions(rng):
+    x = randn(rng, 2, 6, 2, 8)
+    expected = rope_reference(x, np.arange(6))
+    np.testing.assert_allclose(apply_rope(x), expected, **TOL)
+    np.testing.assert_allclose(apply_rope(x, np.arange(6)), expected, **TOL)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+def test_sin_cos_cache_equals_positions_path(rng, layout):
+    x = randn(rng, 3, 7, 2, 12)
+    positions = rng.uniform(0, 100, size=(3, 7)).astype(np.float32)
+    cached = rope_sin_cos(positions, 8, base=500.0)
+    direct = apply_rope(x, positions, base=500.0, layout=layout, rotary_dim=8)
+    np.testing.assert_array_equal(
+        apply_rope(x, sin_cos=cached, layout=layout, rotary_dim=8), direct)
+    # A cache for `[n]` positions serves every batch entry.
+    shared = rope_sin_cos(positions[0], 12)
+    np.testing.assert_allclose(apply_rope(x, sin_cos=shared, layout=layout),
+                               rope_reference(x, positions[0], layout=layout), **TOL)
+
+
+# --------------------------------------------------------------- defining property
+
+
+def rope_dot(q, k, m, n, layout):
+    """<R_m q, R_n k> per head, for one query at position m and one key at n."""
+    rq = apply_rope(q, jnp.asarray([m], jnp.float32), layout=layout)
+    rk = apply_rope(k, jnp.asarray([n], jnp.float32), layout=layout)
+    return np.sum(np.asarray(rq, np.float64) * np.asarray(rk, np.float64), axis=-1)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+def test_relativity_and_norm(rng, layout):
+    q, k = randn(rng, 1, 4, 16), randn(rng, 1, 4, 16)
+    for _ in range(5):
+        m, n, shift = rng.uniform(-50, 50, size=3)
+        base_score = rope_dot(q, k, m, n, layout)
+        np.testing.assert_allclose(rope_dot(q, k, m + shift, n + shift, layout), base_score,
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(rope_dot(q, k, 0.0, n - m, layout), base_score,
+                                   rtol=1e-4, atol=1e-4)
+    x = randn(rng, 3, 5, 2, 16)
+    positions = rng.uniform(-100, 100, size=(3, 5)).astype(np.float32)
+    rotated = apply_rope(x, positions, layout=layout)
+    np.testing.assert_allclose(np.linalg.norm(rotated, axis=-1), np.linalg.norm(x, axis=-1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(apply_rope(rotated, -positions, layout=layout), x, **TOL)
+
+
+@given(m=st.integers(-2000, 2000), n=st.integers(-2000, 2000), shift=st.integers(-2000, 2000))
+def test_relativity_integer_positions(m, n, shift):
+    rng = np.random.default_rng(abs(m) + 7 * abs(n))
+    q, k = randn(rng, 1, 2, 8), randn(rng, 1, 2, 8)
+    np.testing.assert_allclose(rope_dot(q, k, m + shift, n + shift, "interleaved"),
+                               rope_dot(q, k, m, n, "interleaved"), rtol=2e-3, atol=2e-3)
+
+
+# ---------------------------------------------------------------------------- N-D
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+@pytest.mark.parametrize(("axes", "d", "rotary_dim"), [(2, 8, None), (3, 14, 12), (2, 10, 8)])
+def test_apply_rope_nd_matches_block_rotation(rng, layout, axes, d, rotary_dim):
+    x = randn(rng, 2, 6, 2, d)
+    positions = rng.uniform(-20, 20, size=(2, 6, axes)).astype(np.float32)
+    got = apply_rope_nd(x, positions, layout=layout, rotary_dim=rotary_dim, base=100.0)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    expected = rope_reference(x, positions, rotary_dim, layout, 100.0, nd=True)
+    np.testing.assert_allclose(got, expected, **TOL)
+
+
+def test_apply_rope_nd_one_axis_is_apply_rope(rng):
+    x = randn(rng, 2, 5, 3, 8)
+    positions = rng.integers(0, 50, size=(2, 5)).astype(np.int32)
+    np.testing.assert_allclose(apply_rope_nd(x, positions[..., None], layout="half"),
+                               apply_rope(x, positions, layout="half"), rtol=1e-6, atol=1e-6)
+
+
+def test_apply_rope_nd_relativity_on_a_grid(rng):
+    # Image patches at (row, col): scores depend only on the 2-D offset.
+    q, k = randn(rng, 1, 2, 16), randn(rng, 1, 2, 16)
+
+    def score(pq, pk):
+        rq = apply_rope_nd(q, jnp.asarray([pq], jnp.int32))
+        rk = apply_rope_nd(k, jnp.asarray([pk], jnp.int32))
+        return np.sum(np.asarray(rq, np.float64) * np.asarray(rk, np.float64), axis=-1)
+
+    for _ in range(4):
+        pq, pk, shift = (rng.integers(0, 32, size=2) for _ in range(3))
+        np.testing.assert_allclose(score(pq + shift, pk + shift), score(pq, pk),
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(score(np.zeros(2, int), pk - pq), score(pq, pk),
+                                   rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- transforms
+
+
+def test_jit_vmap_and_grad(rng):
+    x = randn(rng, 4, 5, 2, 8)
+    w = randn(rng, 4, 5, 2, 8)
+    positions = rng.uniform(-10, 10, size=(4, 5)).astype(np.float32)
+    expected = rope_reference(x, positions, layout="half")
+    fn = jax.jit(lambda x, p: apply_rope(x, p, layout="half"))
+    np.testing.assert_allclose(fn(x, positions), expected, **TOL)
+    np.testing.assert_allclose(jax.vmap(lambda x, p: apply_rope(x, p, layout="half"))(
+        x, positions), expected, **TOL)
+
+    def loss(x, p):
+        return jnp.sum(w * apply_rope(x, p, layout="half"))
+
+    gx, gp = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, positions)
+    # d/dx <w, R_m x> = R_mᵀ w, and d/dm <w, R_m x> = <w, (dR/dm) x>.
+    np.testing.assert_allclose(gx, rope_reference(w, -positions, layout="half"), **TOL)
+    dr_x = rope_reference(x, positions, layout="half", derivative=True)
+    np.testing.assert_allclose(gp, np.sum(w * dr_x, axis=(-2, -1)), rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_keeps_dtype(rng):
+    x = randn(rng, 2, 5, 2, 8).astype(jnp.bfloat16)
+    positions = rng.uniform(0, 100, size=(2, 5)).astype(np.float32)
+    got = apply_rope(x, positions)
+    assert got.dtype == jnp.bfloat16
+    expected = rope_reference(np.asarray(x, np.float32), positions)
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, rtol=2e-2, atol=2e-2)
+    got_nd = apply_rope_nd(x, np.stack([positions, positions], -1), rotary_dim=4)
+    assert got_nd.dtype == jnp.bfloat16
+
+
+def test_sharded_input_gives_same_result(rng):
+    devices = np.array(jax.devices()[:8])
+    if devices.size < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = randn(rng, 8, 4, 2, 8)
+    positions = rng.integers(0, 100, size=(8, 4)).astype(np.int32)
+    got = jax.jit(apply_rope)(jax.device_put(x, sharding), jax.device_put(positions, sharding))
+    np.testing.assert_allclose(got, rope_reference(x, positions), **TOL)
+    assert got.sharding.is_equivalent_to(sharding, got.ndim)
+
+
+# -------------------------------------------------------------------------- errors
+
+
+def test_rope_errors_name_the_argument():
+    x = np.zeros((2, 5, 3, 8), np.float32)
+    with pytest.raises(ValueError, match=r"`layout` must be one of \['interleaved', 'half'\]"):
+        apply_rope(x, layout="neox")
+    with pytest.raises(ValueError, match=r"`rotary_dim` must be a positive multiple of 2; got 5"):
+        apply_rope(x, rotary_dim=5)
+    with pytest.raises(ValueError, match=r"`rotary_dim` must be at most the head dim.*=10"):
+        apply_rope(x, rotary_dim=10)
+    with pytest.raises(ValueError, match=r"`x` must have at least 3 axes.*\(5, 8\)"):
+        apply_rope(np.zeros((5, 8), np.float32))
+    with pytest.raises(ValueError, match=r"`x` must be a floating-point array; got dtype int32"):
+        apply_rope(np.zeros((5, 2, 8), np.int32))
+    with pytest.raises(ValueError, match=r"`positions` with shape \(4,\) does not broadcast"):
+        apply_rope(x, np.arange(4))
+    with pytest.raises(ValueError, match=r"`positions` must have a integer or floating dtype"):
+        apply_rope(x, np.ones(5, bool))
+    with pytest.raises(ValueError, match=r"either `positions` or `sin_cos`"):
+        apply_rope(x, np.arange(5), sin_cos=rope_sin_cos(np.arange(5), 8))
+    with pytest.raises(ValueError, match=r"`sin_cos\[0\]` must have size 4 on axis -1"):
+        apply_rope(x, sin_cos=rope_sin_cos(np.arange(5), 6))
+    with pytest.raises(ValueError, match=r"`base` must be a finite number greater than 1; got 1.0"):
+        apply_rope(x, base=1.0)
+    with pytest.raises(ValueError, match=r"`positions` must have at least 2 axes"):
+        apply_rope_nd(x, np.arange(5))
+    with pytest.raises(ValueError, match=r"divisible by 2k = 6"):
+        apply_rope_nd(x, np.zeros((5, 3), np.int32))
+    with pytest.raises(ValueError, match=r"`rotary_dim` must be a positive multiple of 4; got 6"):
+        apply_rope_nd(x, np.zeros((5, 2), np.int32), rotary_dim=6)
