@@ -1,0 +1,258 @@
+"""GlobalPointer span scoring for NER, its efficient variant, decoding and span F1.
+
+GlobalPointer (kexue.fm/archives/8373) scores every candidate span `(i, j)`, `i ≤ j`, of
+a sequence for every entity type `α` at once, as an inner product of a "start" vector at
+`i` and an "end" vector at `j`:
+
+    s_α(i, j) = (R_i q_{i,α})ᵀ (R_j k_{j,α}) / √d,
+
+with RoPE rotations `R_i` (kexue.fm/archives/8265) so that the score sees the relative
+position `j − i`. Spans with `j < i` (the strict lower triangle) and spans touching a
+padding token are set to a finite, dtype-aware large negative logit. A span is decoded as
+an entity of type `α` iff `s_α(i, j) > 0`, the threshold of the ZLPR loss
+(`kexue.ops.losses.zlpr_loss`, kexue.fm/archives/7359).
+
+Efficient GlobalPointer (kexue.fm/archives/8877) shares one `(q, k)` pair across types and
+adds a per-type bias made of a start part and an end part.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kexue.ops import _checks
+from kexue.ops.rope import LAYOUTS, apply_rope
+
+__all__ = [
+    "decode_spans",
+    "efficient_global_pointer_logits",
+    "f1_from_counts",
+    "global_pointer_logits",
+    "span_f1",
+]
+
+
+def _check_token_mask(mask, name: str, leading: tuple[int, ...], leading_name: str) -> None:
+    """`mask` is a bool/integer `[..., n]` array broadcasting to `leading` (batch…, n)."""
+    _checks.check_dtype_kind(name, mask, ("bool", "integer"))
+    _checks.check_min_rank(name, mask, 1, "[..., n]")
+    _checks.check_broadcasts_to(name, _checks.shape_of(mask), leading_name, leading)
+
+
+def _span_validity(n: int, mask) -> jax.Array:
+    """Bool `[..., 1, n, n]`: span `(i, j)` exists (`i ≤ j`) and both ends are valid tokens."""
+    upper = jnp.triu(jnp.ones((n, n), dtype=bool))
+    if mask is None:
+        return upper
+    valid = jnp.asarray(mask).astype(bool)
+    pair = valid[..., :, None] & valid[..., None, :]
+    return (pair & upper)[..., None, :, :]
+
+
+def _mask_spans(logits: jax.Array, mask, out_dtype) -> jax.Array:
+    """Replace impossible spans of `logits [..., types, n, n]` and cast to `out_dtype`."""
+    valid = _span_validity(logits.shape[-1], mask)
+    fill = jnp.asarray(_checks.large_negative(out_dtype), logits.dtype)
+    return jnp.where(valid, logits, fill).astype(out_dtype)
+
+
+def _rotate(x: jax.Array, rope: bool, base: float, layout: str) -> jax.Array:
+    """RoPE with positions `0 … n−1` on `x [..., n, h, d]`, in at least float32."""
+    x = x.astype(_checks.compute_dtype(x.dtype))
+    return apply_rope(x, base=base, layout=layout) if rope else x
+
+
+def _check_rope_dim(rope: bool, name: str, d: int) -> None:
+    if rope and d % 2:
+        raise ValueError(
+            f"`{name}` must have an even last axis (head dim) when `rope=True`; got d={d}."
+        )
+
+
+def global_pointer_logits(q, k, *, mask=None, rope: bool = True, base: float = 10000.0,
+                          layout: str = "interleaved") -> jax.Array:
+    """GlobalPointer span logits `s_α(i, j) = (R_i q_{i,α})ᵀ (R_j k_{j,α}) / √d`.
+
+    kexue.fm/archives/8373. Entries with `j < i` and entries whose start or end is a
+    padding token are set to `large_negative(q.dtype)` (finite), so they decode as
+    "no entity" and contribute nothing to the ZLPR loss.
+
+    Args:
+      q: `[..., n, types, d]` start vectors, one per entity type, any float dtype.
+      k: `[..., n, types, d]` end vectors, same shape as `q`.
+      mask: optional bool or integer `[..., n]` marking valid (non-padding) tokens,
+        broadcastable to `q.shape[:-2]`.
+      rope: rotate `q` and `k` by their positions `0 … n−1` (`apply_rope`) first.
+      base: RoPE frequency base.
+      layout: RoPE feature pairing, ``"interleaved"`` (RoFormer) or ``"half"``.
+
+    Returns:
+      `[..., types, n, n]` logits in the dtype of `q`, computed in at least float32.
+    """
+    _checks.check_min_rank("q", q, 3, "[..., n, types, d]")
+    _checks.check_floating("q", q)
+    _checks.check_floating("k", k)
+    _checks.check_same_shape("q", q, "k", k)
+    _checks.check_one_of("layout", layout, LAYOUTS)
+    q, k = jnp.asarray(q), jnp.asarray(k)
+    d = q.shape[-1]
+    _check_rope_dim(rope, "q", d)
+    if mask is not None:
+        _check_token_mask(mask, "mask", tuple(q.shape[:-2]), "q.shape[:-2]")
+    qr, kr = _rotate(q, rope, base, layout), _rotate(k, rope, base, layout)
+    logits = jnp.einsum("...itd,...jtd->...tij", qr, kr) / math.sqrt(d)
+    return _mask_spans(logits, mask, q.dtype)
+
+
+def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, mask=None,
+                                    rope: bool = True, base: float = 10000.0,
+                                    layout: str = "interleaved") -> jax.Array:
+    """Efficient GlobalPointer logits: one shared `(q, k)` plus a per-type start/end bias.
+
+    kexue.fm/archives/8877:
+    `s_α(i, j) = (R_i q_i)ᵀ (R_j k_j) / √d + (bias_start[i, α] + bias_end[j, α]) / 2`.
+    The bias `w_αᵀ [q_i; k_i; q_j; k_j]` of the post is split into a start part and an
+    end part, each the output of a `2d → types` projection of `[q; k]` at that token
+    (so `bias_start[i] = W_s [q_i; k_i]`, `bias_end[j] = W_e [q_j; k_j]`); this op
+    applies the halving of the reference implementation, so pass the raw projections.
+    Masking as in `global_pointer_logits`.
+
+    Args:
+      q: `[..., n, d]` shared start vectors, any float dtype.
+      k: `[..., n, d]` shared end vectors, same shape as `q`.
+      bias_start: `[..., n, types]` per-type score for a span starting at each token.
+      bias_end: `[..., n, types]` per-type score for a span ending at each token; same
+        shape as `bias_start`, whose leading axes match `q.shape[:-1]`.
+      mask: optional bool or integer `[..., n]` marking valid tokens, broadcastable to
+        `q.shape[:-1]`.
+      rope: rotate `q` and `k` by their positions `0 … n−1` first.
+      base: RoPE frequency base.
+      layout: RoPE feature pairing, ``"interleaved"`` or ``"half"``.
+
+    Returns:
+      `[..., types, n, n]` logits in the dtype of `q`, computed in at least float32.
+    """
+    _checks.check_min_rank("q", q, 2, "[..., n, d]")
+    _checks.check_floating("q", q)
+    _checks.check_floating("k", k)
+    _checks.check_same_shape("q", q, "k", k)
+    _checks.check_min_rank("bias_start", bias_start, 2, "[..., n, types]")
+    _checks.check_floating("bias_start", bias_start)
+    _checks.check_floating("bias_end", bias_end)
+    _checks.check_same_shape("bias_start", bias_start, "bias_end", bias_end)
+    q_shape = _checks.shape_of(q)
+    if _checks.shape_of(bias_start)[:-1] != q_shape[:-1]:
+        raise ValueError(
+            f"`bias_start` must have shape q.shape[:-1] + (types,) = {q_shape[:-1]} + "
+            f"(types,); got shape {_checks.shape_of(bias_start)}."
+        )
+    _checks.check_one_of("layout", layout, LAYOUTS)
+    q, k = jnp.asarray(q), jnp.asarray(k)
+    d = q.shape[-1]
+    _check_rope_dim(rope, "q", d)
+    if mask is not None:
+        _check_token_mask(mask, "mask", tuple(q.shape[:-1]), "q.shape[:-1]")
+    qr = _rotate(q[..., None, :], rope, base, layout)[..., 0, :]
+    kr = _rotate(k[..., None, :], rope, base, layout)[..., 0, :]
+    dot = jnp.einsum("...id,...jd->...ij", qr, kr) / math.sqrt(d)
+    compute = jnp.result_type(dot, _checks.compute_dtype(jnp.result_type(bias_start)))
+    start = jnp.swapaxes(jnp.asarray(bias_start).astype(compute), -1, -2)  # [..., types, n]
+    end = jnp.swapaxes(jnp.asarray(bias_end).astype(compute), -1, -2)
+    logits = dot[..., None, :, :] + (start[..., :, None] + end[..., None, :]) / 2
+    return _mask_spans(logits, mask, q.dtype)
+
+
+def decode_spans(logits, *, threshold: float = 0.0) -> np.ndarray:
+    """Every `(batch, type, start, end)` with `logit > threshold` (kexue.fm/archives/8373).
+
+    Runs on the host (NumPy), not under `jax.jit`: the number of spans is data
+    dependent. Masked spans carry a large negative logit and never decode.
+
+    Args:
+      logits: `[..., types, n, n]` GlobalPointer logits; all leading axes are flattened
+        (row-major) into one batch index; an unbatched `[types, n, n]` has batch 0.
+      threshold: decision threshold (0 for ZLPR-trained logits).
+
+    Returns:
+      NumPy int64 array `[num_spans, 4]` of rows `(batch_index, type, start, end)`,
+      sorted lexicographically.
+    """
+    _checks.check_min_rank("logits", logits, 3, "[..., types, n, n]")
+    _checks.check_floating("logits", logits)
+    shape = _checks.shape_of(logits)
+    if shape[-1] != shape[-2]:
+        raise ValueError(
+            f"`logits` must be square on its last two axes [..., types, n, n]; got shape "
+            f"{shape}."
+        )
+    scores = np.asarray(jax.device_get(logits)).astype(np.float32)
+    scores = scores.reshape((-1, *shape[-3:]))
+    return np.argwhere(scores > threshold).astype(np.int64)
+
+
+def f1_from_counts(tp, fp, fn) -> dict[str, jax.Array]:
+    """Precision, recall and F1 from (accumulated) span counts.
+
+    `precision = tp / (tp + fp)`, `recall = tp / (tp + fn)`,
+    `f1 = 2 tp / (2 tp + fp + fn)`; each is 0 when its denominator is 0.
+
+    Args:
+      tp, fp, fn: scalars (Python numbers or arrays, e.g. sums of `span_f1` counts over
+        an evaluation set).
+
+    Returns:
+      dict with float32 scalars ``"tp"``, ``"fp"``, ``"fn"``, ``"precision"``,
+      ``"recall"`` and ``"f1"``.
+    """
+    tp, fp, fn = (jnp.asarray(c, dtype=jnp.float32) for c in (tp, fp, fn))
+
+    def ratio(num, den):
+        return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+    }
+
+
+def span_f1(pred_logits, labels, *, mask=None, threshold: float = 0.0) -> dict[str, jax.Array]:
+    """Span-level true/false positives, false negatives, precision, recall and F1.
+
+    A span `(type, i, j)` is predicted iff `pred_logits > threshold` and gold iff
+    `labels > 0`. `jax.jit`-safe; sum the counts over batches and call
+    `f1_from_counts` for corpus-level scores (kexue.fm/archives/8373).
+
+    Args:
+      pred_logits: `[..., types, n, n]` float logits.
+      labels: gold spans, 0/1 (bool, integer or float), same shape as `pred_logits`.
+      mask: optional bool or integer `[..., n]` of valid tokens; spans with an invalid
+        start or end, or with `end < start`, are then not counted.
+      threshold: decision threshold on the logits.
+
+    Returns:
+      dict of float32 scalars, see `f1_from_counts`.
+    """
+    _checks.check_min_rank("pred_logits", pred_logits, 3, "[..., types, n, n]")
+    _checks.check_floating("pred_logits", pred_logits)
+    _checks.check_same_shape("pred_logits", pred_logits, "labels", labels)
+    shape = _checks.shape_of(pred_logits)
+    if mask is not None:
+        leading = shape[:-3] + shape[-1:]
+        _check_token_mask(mask, "mask", leading, "pred_logits.shape[:-3] + (n,)")
+    pred = jnp.asarray(pred_logits) > threshold
+    gold = jnp.asarray(labels) > 0
+    if mask is not None:
+        valid = _span_validity(shape[-1], mask)
+        pred, gold = pred & valid, gold & valid
+    tp = jnp.sum(pred & gold)
+    fp = jnp.sum(pred & ~gold)
+    fn = jnp.sum(~pred & gold)
+    return f1_from_counts(tp, fp, fn)

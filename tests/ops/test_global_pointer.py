@@ -1,0 +1,287 @@
+"""GlobalPointer and Efficient GlobalPointer logits, span decoding and span F1.
+
+References are float64 NumPy loops written here (their own RoPE, not `kexue.ops.rope`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kexue.ops import _checks
+from kexue.ops.global_pointer import (
+    decode_spans,
+    efficient_global_pointer_logits,
+    f1_from_counts,
+    global_pointer_logits,
+    span_f1,
+)
+
+NEG32 = np.float32(_checks.large_negative(jnp.float32))
+
+
+def rope_ref(x: np.ndarray, layout: str, base: float = 10000.0) -> np.ndarray:
+    """Rotate `x [n, d]` at positions 0…n−1, pair by pair, in float64."""
+    n, d = x.shape
+    out = np.array(x, dtype=np.float64)
+    for m in range(n):
+        for i in range(d // 2):
+            angle = m * base ** (-2.0 * i / d)
+            a, b = (2 * i, 2 * i + 1) if layout == "interleaved" else (i, i + d // 2)
+            xa, xb = float(x[m, a]), float(x[m, b])
+            out[m, a] = xa * np.cos(angle) - xb * np.sin(angle)
+            out[m, b] = xa * np.sin(angle) + xb * np.cos(angle)
+    return out
+
+
+def gp_ref(q, k, mask, rope, layout):
+    """`[B, T, n, n]` reference logits; impossible spans are None-marked by `valid`."""
+    batch, n, types, d = q.shape
+    out = np.zeros((batch, types, n, n))
+    valid = np.zeros((batch, types, n, n), dtype=bool)
+    for b in range(batch):
+        for t in range(types):
+            qt, kt = q[b, :, t].astype(np.float64), k[b, :, t].astype(np.float64)
+            if rope:
+                qt, kt = rope_ref(qt, layout), rope_ref(kt, layout)
+            for i in range(n):
+                for j in range(n):
+                    out[b, t, i, j] = qt[i] @ kt[j] / np.sqrt(d)
+                    valid[b, t, i, j] = j >= i and bool(mask[b, i]) and bool(mask[b, j])
+    return out, valid
+
+
+def random_mask(rng, batch, n):
+    lengths = rng.integers(1, n + 1, size=batch)
+    lengths[0] = n
+    return np.arange(n)[None, :] < lengths[:, None]
+
+
+@pytest.mark.parametrize("rope,layout", [(True, "interleaved"), (True, "half"),
+                                         (False, "interleaved")])
+def test_global_pointer_matches_reference(rng, rope, layout):
+    batch, n, types, d = 2, 5, 3, 8
+    q = rng.normal(size=(batch, n, types, d)).astype(np.float32)
+    k = rng.normal(size=(batch, n, types, d)).astype(np.float32)
+    mask = random_mask(rng, batch, n)
+    got = np.asarray(global_pointer_logits(q, k, mask=mask, rope=rope, layout=layout))
+    want, valid = gp_ref(q, k, mask, rope, layout)
+    assert got.shape == (batch, types, n, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[~valid], NEG32)
+
+
+def test_global_pointer_without_mask_masks_lower_triangle(rng):
+    q = rng.normal(size=(4, 2, 6)).astype(np.float32)  # unbatched [n, types, d]
+    k = rng.normal(size=(4, 2, 6)).astype(np.float32)
+    got = np.asarray(global_pointer_logits(q, k))
+    want, valid = gp_ref(q[None], k[None], np.ones((1, 4), bool), True, "interleaved")
+    assert got.shape == (2, 4, 4)
+    np.testing.assert_allclose(got[valid[0]], want[0][valid[0]], rtol=1e-5, atol=1e-5)
+    lower = np.tril(np.ones((4, 4), bool), -1)
+    assert np.all(got[:, lower] == NEG32) and np.all(got[:, ~lower] > NEG32)
+
+
+def test_rope_makes_logits_relative(rng):
+    """Shifting every token by `m` positions (a prefix in front) leaves span logits unchanged."""
+    n, m, types, d = 5, 3, 2, 8
+    q = rng.normal(size=(n, types, d)).astype(np.float32)
+    k = rng.normal(size=(n, types, d)).astype(np.float32)
+    prefix_q = rng.normal(size=(m, types, d)).astype(np.float32)
+    prefix_k = rng.normal(size=(m, types, d)).astype(np.float32)
+    for layout in ("interleaved", "half"):
+        short = global_pointer_logits(q, k, layout=layout)
+        long = global_pointer_logits(np.concatenate([prefix_q, q]), np.concatenate([prefix_k, k]),
+                                     layout=layout)
+        np.testing.assert_allclose(long[:, m:, m:], short, rtol=1e-4, atol=1e-4)
+    # Same vector at every position: the logits depend on j − i only (Toeplitz).
+    const = np.broadcast_to(rng.normal(size=(1, 1, d)), (n, 1, d)).astype(np.float32)
+    logits = np.asarray(global_pointer_logits(const, const))[0]
+    for offset in range(n):
+        diag = np.diagonal(logits, offset)
+        np.testing.assert_allclose(diag, np.full_like(diag, diag[0]), rtol=1e-5, atol=1e-5)
+    assert np.ptp([logits[0, j] for j in range(n)]) > 1e-3  # but RoPE does see j − i
+
+
+def test_global_pointer_bfloat16(rng):
+    q = rng.normal(size=(2, 4, 2, 8)).astype(np.float32)
+    k = rng.normal(size=(2, 4, 2, 8)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=np.int32)
+    got = global_pointer_logits(jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16),
+                                mask=mask)
+    assert got.dtype == jnp.bfloat16
+    want, valid = gp_ref(q, k, mask, True, "interleaved")
+    got32 = np.asarray(got.astype(jnp.float32))
+    np.testing.assert_allclose(got32[valid], want[valid], rtol=0.05, atol=0.1)
+    assert np.all(np.isfinite(got32))
+    np.testing.assert_array_equal(got32[~valid], float(jnp.bfloat16(
+        _checks.large_negative(jnp.bfloat16))))
+
+
+def test_global_pointer_jit_vmap_grad(rng):
+    batch, n, types, d = 3, 4, 2, 4
+    q = jnp.asarray(rng.normal(size=(batch, n, types, d)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(batch, n, types, d)), jnp.float32)
+    mask = jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
+    eager = global_pointer_logits(q, k, mask=mask)
+    np.testing.assert_allclose(jax.jit(global_pointer_logits)(q, k, mask=mask), eager,
+                               rtol=1e-6, atol=1e-6)
+    vmapped = jax.vmap(lambda a, b, c: global_pointer_logits(a, b, mask=c))(q, k, mask)
+    np.testing.assert_allclose(vmapped, eager, rtol=1e-6, atol=1e-6)
+
+    gq, gk = jax.grad(lambda a, b: jnp.sum(global_pointer_logits(a, b, mask=mask)),
+                      argnums=(0, 1))(q, k)
+    assert np.all(np.isfinite(gq)) and np.all(np.isfinite(gk))
+    # Padding tokens (and the fully padded third example) get no gradient.
+    padded = ~np.asarray(mask)
+    assert np.all(np.asarray(gq)[padded] == 0) and np.all(np.asarray(gk)[padded] == 0)
+    assert np.any(np.asarray(gq)[~padded] != 0)
+
+
+def egp_ref(q, k, bias_start, bias_end, mask):
+    batch, n, d = q.shape
+    types = bias_start.shape[-1]
+    out = np.zeros((batch, types, n, n))
+    valid = np.zeros_like(out, dtype=bool)
+    for b in range(batch):
+        qr, kr = rope_ref(q[b], "interleaved"), rope_ref(k[b], "interleaved")
+        for t in range(types):
+            for i in range(n):
+                for j in range(n):
+                    out[b, t, i, j] = (qr[i] @ kr[j] / np.sqrt(d)
+                                       + (bias_start[b, i, t] + bias_end[b, j, t]) / 2)
+                    valid[b, t, i, j] = j >= i and bool(mask[b, i]) and bool(mask[b, j])
+    return out, valid
+
+
+def test_efficient_global_pointer_matches_reference(rng):
+    batch, n, d, types = 2, 5, 6, 3
+    q, k = (rng.normal(size=(batch, n, d)).astype(np.float32) for _ in range(2))
+    bias_start, bias_end = (rng.normal(size=(batch, n, types)).astype(np.float32)
+                            for _ in range(2))
+    mask = random_mask(rng, batch, n)
+    got = np.asarray(efficient_global_pointer_logits(q, k, bias_start, bias_end, mask=mask))
+    want, valid = egp_ref(q, k, bias_start, bias_end, mask)
+    assert got.shape == (batch, types, n, n)
+    np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[~valid], NEG32)
+    # With zero bias every type sees the same shared score.
+    zero = np.zeros_like(bias_start)
+    shared = np.asarray(efficient_global_pointer_logits(q, k, zero, zero, mask=mask))
+    np.testing.assert_array_equal(shared[:, 0], shared[:, 1])
+
+
+def test_efficient_global_pointer_bf16_jit_grad(rng):
+    q, k = (jnp.asarray(rng.normal(size=(4, 4)), jnp.bfloat16) for _ in range(2))
+    bs, be = (jnp.asarray(rng.normal(size=(4, 2)), jnp.bfloat16) for _ in range(2))
+    out = jax.jit(efficient_global_pointer_logits)(q, k, bs, be)
+    assert out.dtype == jnp.bfloat16 and out.shape == (2, 4, 4)
+    grads = jax.grad(lambda *a: jnp.sum(efficient_global_pointer_logits(*a).astype(jnp.float32)),
+                     argnums=(0, 1, 2, 3))(q, k, bs, be)
+    assert all(g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
+               for g in grads)
+    # bias_end[j] enters the j-th column of the upper triangle: j+1 spans, weight ½ each.
+    np.testing.assert_allclose(np.asarray(grads[3], np.float32),
+                               np.broadcast_to((np.arange(4) + 1)[:, None] / 2, (4, 2)))
+
+
+def test_decode_spans_hand_built():
+    logits = np.full((2, 2, 4, 4), -3.0, dtype=np.float32)
+    logits[0, 1, 0, 2] = 1.0
+    logits[0, 0, 3, 3] = 0.5
+    logits[1, 0, 1, 2] = 2.0
+    logits[1, 1, 0, 0] = 0.2
+    logits[1, 1, 2, 3] = 0.0  # not above the threshold
+    spans = decode_spans(logits)
+    assert spans.dtype == np.int64
+    np.testing.assert_array_equal(spans, [[0, 0, 3, 3], [0, 1, 0, 2], [1, 0, 1, 2],
+                                          [1, 1, 0, 0]])
+    np.testing.assert_array_equal(decode_spans(logits, threshold=0.6),
+                                  [[0, 1, 0, 2], [1, 0, 1, 2]])
+    # Unbatched logits have batch index 0; extra leading axes are flattened row-major.
+    np.testing.assert_array_equal(decode_spans(jnp.asarray(logits[1])),
+                                  [[0, 0, 1, 2], [0, 1, 0, 0]])
+    stacked = np.stack([logits, logits])  # [2, 2, types, n, n] -> batch 0..3
+    assert decode_spans(stacked)[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    empty = decode_spans(np.full((2, 3, 3), -1.0))
+    assert empty.shape == (0, 4) and empty.dtype == np.int64
+    # Masked spans of real GlobalPointer logits never decode.
+    q = np.ones((3, 1, 2), np.float32)
+    spans = decode_spans(global_pointer_logits(q, q, rope=False, mask=np.array([1, 1, 0])))
+    np.testing.assert_array_equal(spans, [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 1]])
+
+
+def counts_ref(pred_logits, labels, mask, threshold):
+    tp = fp = fn = 0
+    batch, types, n, _ = pred_logits.shape
+    for b in range(batch):
+        for t in range(types):
+            for i in range(n):
+                for j in range(n):
+                    if mask is not None and not (j >= i and mask[b, i] and mask[b, j]):
+                        continue
+                    p, g = pred_logits[b, t, i, j] > threshold, labels[b, t, i, j] > 0
+                    tp += p and g
+                    fp += p and not g
+                    fn += g and not p
+    return tp, fp, fn
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_span_f1_counts(rng, with_mask):
+    shape = (3, 2, 5, 5)
+    logits = rng.normal(size=shape).astype(np.float32)
+    labels = (rng.random(shape) < 0.3).astype(np.int32)
+    mask = random_mask(rng, 3, 5) if with_mask else None
+    got = jax.jit(span_f1, static_argnames="threshold")(logits, labels, mask=mask,
+                                                        threshold=0.2)
+    tp, fp, fn = counts_ref(logits, labels, mask, 0.2)
+    assert (float(got["tp"]), float(got["fp"]), float(got["fn"])) == (tp, fp, fn)
+    np.testing.assert_allclose(got["precision"], tp / (tp + fp), rtol=1e-6)
+    np.testing.assert_allclose(got["recall"], tp / (tp + fn), rtol=1e-6)
+    np.testing.assert_allclose(got["f1"], 2 * tp / (2 * tp + fp + fn), rtol=1e-6)
+
+
+def test_f1_from_counts_accumulates(rng):
+    shape = (4, 2, 3, 3)
+    logits = rng.normal(size=shape).astype(np.float32)
+    labels = rng.random(shape) < 0.4
+    parts = [span_f1(logits[:2], labels[:2]), span_f1(logits[2:], labels[2:])]
+    summed = f1_from_counts(*(sum(p[key] for p in parts) for key in ("tp", "fp", "fn")))
+    whole = span_f1(logits, labels)
+    for key in whole:
+        np.testing.assert_allclose(summed[key], whole[key], rtol=1e-6)
+    # Perfect prediction gives 1; empty denominators give 0, not NaN.
+    perfect = span_f1(np.where(labels, 1.0, -1.0).astype(np.float32), labels)
+    assert float(perfect["f1"]) == 1.0
+    none = f1_from_counts(0, 0, 0)
+    assert all(float(none[key]) == 0.0 for key in ("precision", "recall", "f1"))
+
+
+def test_errors_name_the_argument():
+    q = np.zeros((2, 4, 3, 8), np.float32)
+    with pytest.raises(ValueError, match=r"`q` and `k` must have the same shape"):
+        global_pointer_logits(q, q[..., :4])
+    with pytest.raises(ValueError, match=r"`q` must have at least 3 axes"):
+        global_pointer_logits(q[0, 0], q[0, 0])
+    with pytest.raises(ValueError, match=r"`q` must have an even last axis"):
+        global_pointer_logits(q[..., :3], q[..., :3])
+    with pytest.raises(ValueError, match=r"`mask` with shape \(2, 5\) does not broadcast"):
+        global_pointer_logits(q, q, mask=np.ones((2, 5), bool))
+    with pytest.raises(ValueError, match=r"`mask` must have a bool or integer dtype"):
+        global_pointer_logits(q, q, mask=np.ones((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"`layout` must be one of"):
+        global_pointer_logits(q, q, layout="pairs")
+    with pytest.raises(ValueError, match=r"`k` must be a floating-point array"):
+        global_pointer_logits(q, q.astype(np.int32))
+    shared = q[:, :, 0]
+    with pytest.raises(ValueError, match=r"`bias_start` must have shape q.shape\[:-1\]"):
+        efficient_global_pointer_logits(shared, shared, q[:, :3, 0, :2], q[:, :3, 0, :2])
+    with pytest.raises(ValueError, match=r"`bias_start` and `bias_end` must have the same"):
+        efficient_global_pointer_logits(shared, shared, q[:, :, 0, :2], q[:, :, 0, :3])
+    with pytest.raises(ValueError, match=r"`logits` must be square"):
+        decode_spans(np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match=r"`pred_logits` and `labels` must have the same"):
+        span_f1(np.zeros((2, 3, 3)), np.zeros((2, 3, 4)))

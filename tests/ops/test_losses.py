@@ -1,0 +1,343 @@
+"""ZLPR (hard, soft, sparse) and the symmetric KL losses against float64 NumPy references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kexue.ops import _checks
+from kexue.ops.losses import global_pointer_kl, softmax_kl, sparse_zlpr_loss, zlpr_loss
+
+# Jitted once per shape: far faster in tests than op-by-op eager dispatch.
+zlpr = jax.jit(zlpr_loss, static_argnames="axis")
+sparse_zlpr = jax.jit(sparse_zlpr_loss)
+gp_kl = jax.jit(global_pointer_kl, static_argnames="axis")
+sm_kl = jax.jit(softmax_kl, static_argnames="axis")
+
+
+def vgrad(fn):
+    return jax.jit(jax.value_and_grad(fn))
+
+
+def grad_of(fn):
+    return jax.jit(jax.grad(fn))
+
+
+def log1p_sum_exp_ref(a: np.ndarray, weights: np.ndarray) -> float:
+    """`log(1 + Σ w e^a)` in float64 with the max pulled out by hand."""
+    a, weights = np.asarray(a, np.float64), np.asarray(weights, np.float64)
+    top = max(0.0, float(np.max(a[weights > 0]))) if np.any(weights > 0) else 0.0
+    return top + np.log(np.exp(-top) + np.sum(weights * np.exp(a - top)))
+
+
+def zlpr_ref(s: np.ndarray, t: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """`[B]` loss of rows `[B, C]`: log(1 + Σ (1−t) e^s) + log(1 + Σ t e^{−s}) over unmasked."""
+    out = []
+    for b in range(s.shape[0]):
+        keep = np.ones(s.shape[1], bool) if mask is None else mask[b]
+        sb, tb = s[b][keep], t[b][keep].astype(np.float64)
+        out.append(log1p_sum_exp_ref(sb, 1 - tb) + log1p_sum_exp_ref(-sb, tb))
+    return np.array(out)
+
+
+def zlpr_grad_ref(s: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """d loss / d s for one row, from the closed form."""
+    s, t = s.astype(np.float64), t.astype(np.float64)
+    neg = (1 - t) * np.exp(s) / (1 + np.sum((1 - t) * np.exp(s)))
+    pos = t * np.exp(-s) / (1 + np.sum(t * np.exp(-s)))
+    return neg - pos
+
+
+def random_targets(rng, shape, p=0.3):
+    return rng.random(shape) < p
+
+
+def test_zlpr_hard_matches_reference_and_gradient(rng):
+    s = rng.normal(scale=2.0, size=(4, 12)).astype(np.float32)
+    t = random_targets(rng, s.shape)
+    t[0] = False  # no positives in one row, only positives in another
+    t[1] = True
+    got = zlpr(s, t)
+    assert got.shape == (4,) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, zlpr_ref(s, t), rtol=1e-5, atol=1e-6)
+    grad = grad_of(lambda x: jnp.sum(zlpr(x, t)))(jnp.asarray(s))
+    want = np.stack([zlpr_grad_ref(s[b], t[b]) for b in range(4)])
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_zlpr_equals_pairwise_multilabel_softmax(rng):
+    """log(1 + Σ_{i∈neg∪{0}, j∈pos∪{0}, (i,j)≠(0,0)} e^{s_i − s_j}) with s_0 = 0 (archive 7359)."""
+    s = rng.normal(size=(3, 7)).astype(np.float32)
+    t = random_targets(rng, s.shape, 0.4)
+    want = []
+    for b in range(3):
+        neg = [0.0] + [float(x) for x in s[b][~t[b]]]
+        pos = [0.0] + [float(x) for x in s[b][t[b]]]
+        total = sum(np.exp(si - sj) for si in neg for sj in pos)  # includes the (0, 0) term 1
+        want.append(np.log(total))
+    np.testing.assert_allclose(zlpr(s, t), want, rtol=1e-5)
+
+
+def test_zlpr_soft_targets(rng):
+    s = rng.normal(size=(3, 9)).astype(np.float32)
+    soft = rng.random(s.shape).astype(np.float32)
+    soft[:, 0], soft[:, 1] = 0.0, 1.0
+    np.testing.assert_allclose(zlpr(s, soft), zlpr_ref(s, soft), rtol=1e-5)
+    hard = random_targets(rng, s.shape)
+    np.testing.assert_allclose(zlpr(s, hard.astype(np.float32)), zlpr(s, hard),
+                               rtol=1e-6)
+    np.testing.assert_allclose(zlpr(s, hard.astype(np.int32)), zlpr_ref(s, hard),
+                               rtol=1e-5)
+    # Gradient with respect to soft targets (distillation) is finite, also at 0 and 1.
+    grad_t = grad_of(lambda t: jnp.sum(zlpr(s, t)))(jnp.asarray(soft))
+    assert np.all(np.isfinite(grad_t))
+
+
+def test_zlpr_axis_tuple_is_flattening(rng):
+    s = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    t = random_targets(rng, s.shape, 0.1)
+    per_type = zlpr(s, t, axis=(-2, -1))
+    assert per_type.shape == (2, 3)
+    np.testing.assert_allclose(per_type, zlpr_ref(s.reshape(6, 16), t.reshape(6, 16))
+                               .reshape(2, 3), rtol=1e-5)
+    per_example = zlpr(s, t, axis=(1, 2, 3))
+    np.testing.assert_allclose(per_example, zlpr_ref(s.reshape(2, -1), t.reshape(2, -1)),
+                               rtol=1e-5)
+    first_axis = zlpr(np.moveaxis(s, -1, 0), np.moveaxis(t, -1, 0), axis=0)
+    np.testing.assert_allclose(first_axis, zlpr(s, t), rtol=1e-6)
+
+
+def test_zlpr_mask_excludes_entries(rng):
+    s = rng.normal(size=(4, 10)).astype(np.float32)
+    t = random_targets(rng, s.shape, 0.4)
+    mask = rng.random(s.shape) < 0.6
+    mask[3] = False  # a fully masked row
+    want = zlpr_ref(s, t, mask)
+    assert want[3] == 0.0
+    garbage = np.where(mask, s, np.float32(np.nan))  # masked scores may hold anything
+    got, grad = vgrad(lambda x: jnp.sum(zlpr(x, t, mask=mask)))(garbage)
+    per_row = zlpr(garbage, t, mask=mask)
+    np.testing.assert_allclose(per_row, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, want.sum(), rtol=1e-5)
+    grad = np.asarray(grad)
+    assert np.all(np.isfinite(grad)) and np.all(grad[~mask] == 0)
+    # A `[C]` mask broadcasts over the batch.
+    np.testing.assert_allclose(zlpr(s, t, mask=mask[0]),
+                               zlpr_ref(s, t, np.broadcast_to(mask[0], s.shape)), rtol=1e-5)
+
+
+def test_zlpr_stable_for_large_and_masked_logits(rng):
+    s = (rng.normal(size=(2, 8)) * 300).astype(np.float32)
+    t = random_targets(rng, s.shape, 0.5)
+    got = zlpr(s, t)
+    np.testing.assert_allclose(got, zlpr_ref(s, t), rtol=1e-5)
+    # GlobalPointer-style masked logits (finite large negative) as plain negatives.
+    neg = _checks.large_negative(jnp.float32)
+    s_masked = np.full((1, 6), neg, np.float32)
+    value, grad = vgrad(lambda x: jnp.sum(zlpr(x, np.zeros((1, 6), bool))))(
+        jnp.asarray(s_masked))
+    assert float(value) == 0.0 and np.all(np.isfinite(grad))
+
+
+def test_zlpr_bf16_jit_vmap(rng):
+    s = rng.normal(size=(3, 8)).astype(np.float32)
+    t = random_targets(rng, s.shape)
+    got = zlpr_loss(jnp.asarray(s, jnp.bfloat16), t)  # eager
+    assert got.dtype == jnp.float32
+    s_rounded = np.asarray(jnp.asarray(s, jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_allclose(got, zlpr_ref(s_rounded, t), rtol=1e-5)
+    np.testing.assert_allclose(jax.vmap(zlpr)(s, t), zlpr(s, t), rtol=1e-6)
+    grad = grad_of(lambda x: jnp.sum(zlpr(x, t)))(jnp.asarray(s, jnp.bfloat16))
+    assert grad.dtype == jnp.bfloat16
+
+
+def sparse_case(rng, batch=4, classes=20, max_pos=6):
+    """Logits, padded positive indices (with repeats and padding), dense 0/1 targets."""
+    s = rng.normal(scale=2.0, size=(batch, classes)).astype(np.float32)
+    indices = np.full((batch, max_pos), -1, np.int32)
+    dense = np.zeros((batch, classes), bool)
+    for b in range(batch):
+        count = int(rng.integers(0, max_pos + 1))
+        chosen = rng.integers(0, classes, size=count)  # may repeat
+        indices[b, :count] = chosen
+        dense[b, chosen] = True
+        rng.shuffle(indices[b])  # padding anywhere, not just at the end
+    return s, indices, dense
+
+
+@jax.jit
+def sparse_value_and_grad(s, indices, mask):
+    return jax.value_and_grad(lambda x: jnp.sum(sparse_zlpr_loss(x, indices, mask=mask)))(s)
+
+
+@jax.jit
+def dense_value_and_grad(s, targets, mask):
+    return jax.value_and_grad(lambda x: jnp.sum(zlpr_loss(x, targets, mask=mask)))(s)
+
+
+def test_sparse_zlpr_equals_dense_with_grads(rng):
+    for _ in range(3):
+        s, indices, dense = sparse_case(rng)
+        mask = rng.random(s.shape) < 0.8
+        for m in (None, mask):
+            sparse_value, sparse_grad = sparse_value_and_grad(s, indices, m)
+            dense_value, dense_grad = dense_value_and_grad(s, dense, m)
+            np.testing.assert_allclose(sparse_value, dense_value, rtol=1e-5)
+            np.testing.assert_allclose(sparse_grad, dense_grad, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(sparse_zlpr(s, indices, mask=m),
+                                       zlpr_ref(s, dense, m), rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_zlpr_on_global_pointer_logits(rng):
+    batch, types, n = 2, 3, 5
+    s = rng.normal(size=(batch, types, n, n)).astype(np.float32)
+    spans = [[(0, 1, 3), (2, 0, 0), (2, 0, 0)], [(1, 4, 4)]]
+    dense = np.zeros(s.shape, bool)
+    indices = np.full((batch, 4), -1, np.int32)
+    for b, entities in enumerate(spans):
+        for p, (t, i, j) in enumerate(entities):
+            dense[b, t, i, j] = True
+            indices[b, p] = t * n * n + i * n + j
+    got = sparse_zlpr(s.reshape(batch, -1), indices)
+    np.testing.assert_allclose(got, zlpr(s, dense, axis=(-3, -2, -1)), rtol=1e-5)
+    np.testing.assert_allclose(got, zlpr_ref(s.reshape(batch, -1), dense.reshape(batch, -1)),
+                               rtol=1e-5)
+
+
+def test_sparse_zlpr_edge_cases(rng):
+    s = rng.normal(size=(3, 8)).astype(np.float32)
+    # All padding == no positives; out-of-range indices are padding too.
+    none = np.array([[-1, -1], [8, -5], [-1, 100]], np.int32)
+    np.testing.assert_allclose(sparse_zlpr(s, none), zlpr_ref(s, np.zeros_like(s, bool)),
+                               rtol=1e-5)
+    # Every class positive: the negative part is log 1 = 0.
+    every = np.tile(np.arange(8, dtype=np.int32), (3, 1))
+    np.testing.assert_allclose(sparse_zlpr(s, every), zlpr_ref(s, np.ones_like(s, bool)),
+                               rtol=1e-5, atol=1e-5)
+    # Confident positives far above the negatives (a trained model): exactly the dense
+    # value and gradient, where the subtraction form of SPEC §6 cancels to garbage.
+    confident = s.copy()
+    confident[:, 0] = rng.uniform(20.0, 60.0, size=3)
+    first = np.zeros_like(s, bool)
+    first[:, 0] = True
+    value, grad = vgrad(lambda x: jnp.sum(
+        sparse_zlpr(x, np.zeros((3, 1), np.int32))))(jnp.asarray(confident))
+    dense_value, dense_grad = dense_value_and_grad(confident, first, None)
+    np.testing.assert_allclose(value, zlpr_ref(confident, first).sum(), rtol=1e-5)
+    np.testing.assert_allclose(value, dense_value, rtol=1e-5)
+    np.testing.assert_allclose(grad, dense_grad, rtol=1e-5, atol=1e-7)
+    # Fully masked rows: zero loss, finite zero gradient.
+    value, grad = vgrad(lambda x: jnp.sum(
+        sparse_zlpr(x, every, mask=np.zeros(8, bool))))(jnp.asarray(s))
+    assert float(value) == 0.0 and np.all(np.asarray(grad) == 0)
+    # `[P]` indices broadcast over the batch; jit, vmap and bf16 logits.
+    shared = np.array([2, 5, -1], np.int32)
+    dense = np.zeros_like(s, bool)
+    dense[:, [2, 5]] = True
+    np.testing.assert_allclose(sparse_zlpr(s, shared), zlpr_ref(s, dense),
+                               rtol=1e-5)
+    np.testing.assert_allclose(jax.vmap(sparse_zlpr, in_axes=(0, None))(s, shared),
+                               zlpr_ref(s, dense), rtol=1e-5)
+    low = sparse_zlpr(jnp.asarray(s, jnp.bfloat16), shared)
+    assert low.dtype == jnp.float32
+
+
+def bernoulli_sym_kl_ref(s, t):
+    p, q = 1 / (1 + np.exp(-s.astype(np.float64))), 1 / (1 + np.exp(-t.astype(np.float64)))
+
+    def kl(a, b):
+        return a * np.log(a / b) + (1 - a) * np.log((1 - a) / (1 - b))
+
+    return kl(p, q) + kl(q, p)
+
+
+def test_global_pointer_kl(rng):
+    s = rng.normal(size=(3, 2, 4, 4)).astype(np.float32)
+    t = (s + rng.normal(scale=0.5, size=s.shape)).astype(np.float32)
+    got = gp_kl(s, t, axis=(-3, -2, -1))
+    want = bernoulli_sym_kl_ref(s, t).reshape(3, -1).sum(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(gp_kl(t, s, axis=(1, 2, 3)), got, rtol=1e-6)
+    assert np.all(np.asarray(gp_kl(s, t)) > 0)
+    assert np.all(np.asarray(gp_kl(s, s)) == 0)
+    # Masked spans (same large negative logit in both passes, or an explicit mask).
+    neg = np.float32(_checks.large_negative(jnp.float32))
+    lower = np.tril(np.ones((4, 4), bool), -1)
+    s_gp, t_gp = np.where(lower, neg, s), np.where(lower, neg, t)
+    value, grad = vgrad(lambda x: jnp.sum(gp_kl(x, t_gp)))(s_gp)
+    want_gp = np.where(lower, 0.0, bernoulli_sym_kl_ref(s, t)).sum()
+    np.testing.assert_allclose(value, want_gp, rtol=1e-5)
+    assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[..., lower] == 0)
+    garbage = np.where(lower, np.float32(np.inf), s)
+    value, grad = vgrad(
+        lambda x: jnp.sum(gp_kl(x, t, mask=~lower, axis=(-2, -1))))(garbage)
+    np.testing.assert_allclose(value, want_gp, rtol=1e-5)
+    assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[..., lower] == 0)
+    # Gradient is (σ(s) − σ(t)) + σ'(s)(s − t); bf16 input gives a float32 result.
+    sig = 1 / (1 + np.exp(-s.astype(np.float64)))
+    grad = grad_of(lambda x: jnp.sum(gp_kl(x, t)))(jnp.asarray(s))
+    np.testing.assert_allclose(grad, sig - 1 / (1 + np.exp(-t.astype(np.float64)))
+                               + sig * (1 - sig) * (s - t), rtol=1e-4, atol=1e-6)
+    assert gp_kl(jnp.asarray(s, jnp.bfloat16), t).dtype == jnp.float32
+
+
+def softmax_sym_kl_ref(s, t, mask=None):
+    out = []
+    for b in range(s.shape[0]):
+        keep = np.ones(s.shape[1], bool) if mask is None else mask[b]
+        if not keep.any():
+            out.append(0.0)
+            continue
+        sb, tb = s[b][keep].astype(np.float64), t[b][keep].astype(np.float64)
+        p, q = np.exp(sb - sb.max()), np.exp(tb - tb.max())
+        p, q = p / p.sum(), q / q.sum()
+        out.append(np.sum(p * np.log(p / q)) + np.sum(q * np.log(q / p)))
+    return np.array(out)
+
+
+def test_softmax_kl(rng):
+    s = rng.normal(size=(4, 9)).astype(np.float32)
+    t = (s + rng.normal(size=s.shape)).astype(np.float32)
+    got = sm_kl(s, t)
+    np.testing.assert_allclose(got, softmax_sym_kl_ref(s, t), rtol=1e-5)
+    np.testing.assert_allclose(sm_kl(t, s), got, rtol=1e-6)
+    assert np.all(np.asarray(got) > 0)
+    # Zero iff the distributions are equal: logits equal up to a per-row shift.
+    np.testing.assert_allclose(sm_kl(s, s + np.float32(3.0)), 0.0, atol=1e-6)
+    mask = rng.random(s.shape) < 0.7
+    mask[0] = False
+    garbage = np.where(mask, s, np.float32(np.nan))
+    value, grad = vgrad(lambda x: jnp.sum(sm_kl(x, t, mask=mask)))(garbage)
+    np.testing.assert_allclose(sm_kl(garbage, t, mask=mask),
+                               softmax_sym_kl_ref(s, t, mask), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(value, softmax_sym_kl_ref(s, t, mask).sum(), rtol=1e-5)
+    assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[~mask] == 0)
+    # Tuple axes: the softmax runs over the joint axes.
+    s3, t3 = s.reshape(4, 3, 3), t.reshape(4, 3, 3)
+    np.testing.assert_allclose(sm_kl(s3, t3, axis=(1, 2)),
+                               got, rtol=1e-5)
+    np.testing.assert_allclose(jax.vmap(sm_kl)(s, t), got, rtol=1e-6)
+
+
+def test_errors_name_the_argument():
+    s = np.zeros((2, 5), np.float32)
+    with pytest.raises(ValueError, match=r"`logits` and `targets` must have the same shape"):
+        zlpr(s, np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"`logits` must be a floating-point array"):
+        zlpr(s.astype(np.int32), s)
+    with pytest.raises(ValueError, match=r"`mask` with shape \(3,\) does not broadcast"):
+        zlpr(s, s, mask=np.ones(3, bool))
+    with pytest.raises(ValueError, match=r"`axis`=2 is out of range"):
+        zlpr(s, s, axis=2)
+    with pytest.raises(ValueError, match=r"`axis` must not repeat"):
+        zlpr(s, s, axis=(1, -1))
+    with pytest.raises(ValueError, match=r"`positive_indices` must have a integer dtype"):
+        sparse_zlpr(s, np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"`positive_indices.shape\[:-1\]` with shape \(3,\)"):
+        sparse_zlpr(s, np.zeros((3, 2), np.int32))
+    with pytest.raises(ValueError, match=r"`s` and `t` must have the same shape"):
+        gp_kl(s, s[:, :4])
+    with pytest.raises(ValueError, match=r"`t` must be a floating-point array"):
+        sm_kl(s, s.astype(np.int32))
