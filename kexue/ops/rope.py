@@ -60,15 +60,49 @@ def rope_frequencies(rotary_dim: int, base: float = 10000.0) -> jax.Array:
       float32 array of shape `[rotary_dim // 2]`. The values are computed in float64 on
       the host and rounded once, so they are constants under `jax.jit`.
     """
+    return jnp.asarray(_frequencies64(rotary_dim, base), dtype=jnp.float32)
+
+
+def _frequencies64(rotary_dim: int, base: float) -> np.ndarray:
     _check_rotary_dim("rotary_dim", rotary_dim)
     _check_base(base)
     exponents = np.arange(rotary_dim // 2, dtype=np.float64) * (-2.0 / rotary_dim)
-    return jnp.asarray(np.power(float(base), exponents), dtype=jnp.float32)
+    return np.power(float(base), exponents)
+
+
+# Largest sin/cos table (entries of each) computed on the host for host positions.
+_MAX_HOST_TABLE = 1 << 22
+
+
+def _is_host_value(positions) -> bool:
+    """True for positions known at trace time (NumPy arrays, lists, ranges)."""
+    return isinstance(positions, np.ndarray | list | tuple | range | int | float | np.number)
+
+
+def _sin_cos_from_angles(positions, theta64: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """sin and cos of `positions[..., None] * theta`, broadcast over the last axis.
+
+    Host positions (known at trace time, e.g. the default `arange(n)`) give a table
+    computed in float64 with NumPy and embedded as a constant: exact angles even for
+    large positions, and under `jax.jit` nothing is recomputed. (XLA fuses device-side
+    `sin`/`cos` into the rotation loop and recomputes them for every batch element and
+    head, which on CPU makes RoPE several times slower than a copy; see
+    benchmarks/RESULTS.md.) Traced positions are computed on the device.
+    """
+    dtype = _angle_dtype(positions)
+    if _is_host_value(positions):
+        host = np.asarray(positions)
+        if host.size * theta64.size <= _MAX_HOST_TABLE:
+            angles = host.astype(np.float64)[..., None] * theta64
+            return (jnp.asarray(np.sin(angles), dtype=dtype),
+                    jnp.asarray(np.cos(angles), dtype=dtype))
+    angles = jnp.asarray(positions).astype(dtype)[..., None] * theta64.astype(dtype)
+    return jnp.sin(angles), jnp.cos(angles)
 
 
 def _angle_dtype(positions) -> jnp.dtype:
     """float32 for integer/float32/bf16 positions, float64 for float64 positions."""
-    dtype = jnp.result_type(positions)
+    dtype = jnp.result_type(positions if hasattr(positions, "dtype") else np.asarray(positions))
     return _checks.compute_dtype(dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32)
 
 
@@ -90,12 +124,7 @@ def rope_sin_cos(positions, rotary_dim: int, *,
       (float64 if `positions` is float64).
     """
     _checks.check_dtype_kind("positions", positions, ("integer", "floating"))
-    _check_rotary_dim("rotary_dim", rotary_dim)
-    positions = jnp.asarray(positions)
-    dtype = _angle_dtype(positions)
-    theta = rope_frequencies(rotary_dim, base).astype(dtype)
-    angles = jnp.asarray(positions).astype(dtype)[..., None] * theta
-    return jnp.sin(angles), jnp.cos(angles)
+    return _sin_cos_from_angles(positions, _frequencies64(rotary_dim, base))
 
 
 def _rotate_pairs(x: jax.Array, sin: jax.Array, cos: jax.Array, layout: str) -> jax.Array:
@@ -194,7 +223,7 @@ def apply_rope(x, positions=None, *, sin_cos: tuple[jax.Array, jax.Array] | None
                                     "x.shape[:-2]", leading)
     else:
         if positions is None:
-            positions = jnp.arange(x.shape[-3], dtype=jnp.int32)
+            positions = np.arange(x.shape[-3], dtype=np.int32)
         _checks.check_broadcasts_to("positions", _checks.shape_of(positions),
                                     "x.shape[:-2]", leading)
         sin, cos = rope_sin_cos(positions, rotary_dim, base=base)
@@ -232,22 +261,22 @@ def apply_rope_nd(x, positions, *, base: float = 10000.0, layout: str = "interle
     _checks.check_min_rank("positions", positions, 2, "[..., n, k]")
     _checks.check_dtype_kind("positions", positions, ("integer", "floating"))
     x = jnp.asarray(x)
-    positions = jnp.asarray(positions)
-    k = positions.shape[-1]
+    if not _is_host_value(positions):
+        positions = jnp.asarray(positions)
+    positions_shape = _checks.shape_of(positions)
+    k = positions_shape[-1]
     if k < 1:
         raise ValueError(f"`positions` must have at least one axis of positions (last axis "
-                         f"k >= 1); got shape {positions.shape}.")
+                         f"k >= 1); got shape {positions_shape}.")
     if rotary_dim is None and x.shape[-1] % (2 * k):
         raise ValueError(
             f"The head dim of `x` (shape {tuple(x.shape)}) must be divisible by 2k = {2 * k} "
-            f"for positions with shape {positions.shape}; or pass a `rotary_dim` that is."
+            f"for positions with shape {positions_shape}; or pass a `rotary_dim` that is."
         )
     rotary_dim = _resolve_rotary_dim(x, rotary_dim, 2 * k)
-    _checks.check_broadcasts_to("positions.shape[:-1]", positions.shape[:-1],
+    _checks.check_broadcasts_to("positions.shape[:-1]", positions_shape[:-1],
                                 "x.shape[:-2]", tuple(x.shape[:-2]))
-    part = rotary_dim // k
-    dtype = _angle_dtype(positions)
-    theta = rope_frequencies(part, base).astype(dtype)
-    angles = positions.astype(dtype)[..., None] * theta  # [..., n, k, part/2]
-    sin, cos = jnp.sin(angles)[..., None, :, :], jnp.cos(angles)[..., None, :, :]
+    sin, cos = _sin_cos_from_angles(positions, _frequencies64(rotary_dim // k, base))
+    # [..., n, k, part/2] -> [..., n, 1 (heads), k, part/2]
+    sin, cos = sin[..., None, :, :], cos[..., None, :, :]
     return _rotate_features(x, sin, cos, layout, rotary_dim, parts=k)

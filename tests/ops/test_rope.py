@@ -276,3 +276,26 @@ def test_rope_errors_name_the_argument():
         apply_rope_nd(x, np.zeros((5, 3), np.int32))
     with pytest.raises(ValueError, match=r"`rotary_dim` must be a positive multiple of 4; got 6"):
         apply_rope_nd(x, np.zeros((5, 2), np.int32), rotary_dim=6)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+def test_host_positions_are_exact_and_precomputed(rng, layout):
+    """Positions known at trace time give a float64-exact table, embedded as a constant.
+
+    Large positions expose float32 angle rounding (m·θ with m ~ 1e5 loses ~1e-2 rad), so
+    host positions must match the float64 reference much more tightly than traced ones.
+    Under jit the default `arange(n)` path must not leave sin/cos in the compiled loop.
+    """
+    n, h, d = 6, 2, 16
+    x = rng.normal(size=(n, h, d)).astype(np.float32)
+    positions = rng.integers(50_000, 200_000, size=n)
+    expected = rope_reference(x, positions, layout=layout)
+    host = apply_rope(x, positions, layout=layout)
+    np.testing.assert_allclose(host, expected, rtol=1e-5, atol=1e-5)
+    traced = jax.jit(lambda x, p: apply_rope(x, p, layout=layout))(x, positions)
+    np.testing.assert_allclose(traced, expected, atol=0.1)
+    assert np.max(np.abs(np.asarray(host) - expected)) < np.max(np.abs(np.asarray(traced)
+                                                                        - expected))
+
+    hlo = jax.jit(lambda x: apply_rope(x, layout=layout)).lower(x).compile().as_text()
+    assert "sine(" not in hlo and "cosine(" not in hlo
