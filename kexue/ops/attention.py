@@ -173,6 +173,7 @@ def dot_product_attention(q, k, v, *, mask=None, scale: str | float = "standard"
     mask4 = None if mask is None else _prepare_mask(mask, q.shape, n_k)
 
     kernel_scale = 1.0
+    counts = None  # visible keys per (batch, head, query), when the scale needs them
     if scale == "standard":
         kernel_scale = 1.0 / math.sqrt(d)
     elif scale == "entropy_invariant":
@@ -180,8 +181,8 @@ def dot_product_attention(q, k, v, *, mask=None, scale: str | float = "standard"
             kernel_scale = math.log(n_k) / math.log(base) / math.sqrt(d)
         else:
             compute = _checks.compute_dtype(q.dtype)
-            counts = jnp.sum(mask4, axis=-1, dtype=compute)  # [B', h', n_q]
-            factor = entropy_invariant_scale(counts, entropy_base=base)
+            counts = jnp.sum(mask4, axis=-1, dtype=jnp.int32)  # [B', h', n_q]
+            factor = entropy_invariant_scale(counts.astype(compute), entropy_base=base)
             factor = jnp.swapaxes(factor, -1, -2)[..., None]  # [B', n_q, h', 1]
             q4 = (q4.astype(compute) * (factor / math.sqrt(d))).astype(q.dtype)
     else:
@@ -190,6 +191,7 @@ def dot_product_attention(q, k, v, *, mask=None, scale: str | float = "standard"
     out = jax.nn.dot_product_attention(q4, k4, v4, mask=mask4, scale=kernel_scale,
                                        implementation=implementation)
     if mask4 is not None:
-        seen = jnp.swapaxes(jnp.any(mask4, axis=-1), -1, -2)[..., None]  # [B', n_q, h', 1]
+        seen = jnp.any(mask4, axis=-1) if counts is None else counts > 0
+        seen = jnp.swapaxes(seen, -1, -2)[..., None]  # [B', n_q, h', 1]
         out = jnp.where(seen, out, jnp.zeros((), out.dtype))
     return out.reshape(q.shape).astype(q.dtype)
