@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -133,3 +134,22 @@ def check_dtype_kind(name: str, x, kinds: Sequence[str]) -> None:
     groups = {"bool": jnp.bool_, "integer": jnp.integer, "floating": jnp.floating}
     if not any(jnp.issubdtype(dtype, groups[kind]) for kind in kinds):
         raise ValueError(f"`{name}` must have a {' or '.join(kinds)} dtype; got dtype {dtype}.")
+
+
+def check_values_in_unit_interval(name: str, x) -> None:
+    """Raise if a concrete `x` has entries outside `[0, 1]` (or NaN).
+
+    Only values known outside `jax.jit` can be checked; under tracing this is a no-op,
+    so the check costs nothing in compiled code.
+    """
+    if isinstance(x, jax.core.Tracer):
+        return
+    values = np.asarray(x)
+    if values.size == 0 or values.dtype == np.bool_:
+        return
+    low, high = values.min(), values.max()
+    if not (low >= 0 and high <= 1):  # also catches NaN
+        raise ValueError(
+            f"`{name}` must lie in [0, 1] (probabilities or 0/1 labels); got values in "
+            f"[{low}, {high}] for an array of shape {values.shape}."
+        )

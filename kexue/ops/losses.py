@@ -77,7 +77,9 @@ def zlpr_loss(logits, targets, *, mask=None, axis: Axis = -1) -> jax.Array:
 
     Args:
       logits: `[...]` float scores `s` (e.g. GlobalPointer logits `[..., types, n, n]`).
-      targets: same shape as `logits`; bool, integer 0/1 or float in `[0, 1]`.
+      targets: same shape as `logits`; bool, integer 0/1 or float in `[0, 1]`
+        (concrete targets outside `[0, 1]` raise `ValueError`; traced ones cannot be
+        checked).
       mask: optional bool/integer array broadcastable to `logits.shape`; False entries
         contribute nothing (no value, no gradient).
       axis: axis or axes reduced over (the classes), e.g. `(-2, -1)` per GlobalPointer
@@ -89,6 +91,7 @@ def zlpr_loss(logits, targets, *, mask=None, axis: Axis = -1) -> jax.Array:
     _checks.check_floating("logits", logits)
     _checks.check_dtype_kind("targets", targets, ("bool", "integer", "floating"))
     _checks.check_same_shape("logits", logits, "targets", targets)
+    _checks.check_values_in_unit_interval("targets", targets)
     shape = _checks.shape_of(logits)
     axes = _normalize_axis(axis, len(shape))
     keep = _prepare_mask(mask, shape, "logits")
