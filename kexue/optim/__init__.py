@@ -11,7 +11,13 @@ and shape: `eta_fn_from_init`, `eta_fn_from_rules`, `shape_fn_from_rules`,
 `reduce_largest_axes`; `parameter_paths(params)` lists the paths rules see.
 """
 
-from kexue.optim.amos import AMOS_EPSILON, ScaleByAmosState, amos, scale_by_amos
+from kexue.optim.amos import (
+    AMOS_EPSILON,
+    CPU_COMPILER_OPTIONS,
+    ScaleByAmosState,
+    amos,
+    scale_by_amos,
+)
 from kexue.optim.amos_style import (
     DecoupledWeightDecayState,
     amos_style,
@@ -31,6 +37,7 @@ from kexue.optim.schedules import amos_decay_schedule
 
 __all__ = [
     "AMOS_EPSILON",
+    "CPU_COMPILER_OPTIONS",
     "DecoupledWeightDecayState",
     "ScaleByAmosState",
     "amos",

@@ -18,6 +18,12 @@ gradient `g`, slots `v` (second moment, possibly averaged over some axes) and `b
 
 `γ` is the adaptive weight decay; the two factors in `b` make both the decay and the
 effective learning rate fall as training goes on, without a hand-made schedule.
+
+On XLA:CPU, jit the train step with `compiler_options=CPU_COMPILER_OPTIONS` when the
+optimizer state is donated: the parameter update and the `b` update both read the old
+`b`, and XLA:CPU's default copy insertion then copies every `b` slot before updating
+it in place (2.4x AdamW's step time instead of 1.3x; benchmarks/RESULTS.md). GPU and
+TPU compilers do not need (or accept) this option.
 """
 
 from __future__ import annotations
@@ -39,12 +45,19 @@ from kexue.optim.rules import (
     flatten_with_parameter_paths,
 )
 
-__all__ = ["AMOS_EPSILON", "ScaleByAmosState", "amos", "scale_by_amos"]
+__all__ = ["AMOS_EPSILON", "CPU_COMPILER_OPTIONS", "ScaleByAmosState", "amos", "scale_by_amos"]
 
 ScalarOrSchedule = float | optax.Schedule
 
 AMOS_EPSILON = 2.0 ** -125
 """Floor of `v` in `1/max(v, ε)`: tiny but a normal float32, so `√r` stays finite."""
+
+CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+"""`jax.jit(step, donate_argnums=..., compiler_options=CPU_COMPILER_OPTIONS)` on CPU only.
+
+Copy insertion with region analysis sees that the old slot is read before it is
+overwritten and updates donated slots in place instead of copying them first.
+"""
 
 
 class ScaleByAmosState(NamedTuple):

@@ -303,3 +303,28 @@ def test_bad_hyper_parameters_raise(kwargs, match):
     arguments = {"learning_rate": 0.1, "eta_fn": lambda path, shape: 0.5, **kwargs}
     with pytest.raises(ValueError, match=match):
         optim.amos(**arguments)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU compiler option")
+def test_cpu_compiler_options_update_slots_in_place_with_identical_results():
+    """`CPU_COMPILER_OPTIONS` removes XLA:CPU's copy of every donated `b` and changes no bit."""
+    params = {"w": jax.random.normal(jax.random.key(0), (64, 32)) / 8, "b": jnp.zeros(32)}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-2) + 1e-3 * p, params)
+    tx = optim.amos(0.05, optim.eta_fn_from_init(params))
+
+    def step(params, state):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    results, copies = [], []
+    for options in (None, optim.CPU_COMPILER_OPTIONS):
+        jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=options)
+        p, s = jax.tree.map(jnp.copy, params), tx.init(params)
+        hlo = jitted.lower(p, s).compile().as_text()
+        copies.append(hlo[hlo.index("ENTRY"):].count(" copy("))
+        for _ in range(3):
+            p, s = jitted(p, s)
+        results.append((p, s))
+    assert copies[0] > 0 and copies[1] == 0, copies
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
