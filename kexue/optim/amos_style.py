@@ -50,14 +50,35 @@ def _positive(name: str, value: Any) -> float:
     return float(value)
 
 
+def _robust_norm(u: jax.Array) -> jax.Array:
+    """`‖u‖` in one pass when `Σu²` is representable, else as `max|u| · ‖u / max|u|‖`.
+
+    The direct sum of squares is one read of `u`; only when it under- or overflows
+    (entries below ~1e-16 or above ~1e18 in float32) does `lax.cond` take the rescaled
+    form, which reads `u` twice more.
+    """
+    if u.size == 0:
+        return jnp.zeros([], u.dtype)
+    squares = jnp.sum(jnp.square(u))
+    # Below this the sum has lost bits to subnormals; above it, it may be inf.
+    accurate = (squares > jnp.finfo(u.dtype).tiny * 2.0**24) & jnp.isfinite(squares)
+
+    def rescaled(u: jax.Array) -> jax.Array:
+        peak = jnp.max(jnp.abs(u))
+        safe_peak = jnp.where(peak > 0, peak, 1)
+        return peak * jnp.sqrt(jnp.sum(jnp.square(u / safe_peak)))
+
+    return jax.lax.cond(accurate, lambda _: jnp.sqrt(squares), rescaled, u)
+
+
 def normalize_updates(sigma_fn: ParamRule) -> optax.GradientTransformation:
     """Rescales each tensor of the update to the norm `√k σ`: `u ↦ √k σ · u/‖u‖`.
 
     The first factor of Su's Amos-style step (kexue.fm/archives/9344): a tensor with
     `k` entries whose entries should have scale `σ` moves, per unit of learning rate,
     by the norm such a tensor has. An all-zero update stays zero. The norm is taken
-    as `max|u| · ‖u / max|u|‖` in at least float32, so tiny or huge updates
-    neither underflow nor overflow.
+    in at least float32 as `√Σu²`, falling back to `max|u| · ‖u / max|u|‖` when that
+    under- or overflows, so tiny or huge updates keep their direction and norm.
 
     Args:
       sigma_fn: `rule(path, shape) -> σ > 0` (e.g. `eta_fn_from_init(params)`);
@@ -90,9 +111,7 @@ def normalize_updates(sigma_fn: ParamRule) -> optax.GradientTransformation:
         for (_, u), sigma in zip(pairs, values, strict=True):
             dtype = jnp.promote_types(jnp.result_type(u), jnp.float32)
             u_c = jnp.asarray(u, dtype)
-            peak = jnp.max(jnp.abs(u_c)) if u_c.size else jnp.zeros([], dtype)
-            safe_peak = jnp.where(peak > 0, peak, 1)
-            norm = peak * jnp.sqrt(jnp.sum(jnp.square(u_c / safe_peak)))
+            norm = _robust_norm(u_c)
             target = math.sqrt(max(u_c.size, 1)) * sigma
             factor = jnp.where(norm > 0, target / jnp.where(norm > 0, norm, 1), 0)
             out.append((u_c * factor).astype(jnp.result_type(u)))
