@@ -1,5 +1,67 @@
 """TFDS builders in `array_record` format (read without TensorFlow) and Grain pipelines.
 
-Empty until the training-system issue (#5) lands; the sub-package exists so the
-layout of STYLE.md is fixed from the start.
+    from kexue.data import make_dataset
+    train = make_dataset(config, "train")    # config.data: see default_data_config()
+    batch = next(train)                      # dict of NumPy arrays, this process's rows
+    train.metadata.vocab_size                # what the model needs to know
+    state = train.get_state()                # JSON; train.set_state(state) resumes
+
+* `sources`: `make_builder`, `prepare`, `load_catalog` (any TFDS catalog dataset),
+  `default_cluener_dir`.
+* `text_files`: the `TextFiles` builder (a glob of local files; default the stdlib).
+* `cluener`: the `Cluener` builder and its checked line parser.
+* `tokenizers`: `ByteTokenizer`, `CharTokenizer`.
+* `pipeline`: `make_dataset`, `DataIterator`, `DatasetMetadata`, LM windows, MLM
+  masking, GlobalPointer labels.
 """
+
+from kexue.data.cluener import (
+    CLUENER_TYPES,
+    CLUENER_URL,
+    Cluener,
+    MalformedRecordError,
+    parse_cluener_line,
+    read_cluener_file,
+)
+from kexue.data.pipeline import (
+    TASKS,
+    DataIterator,
+    DatasetMetadata,
+    default_data_config,
+    make_dataset,
+    make_tokenizer,
+    mlm_mask,
+    ner_example,
+)
+from kexue.data.sources import default_cluener_dir, load_catalog, make_builder, prepare
+from kexue.data.text_files import TextFiles, default_text_glob, list_text_files, text_files_config
+from kexue.data.tokenizers import SPECIAL_TOKENS, ByteTokenizer, CharTokenizer, Tokenizer
+
+__all__ = [
+    "CLUENER_TYPES",
+    "CLUENER_URL",
+    "SPECIAL_TOKENS",
+    "TASKS",
+    "ByteTokenizer",
+    "CharTokenizer",
+    "Cluener",
+    "DataIterator",
+    "DatasetMetadata",
+    "MalformedRecordError",
+    "TextFiles",
+    "Tokenizer",
+    "default_cluener_dir",
+    "default_data_config",
+    "default_text_glob",
+    "list_text_files",
+    "load_catalog",
+    "make_builder",
+    "make_dataset",
+    "make_tokenizer",
+    "mlm_mask",
+    "ner_example",
+    "parse_cluener_line",
+    "prepare",
+    "read_cluener_file",
+    "text_files_config",
+]

@@ -1,0 +1,618 @@
+"""Grain pipelines from a `config.data` block to batches of NumPy arrays.
+
+    it = make_dataset(config, "train")          # this process's share of each batch
+    it.metadata.vocab_size, it.metadata.num_types
+    batch = next(it)                            # dict of NumPy arrays
+    state = it.get_state()                      # JSON-serialisable; save it per process
+    it.set_state(state)                         # the same next batches as before
+
+Every pipeline reads a TFDS `array_record` source (`kexue.data.sources`), keeps this
+process's examples (`examples[process_index::process_count]`, before shuffling, so
+processes never share an example), and then, for the training split, shuffles with
+`data.seed` (a fresh permutation every epoch) and repeats forever. Evaluation splits
+are read once, in order, and padded so that every process yields the same number of
+batches. All randomness derives from `data.seed`, the process index and the
+position in the stream, so a pipeline restored from `get_state` continues exactly.
+
+Batches by `data.task` (B = `data.batch_size // process_count`, n = `seq_len`):
+
+* "lm": documents tokenized, each followed by `<eos>`, concatenated and cut into
+  windows of n + 1 tokens that overlap by one (window k starts at token k * n):
+  `tokens` int32 [B, n + 1] (inputs `tokens[:, :-1]`, targets `tokens[:, 1:]`),
+  `weights` float32 [B, n] (1 where the target is a real token, 0 on padding).
+* "mlm": windows of n tokens (no overlap); BERT masking: each non-special token is
+  chosen with probability `mlm_probability`; a chosen token becomes `<mask>` (80%),
+  a uniformly random regular token (10%) or stays (10%). `tokens` int32 [B, n] (the
+  corrupted input), `labels` int32 [B, n] (the original tokens), `weights` float32
+  [B, n] (1 at chosen positions), `mask` bool [B, n] (real tokens).
+* "ner" and "multilabel" (character-level): `tokens` int32 [B, n], `mask` bool [B, n],
+  `span_indices` int32 [B, max_spans]: the gold spans as `type * n * n + start * n +
+  end` (end inclusive), ascending, padded with -1; `type_labels` int32 [B, num_types]:
+  1 where the type occurs; `example_weights` float32 [B]: 0 on padding rows; and,
+  with `dense_labels`, `span_labels` int32 [B, num_types, n, n]. Spans that end
+  beyond the first n characters are dropped with the truncated text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from absl import logging
+
+from kexue.data.sources import make_builder, prepare
+from kexue.data.text_files import DEFAULT_EXCLUDE
+from kexue.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
+
+__all__ = [
+    "TASKS",
+    "DataIterator",
+    "DatasetMetadata",
+    "default_data_config",
+    "make_dataset",
+    "make_tokenizer",
+    "mlm_mask",
+    "ner_example",
+]
+
+TASKS = ("lm", "mlm", "ner", "multilabel")
+_STATE_VERSION = 1
+
+_FIELD_DOCS: dict[str, tuple[Any, str]] = {
+    "name": ("text_files", '"text_files", "cluener" or a TFDS catalog name'),
+    "task": ("lm", "lm | mlm | ner | multilabel"),
+    "data_dir": (None, "where built datasets (and char vocabularies) live; None: TFDS's "
+                       "default ~/tensorflow_datasets"),
+    "manual_dir": (None, "cluener: directory with train/dev JSON lines; None: download"),
+    "pattern": (None, "text_files: glob of files; None: the Python stdlib's *.py"),
+    "exclude": (DEFAULT_EXCLUDE, "text_files: fnmatch patterns on path components"),
+    "eval_fraction": (0.05, "text_files: share of files held out for validation"),
+    "skip_bad_records": (False, "cluener: skip and count malformed records"),
+    "text_key": (None, 'feature holding the text; None: "content" (text_files) or "text"'),
+    "tokenizer": ("byte", "byte | char"),
+    "char_min_count": (1, "char tokenizer: minimum count in the training split"),
+    "seq_len": (256, "tokens per example (lm windows hold seq_len + 1)"),
+    "batch_size": (32, "global batch size, split evenly over processes"),
+    "seed": (0, "shuffling and masking seed, in [0, 2**32)"),
+    "shuffle": (True, "shuffle the training split"),
+    "train_split": ("train", "TFDS split read for split='train'"),
+    "eval_split": ("validation", "TFDS split read for split='eval'"),
+    "max_examples": (0, "use only the first k examples of a split (0: all)"),
+    "eval_batches": (0, "eval: batches per process (0: one full pass)"),
+    "mlm_probability": (0.15, "mlm: share of tokens chosen"),
+    "mlm_mask_fraction": (0.8, "mlm: chosen tokens replaced by <mask>"),
+    "mlm_random_fraction": (0.1, "mlm: chosen tokens replaced by a random token"),
+    "max_spans": (32, "ner: capacity of span_indices per example"),
+    "dense_labels": (False, "ner: also emit span_labels [types, n, n]"),
+    "num_threads": (2, "Grain reader threads per process (0: read in the caller)"),
+    "prefetch": (16, "Grain prefetch buffer (elements)"),
+    "download": (True, "build (or download) the dataset when it is missing"),
+}
+_OPTIONAL_STR = ("data_dir", "manual_dir", "pattern", "text_key")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The `config.data` block with every field `make_dataset` reads, at its default.
+
+    Fields (see `_FIELD_DOCS` in this module for one line each): name, task,
+    data_dir, manual_dir, pattern, exclude, eval_fraction, skip_bad_records,
+    text_key, tokenizer, char_min_count, seq_len, batch_size, seed, shuffle,
+    train_split, eval_split, max_examples, eval_batches, mlm_probability,
+    mlm_mask_fraction, mlm_random_fraction, max_spans, dense_labels, num_threads,
+    prefetch, download. Optional strings are `placeholder(str)` so that
+    `--config.data.manual_dir=...` works on the command line.
+    """
+    fields = {}
+    for key, (default, _) in _FIELD_DOCS.items():
+        if key in _OPTIONAL_STR:
+            fields[key] = ml_collections.config_dict.placeholder(str)
+        else:
+            fields[key] = default
+    return ml_collections.ConfigDict(fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    name: str
+    task: str
+    data_dir: str | None
+    manual_dir: str | None
+    pattern: str | None
+    exclude: tuple[str, ...]
+    eval_fraction: float
+    skip_bad_records: bool
+    text_key: str | None
+    tokenizer: str
+    char_min_count: int
+    seq_len: int
+    batch_size: int
+    seed: int
+    shuffle: bool
+    train_split: str
+    eval_split: str
+    max_examples: int
+    eval_batches: int
+    mlm_probability: float
+    mlm_mask_fraction: float
+    mlm_random_fraction: float
+    max_spans: int
+    dense_labels: bool
+    num_threads: int
+    prefetch: int
+    download: bool
+
+
+def _settings(config: Any, seq_len: int | None) -> _Settings:
+    data = config.data if hasattr(config, "data") else config
+    given = dict(data.items()) if hasattr(data, "items") else dict(vars(data))
+    unknown = sorted(set(given) - set(_FIELD_DOCS))
+    if unknown:
+        raise ValueError(f"unknown config.data fields {unknown}; known: {sorted(_FIELD_DOCS)}")
+    values = {key: given.get(key, default) for key, (default, _) in _FIELD_DOCS.items()}
+    if seq_len is not None:
+        values["seq_len"] = seq_len
+    values["exclude"] = tuple(values["exclude"])
+    s = _Settings(**values)
+    problems = []
+    if s.task not in TASKS:
+        problems.append(f"task must be one of {TASKS}, got {s.task!r}")
+    if s.tokenizer not in ("byte", "char"):
+        problems.append(f"tokenizer must be 'byte' or 'char', got {s.tokenizer!r}")
+    if s.task in ("ner", "multilabel") and (s.tokenizer != "char" or s.name != "cluener"):
+        problems.append(f"task {s.task!r} needs name='cluener' and tokenizer='char', "
+                        f"got name={s.name!r}, tokenizer={s.tokenizer!r}")
+    for key in ("seq_len", "batch_size", "char_min_count", "max_spans"):
+        if not isinstance(getattr(s, key), int) or getattr(s, key) < 1:
+            problems.append(f"{key} must be a positive integer, got {getattr(s, key)!r}")
+    for key in ("max_examples", "eval_batches", "num_threads", "prefetch"):
+        if not isinstance(getattr(s, key), int) or getattr(s, key) < 0:
+            problems.append(f"{key} must be a non-negative integer, got {getattr(s, key)!r}")
+    if not isinstance(s.seed, int) or not 0 <= s.seed < 2**32:
+        problems.append(f"seed must be an integer in [0, 2**32), got {s.seed!r}")
+    if not 0.0 < s.mlm_probability <= 1.0:
+        problems.append(f"mlm_probability must be in (0, 1], got {s.mlm_probability}")
+    if not (0.0 <= s.mlm_mask_fraction and 0.0 <= s.mlm_random_fraction
+            and s.mlm_mask_fraction + s.mlm_random_fraction <= 1.0):
+        problems.append("mlm_mask_fraction and mlm_random_fraction must be >= 0 with sum <= 1, "
+                        f"got {s.mlm_mask_fraction} and {s.mlm_random_fraction}")
+    if problems:
+        raise ValueError("bad config.data: " + "; ".join(problems))
+    return s
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMetadata:
+    """What a model and a trainer need to know about the batches."""
+
+    name: str
+    task: str
+    split: str
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    mask_id: int
+    num_types: int
+    type_names: tuple[str, ...]
+    seq_len: int
+    global_batch_size: int
+    local_batch_size: int
+    process_index: int
+    process_count: int
+    num_examples: int
+    num_batches: int | None
+    skipped_records: int
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return bytes(value).decode("utf-8", errors="replace")
+
+
+def _split_texts(source: Any, key: str) -> Iterator[str]:
+    chunk = 1024
+    for start in range(0, len(source), chunk):
+        for example in source.__getitems__(list(range(start, min(start + chunk, len(source))))):
+            yield _text(example[key])
+
+
+def make_tokenizer(
+    kind: str, *, builder: Any = None, train_source: Any = None, text_key: str = "text",
+    min_count: int = 1, tag: str = "train",
+) -> Tokenizer:
+    """"byte" -> `ByteTokenizer()`; "char" -> the vocabulary of `train_source`.
+
+    The char vocabulary is saved as JSON in `builder.data_dir` (next to the data) as
+    `char_vocab.<tag>.<text_key>.min<min_count>.json` and reloaded on later calls.
+    """
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind != "char":
+        raise ValueError(f"tokenizer must be 'byte' or 'char', got {kind!r}")
+    safe_tag = re.sub(r"[^\w.-]+", "_", tag)
+    path = os.path.join(os.fspath(builder.data_dir),
+                        f"char_vocab.{safe_tag}.{text_key}.min{min_count}.json")
+    if os.path.exists(path):
+        return CharTokenizer.load(path)
+    tokenizer = CharTokenizer.build(_split_texts(train_source, text_key), min_count=min_count)
+    tokenizer.save(path)
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- LM windows
+
+
+class _TokenWindows(grain.IterDataset):
+    """Cuts a stream of 1-D token arrays into windows of `length`, `stride` apart."""
+
+    def __init__(self, parent: grain.IterDataset, *, length: int, stride: int, pad_id: int,
+                 finite: bool) -> None:
+        super().__init__(parent)
+        self._args = dict(length=length, stride=stride, pad_id=pad_id, finite=finite)
+
+    def __iter__(self) -> _TokenWindowsIterator:
+        return _TokenWindowsIterator(self._parent.__iter__(), **self._args)
+
+    def __str__(self) -> str:
+        return f"TokenWindows({self._args})"
+
+
+class _TokenWindowsIterator(grain.DatasetIterator):
+    """State: the parent's state before the document holding the next window's first
+    token, and that token's offset in the document (enough to resume exactly)."""
+
+    def __init__(self, parent: grain.DatasetIterator, *, length: int, stride: int,
+                 pad_id: int, finite: bool) -> None:
+        super().__init__(parent)
+        self._length, self._stride, self._pad_id, self._finite = length, stride, pad_id, finite
+        self._docs: deque[tuple[dict, np.ndarray]] = deque()  # (parent state before, tokens)
+        self._offset = 0
+        self._exhausted = False
+
+    def _available(self) -> int:
+        return sum(len(tokens) for _, tokens in self._docs) - self._offset
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while self._available() < self._length and not self._exhausted:
+            state = self._parent.get_state()
+            try:
+                tokens = next(self._parent)["tokens"]
+            except StopIteration:
+                if not self._finite:
+                    raise
+                self._exhausted = True
+                break
+            self._docs.append((state, np.asarray(tokens, dtype=np.int32)))
+        available = self._available()
+        if available < self._length and available <= self._length - self._stride:
+            raise StopIteration  # nothing new left (only the overlap, or nothing)
+        pieces, needed, offset = [], self._length, self._offset
+        for _, tokens in self._docs:
+            piece = tokens[offset:offset + needed]
+            pieces.append(piece)
+            needed -= len(piece)
+            offset = 0
+            if needed == 0:
+                break
+        window = np.full(self._length, self._pad_id, dtype=np.int32)
+        real = self._length - needed
+        window[:real] = np.concatenate(pieces) if pieces else []
+        self._advance(min(self._stride, available))
+        return {"tokens": window, "valid": np.arange(self._length) < real}
+
+    def _advance(self, count: int) -> None:
+        self._offset += count
+        while self._docs and self._offset >= len(self._docs[0][1]):
+            self._offset -= len(self._docs[0][1])
+            self._docs.popleft()
+        if not self._docs:
+            self._offset = 0
+
+    def get_state(self) -> dict[str, Any]:
+        if self._docs:
+            return {"parent": self._docs[0][0], "offset": self._offset}
+        return {"parent": self._parent.get_state(), "offset": 0}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._docs.clear()
+        self._offset = int(state["offset"])
+        self._exhausted = False
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def mlm_mask(
+    tokens: np.ndarray, valid: np.ndarray, rng: np.random.Generator, *, tokenizer: Tokenizer,
+    probability: float = 0.15, mask_fraction: float = 0.8, random_fraction: float = 0.1,
+) -> dict[str, np.ndarray]:
+    """BERT masking of int `tokens` [..., n] where `valid` (bool, same shape).
+
+    Only regular tokens (not `<pad>`, `<bos>`, `<eos>`, ...) are chosen, each with
+    `probability`; of the chosen, `mask_fraction` become `<mask>`, `random_fraction` a
+    uniform random regular token, the rest stay.
+
+    Returns:
+      `tokens` (corrupted, int32), `labels` (the input tokens, int32), `weights`
+      (float32, 1 at chosen positions), `mask` (bool, = valid).
+    """
+    tokens = np.asarray(tokens, dtype=np.int32)
+    low, high = tokenizer.regular_ids
+    regular = valid & (tokens >= low) & (tokens < high)
+    chosen = regular & (rng.random(tokens.shape) < probability)
+    action = rng.random(tokens.shape)
+    to_mask = chosen & (action < mask_fraction)
+    to_random = chosen & (action >= mask_fraction) & (action < mask_fraction + random_fraction)
+    corrupted = np.where(to_mask, tokenizer.mask_id, tokens)
+    corrupted = np.where(to_random, rng.integers(low, high, tokens.shape), corrupted)
+    return {"tokens": corrupted.astype(np.int32), "labels": tokens,
+            "weights": chosen.astype(np.float32), "mask": np.asarray(valid, dtype=bool)}
+
+
+def ner_example(
+    text: str, span_type: np.ndarray, span_start: np.ndarray, span_end: np.ndarray, *,
+    tokenizer: Tokenizer, seq_len: int, num_types: int, max_spans: int, dense: bool = False,
+) -> dict[str, np.ndarray]:
+    """One character-level NER example (see the module doc for the fields).
+
+    Raises:
+      ValueError: more than `max_spans` spans remain after truncation.
+    """
+    ids = tokenizer.encode(text)[:seq_len]
+    length = len(ids)
+    tokens = np.full(seq_len, tokenizer.pad_id, dtype=np.int32)
+    tokens[:length] = ids
+    span_type, span_start, span_end = (np.asarray(a, dtype=np.int64).reshape(-1)
+                                       for a in (span_type, span_start, span_end))
+    keep = span_end < length
+    flat = np.unique(span_type[keep] * seq_len * seq_len + span_start[keep] * seq_len
+                     + span_end[keep])
+    if len(flat) > max_spans:
+        raise ValueError(f"an example of {text[:30]!r}... has {len(flat)} spans, more than "
+                         f"data.max_spans={max_spans}; raise data.max_spans")
+    span_indices = np.full(max_spans, -1, dtype=np.int32)
+    span_indices[:len(flat)] = flat
+    type_labels = np.zeros(num_types, dtype=np.int32)
+    type_labels[span_type[keep]] = 1
+    example = {"tokens": tokens, "mask": np.arange(seq_len) < length,
+               "span_indices": span_indices, "type_labels": type_labels,
+               "example_weights": np.float32(1.0)}
+    if dense:
+        labels = np.zeros(num_types * seq_len * seq_len, dtype=np.int32)
+        labels[flat] = 1
+        example["span_labels"] = labels.reshape(num_types, seq_len, seq_len)
+    return example
+
+
+def _padding_row(example: Mapping[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    fill = {"tokens": pad_id, "span_indices": -1}
+    return {key: np.full_like(value, fill.get(key, 0)) for key, value in example.items()}
+
+
+# ----------------------------------------------------------------------------- iterator
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars and tuples -> JSON types (so a state survives `json.dumps`)."""
+    return json.loads(json.dumps(value, default=lambda x: x.item() if hasattr(x, "item")
+                                 else list(x)))
+
+
+class DataIterator:
+    """Batches of one split for this process; checkpointable with `get_state`.
+
+    Attributes:
+      metadata: `DatasetMetadata`.
+      tokenizer: the tokenizer that produced the ids.
+    """
+
+    def __init__(self, batches: grain.IterDataset, *, metadata: DatasetMetadata,
+                 tokenizer: Tokenizer, finish: Callable[[dict, int], dict],
+                 padding_row: dict[str, np.ndarray]) -> None:
+        self.metadata = metadata
+        self.tokenizer = tokenizer
+        self._batches = batches
+        self._iterator = iter(batches)
+        self._finish = finish
+        self._padding_row = padding_row
+        self._step = 0
+
+    def __iter__(self) -> DataIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        total = self.metadata.num_batches
+        if total is not None and self._step >= total:
+            raise StopIteration
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            if total is None:
+                raise
+            batch = None
+        size = self.metadata.local_batch_size
+        rows = 0 if batch is None else len(next(iter(batch.values())))
+        if rows < size:  # the end of an evaluation pass: pad with empty rows
+            padding = {key: np.stack([value] * (size - rows))
+                       for key, value in self._padding_row.items()}
+            batch = padding if batch is None else {
+                key: np.concatenate([batch[key], padding[key]]) for key in batch}
+        out = self._finish(batch, self._step)
+        self._step += 1
+        return out
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable position in the stream (restore with `set_state`)."""
+        m = self.metadata
+        return _plain({"version": _STATE_VERSION, "name": m.name, "split": m.split,
+                       "process_index": m.process_index, "process_count": m.process_count,
+                       "step": self._step, "pipeline": self._iterator.get_state()})
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Continues from a state of an iterator built from the same config and split."""
+        m = self.metadata
+        expected = {"version": _STATE_VERSION, "name": m.name, "split": m.split,
+                    "process_index": m.process_index, "process_count": m.process_count}
+        found = {key: state.get(key) for key in expected}
+        if found != expected:
+            raise ValueError(f"iterator state is for {found}, this iterator is {expected}")
+        self._iterator.set_state(state["pipeline"])
+        self._step = int(state["step"])
+
+
+def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    return process_index, process_count
+
+
+def make_dataset(
+    config: Any,
+    split: str,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    seq_len: int | None = None,
+) -> DataIterator:
+    """Batches of `config.data` for this process (see the module doc for their fields).
+
+    Args:
+      config: a ConfigDict with a `data` block (fields: `default_data_config()`), or
+        the block itself; missing fields take their defaults, unknown ones are errors.
+      split: "train" (`data.train_split`, shuffled, repeated forever) or "eval"
+        (`data.eval_split`, one ordered pass, or `data.eval_batches` batches).
+      process_index, process_count: this process's place among the data-loading
+        processes; default `jax.process_index()` and `jax.process_count()`.
+      seq_len: overrides `data.seq_len` (e.g. evaluating at longer lengths).
+
+    Returns:
+      A `DataIterator`; `metadata.local_batch_size` rows per batch.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    s = _settings(config, seq_len)
+    process_index, process_count = _process_info(process_index, process_count)
+    if s.batch_size % process_count:
+        raise ValueError(f"batch_size {s.batch_size} is not divisible by "
+                         f"process_count {process_count}")
+    local_batch = s.batch_size // process_count
+    training = split == "train"
+    split_name = s.train_split if training else s.eval_split
+
+    builder = make_builder(s.name, s.data_dir, pattern=s.pattern, exclude=s.exclude,
+                           eval_fraction=s.eval_fraction, skip_bad_records=s.skip_bad_records)
+    prepare(builder, manual_dir=s.manual_dir, download=s.download)
+    source = builder.as_data_source(split=split_name)
+    text_key = s.text_key or ("content" if s.name == "text_files" else "text")
+    tokenizer = make_tokenizer(
+        s.tokenizer, builder=builder, train_source=builder.as_data_source(split=s.train_split)
+        if s.tokenizer == "char" else None, text_key=text_key, min_count=s.char_min_count,
+        tag=s.train_split)
+    metadata_dict = builder.info.metadata or {}
+    skipped = metadata_dict.get("skipped_records", {}).get(split_name.split("[")[0], {})
+    skipped = int(skipped.get("count", 0))
+    if skipped:
+        logging.warning("%s/%s: %d bad records were skipped when building", s.name,
+                        split_name, skipped)
+    type_names = tuple(metadata_dict.get("types", ()))
+
+    examples = grain.MapDataset.source(source)
+    if s.max_examples:
+        examples = examples[:s.max_examples]
+    examples = examples[process_index::process_count]
+    num_examples = len(examples)
+    if num_examples == 0:
+        raise ValueError(f"process {process_index} of {process_count} has no examples of "
+                         f"{s.name}/{split_name}")
+    if training:
+        if s.shuffle:
+            examples = examples.shuffle(seed=s.seed)
+        examples = examples.repeat()
+    read = grain.ReadOptions(num_threads=s.num_threads, prefetch_buffer_size=s.prefetch)
+
+    if s.task in ("lm", "mlm"):
+        eos = tokenizer.eos_id
+
+        def tokenize(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+            ids = tokenizer.encode(example[text_key])
+            return {"tokens": np.concatenate([ids, np.array([eos], np.int32)])}
+
+        length = s.seq_len + 1 if s.task == "lm" else s.seq_len
+        windows = _TokenWindows(examples.map(tokenize).to_iter_dataset(read), length=length,
+                                stride=s.seq_len, pad_id=tokenizer.pad_id, finite=not training)
+        batches = windows.batch(local_batch, drop_remainder=training)
+        padding_row = {"tokens": np.full(length, tokenizer.pad_id, np.int32),
+                       "valid": np.zeros(length, bool)}
+        if not training and not s.eval_batches and process_count > 1:
+            raise ValueError("an lm/mlm evaluation pass over several processes needs "
+                             "data.eval_batches > 0 (processes must agree on the count)")
+        num_batches = (s.eval_batches or None) if not training else None
+        num_types = 0
+        stream = 1 if training else 2
+        if s.task == "lm":
+            def finish(batch: dict, step: int) -> dict:
+                del step
+                return {"tokens": batch["tokens"],
+                        "weights": batch["valid"][:, 1:].astype(np.float32)}
+        else:
+            def finish(batch: dict, step: int) -> dict:
+                rng = np.random.default_rng([s.seed, process_index, stream, step])
+                return mlm_mask(batch["tokens"], batch["valid"], rng, tokenizer=tokenizer,
+                                probability=s.mlm_probability,
+                                mask_fraction=s.mlm_mask_fraction,
+                                random_fraction=s.mlm_random_fraction)
+    else:
+        num_types = len(type_names)
+        if num_types * s.seq_len * s.seq_len >= 2**31:
+            raise ValueError(f"num_types * seq_len**2 = {num_types * s.seq_len ** 2} "
+                             "overflows int32 span indices")
+
+        def to_example(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+            return ner_example(_text(example["text"]), example["span_type"],
+                               example["span_start"], example["span_end"],
+                               tokenizer=tokenizer, seq_len=s.seq_len, num_types=num_types,
+                               max_spans=s.max_spans, dense=s.dense_labels)
+
+        batches = examples.map(to_example).to_iter_dataset(read).batch(
+            local_batch, drop_remainder=training)
+        padding_row = _padding_row(to_example({"text": "", "span_type": [], "span_start": [],
+                                               "span_end": []}), tokenizer.pad_id)
+        if training:
+            num_batches = None
+        else:
+            largest_shard = math.ceil(_split_size(source, s.max_examples) / process_count)
+            num_batches = s.eval_batches or math.ceil(largest_shard / local_batch)
+
+        def finish(batch: dict, step: int) -> dict:
+            del step
+            return batch
+
+    metadata = DatasetMetadata(
+        name=s.name, task=s.task, split=split_name, vocab_size=tokenizer.vocab_size,
+        pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+        mask_id=tokenizer.mask_id, num_types=num_types, type_names=type_names,
+        seq_len=s.seq_len, global_batch_size=s.batch_size, local_batch_size=local_batch,
+        process_index=process_index, process_count=process_count, num_examples=num_examples,
+        num_batches=num_batches, skipped_records=skipped)
+    return DataIterator(batches, metadata=metadata, tokenizer=tokenizer, finish=finish,
+                        padding_row=padding_row)
+
+
+def _split_size(source: Any, max_examples: int) -> int:
+    return min(len(source), max_examples) if max_examples else len(source)
