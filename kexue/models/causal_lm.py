@@ -1,0 +1,151 @@
+"""Decoder-only causal language model with a key/value cache and sampling.
+
+`CausalLM(tokens)` gives next-token logits for every position (causal mask).
+Decoding keeps the keys and values of earlier positions in a `KVCache` (an explicit
+pytree, passed in and returned, so decoding stays a pure function under `jax.jit`):
+`decode(tokens, cache)` runs only the new tokens, writes their keys/values at
+`cache.index`, and attends over the cache with the mask "key `j` visible to query `i`
+iff `j ≤ index + i`". The visible-key counts, hence the entropy-invariant scale, are
+those of the full forward pass, so cached logits equal full logits.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kexue import ops
+from kexue.models.config import TransformerConfig
+from kexue.models.layers import Dense, Embed, LayerCache, Transformer
+
+#: Logical axes of each cached key / value array, for sharding a cache.
+CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys and values `[b, max_length, h_kv, d]`; `index`: positions filled."""
+
+    layers: tuple[LayerCache, ...]
+    index: jax.Array
+
+
+class CausalLM(nnx.Module):
+    """Token embedding, causal transformer stack, vocabulary logits.
+
+    The output layer is the transposed input embedding when `tie_embeddings`, else a
+    `[D, V]` kernel with logical axes `(embed, vocab)` (no bias).
+    """
+
+    def __init__(self, config: TransformerConfig, *, tie_embeddings: bool = False,
+                 rngs: nnx.Rngs):
+        c = config
+        if c.vocab_size < 1:
+            raise ValueError(f"config key `model.vocab_size`: expected a positive int; got "
+                             f"{c.vocab_size!r}.")
+        self.config = c
+        self.embed = Embed(c.vocab_size, c.width, dtype=c.compute_dtype,
+                           param_dtype=c.weight_dtype, init_std=c.init_std, rngs=rngs)
+        self.transformer = Transformer(c, rngs=rngs)
+        self.lm_head = None if tie_embeddings else Dense(
+            c.width, c.vocab_size, in_axes=("embed",), out_axes=("vocab",), use_bias=False,
+            dtype=c.compute_dtype, param_dtype=c.weight_dtype, init_std=c.init_std, rngs=rngs)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        out = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array, *, mask=None, positions=None,
+                 deterministic: bool | None = None) -> jax.Array:
+        """float32 next-token logits `[b, n, V]` for `tokens [b, n]`.
+
+        `mask [b, n]` marks real tokens (padding neither attends nor is attended to);
+        `positions` default to `0 … n−1`.
+        """
+        n = tokens.shape[-1]
+        padding = None if mask is None else ops.padding_mask(mask)
+        attention_mask = ops.combine_masks(ops.causal_mask(n), padding)
+        hidden, _ = self.transformer(self.embed(tokens), positions=positions,
+                                     mask=attention_mask, deterministic=deterministic)
+        return self.logits(hidden)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty cache for `max_length` positions (dtype: the compute dtype)."""
+        c = self.config
+        shape = (batch_size, max_length, c.kv_heads, c.head_dim)
+        dtype = c.compute_dtype if dtype is None else dtype
+        layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                       for _ in range(c.num_layers))
+        return KVCache(layers, jnp.zeros((), jnp.int32))
+
+    def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Logits of `tokens [b, q]` placed after the `cache.index` cached positions.
+
+        Returns `(logits [b, q, V] float32, cache with index + q)`. Dropout is off.
+        The caller keeps `index + q ≤ max_length`.
+        """
+        q_len = tokens.shape[-1]
+        max_length = cache.layers[0].key.shape[1]
+        offsets = jnp.arange(q_len, dtype=jnp.int32)
+        positions = cache.index + offsets
+        mask = jnp.arange(max_length)[None, :] <= positions[:, None]  # [q, max_length]
+        hidden, layers = self.transformer(self.embed(tokens), positions=positions, mask=mask,
+                                          cache=cache.layers, cache_index=cache.index,
+                                          deterministic=True)
+        return self.logits(hidden), KVCache(tuple(layers), cache.index + q_len)
+
+    def generate(self, prompt: jax.Array, *, max_new_tokens: int,
+                 rng: jax.Array | None = None, temperature: float = 0.0,
+                 top_k: int | None = None) -> jax.Array:
+        """Continue `prompt [b, n]` by `max_new_tokens` tokens; returns `[b, n + new]`.
+
+        `temperature == 0` is greedy (argmax). Otherwise tokens are drawn from
+        `softmax(logits / temperature)`, restricted to the `top_k` most likely when
+        given; `rng` (a `jax.random` key) is then required and fully determines the
+        sample. The prompt is run once (prefill), then one token per step inside
+        `jax.lax.scan` over a cache of `n + max_new_tokens` positions.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be a positive int; got {max_new_tokens!r}.")
+        if temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0; got {temperature!r}.")
+        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
+            raise ValueError(f"`top_k` must be in [1, vocab_size={self.config.vocab_size}]; "
+                             f"got {top_k!r}.")
+        if temperature > 0 and rng is None:
+            raise ValueError("`rng` (a jax.random key) is required when temperature > 0.")
+        batch, n = prompt.shape
+        keys = (jax.random.split(rng, max_new_tokens) if rng is not None
+                else jnp.zeros((max_new_tokens, 2), jnp.uint32))
+
+        def sample(logits, key):
+            return sample_logits(logits, key, temperature=temperature, top_k=top_k)
+
+        logits, cache = self.decode(prompt, self.init_cache(batch, n + max_new_tokens))
+        first = sample(logits[:, -1], keys[0])
+        graphdef, state = nnx.split(self)
+
+        def step(carry, key):
+            token, cache = carry
+            model = nnx.merge(graphdef, state)
+            logits, cache = model.decode(token[:, None], cache)
+            nxt = sample(logits[:, -1], key)
+            return (nxt, cache), nxt
+
+        _, rest = jax.lax.scan(step, (first, cache), keys[1:])
+        new = jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)
+        return jnp.concatenate([prompt, new.astype(prompt.dtype)], axis=1)
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0,
+                  top_k: int | None = None) -> jax.Array:
+    """One token per row of `logits [b, V]`: argmax, or a temperature / top-k sample."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+        scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)

@@ -1,0 +1,161 @@
+"""`TransformerConfig`: the hyper-parameters shared by every kexue model, validated once.
+
+Models take this frozen dataclass; `kexue.models.build_model` fills it from the
+`config.model` section of an ml_collections `ConfigDict`. Every check raises a
+`ValueError` that names the config key (`model.<field>`), what was expected and
+what was given, before any parameter is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+ACTIVATIONS = ("gelu", "relu", "silu", "geglu", "swiglu")
+GATED_ACTIVATIONS = ("geglu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+ROPE_LAYOUTS = ("interleaved", "half")
+ATTENTION_SCALES = ("standard", "entropy_invariant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def config_error(key: str, expected: str, got: Any) -> ValueError:
+    """A `ValueError` of the one shape used for every bad config value."""
+    return ValueError(f"config key `model.{key}`: expected {expected}; got {got!r}.")
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise config_error(key, f"one of {list(choices)}", value)
+
+
+def check_positive_int(key: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok or value < (0 if allow_zero else 1):
+        raise config_error(key, "a non-negative int" if allow_zero else "a positive int", value)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Width, depth, attention and feed-forward choices of a transformer stack.
+
+    Attributes:
+      width: model (embedding) width `D`.
+      num_layers: number of transformer blocks `L`.
+      num_heads: query heads `h`; must divide `width` (head dim `d = D / h`).
+      num_kv_heads: key/value heads `h_kv` (grouped-query attention); must divide
+        `num_heads`. None means `num_heads` (multi-head attention).
+      mlp_dim: hidden width `F` of the feed-forward network.
+      vocab_size: token vocabulary `V` (0 for models without token inputs, e.g. ViT).
+      activation: ``"gelu" | "relu" | "silu"`` (plain FFN `W_2 act(W_1 x)`) or
+        ``"geglu" | "swiglu"`` (gated: `W_2 (act(W_1 x) ⊙ W_g x)`, GLU-style).
+      norm: ``"layernorm" | "rmsnorm"``.
+      norm_position: ``"pre"`` (norm inside the residual branch, final norm after the
+        stack) or ``"post"`` (norm after each residual sum, norm on the embeddings;
+        the original RoFormer / BERT arrangement).
+      norm_epsilon: epsilon of the norms.
+      use_bias: biases in the attention and FFN projections.
+      rope_layout: ``"interleaved"`` (RoFormer) or ``"half"`` (GPT-NeoX / LLaMA).
+      rope_base: RoPE frequency base.
+      rotary_dim: rotating features per head (partial rotary); None means all `d`.
+      rope_dims: number of position axes: 1 for sequences, 2 for image patches.
+      attention_scale: ``"standard"`` (`1/√d`) or ``"entropy_invariant"``
+        (`log_b(n)/√d`, kexue.fm/archives/8823).
+      entropy_base: `b` of the entropy-invariant scale.
+      dropout_rate: dropout on the embeddings and on each residual branch.
+      dtype: compute dtype of matmuls (``"float32"`` or ``"bfloat16"``); norms,
+        softmax statistics and returned logits stay float32.
+      param_dtype: storage dtype of the parameters.
+      init_std: standard deviation of every kernel and embedding at init (biases 0,
+        norm scales 1).
+    """
+
+    width: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    vocab_size: int = 0
+    num_kv_heads: int | None = None
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_position: str = "pre"
+    norm_epsilon: float = 1e-6
+    use_bias: bool = True
+    rope_layout: str = "interleaved"
+    rope_base: float = 10000.0
+    rotary_dim: int | None = None
+    rope_dims: int = 1
+    attention_scale: str = "standard"
+    entropy_base: float = 512.0
+    dropout_rate: float = 0.0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for key in ("width", "num_layers", "num_heads", "mlp_dim", "rope_dims"):
+            check_positive_int(key, getattr(self, key))
+        check_positive_int("vocab_size", self.vocab_size, allow_zero=True)
+        if self.width % self.num_heads:
+            raise config_error(
+                "num_heads", f"a divisor of `model.width` = {self.width}", self.num_heads)
+        if self.num_kv_heads is not None:
+            check_positive_int("num_kv_heads", self.num_kv_heads)
+            if self.num_heads % self.num_kv_heads:
+                raise config_error(
+                    "num_kv_heads", f"a divisor of `model.num_heads` = {self.num_heads}",
+                    self.num_kv_heads)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+        check_choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
+        check_choice("attention_scale", self.attention_scale, ATTENTION_SCALES)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("param_dtype", self.param_dtype, DTYPES)
+        if self.rotary_dim is not None:
+            check_positive_int("rotary_dim", self.rotary_dim)
+        step = 2 * self.rope_dims
+        if self.rotary_features % step or self.rotary_features > self.head_dim:
+            raise config_error(
+                "rotary_dim",
+                f"a multiple of 2·rope_dims = {step} that is at most the head dim "
+                f"width / num_heads = {self.head_dim}",
+                self.rotary_dim if self.rotary_dim is not None else self.head_dim)
+        if not self.rope_base > 1:
+            raise config_error("rope_base", "a number greater than 1", self.rope_base)
+        if not self.entropy_base > 1:
+            raise config_error("entropy_base", "a number greater than 1", self.entropy_base)
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise config_error("dropout_rate", "a number in [0, 1)", self.dropout_rate)
+        if not self.init_std > 0:
+            raise config_error("init_std", "a positive number", self.init_std)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def rotary_features(self) -> int:
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+
+TRANSFORMER_KEYS = tuple(field.name for field in dataclasses.fields(TransformerConfig))

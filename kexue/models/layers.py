@@ -1,0 +1,321 @@
+"""Transformer building blocks in Flax NNX, each parameter named by logical axes.
+
+Every parameter is an `nnx.Param` carrying `out_sharding=(logical names…)` metadata,
+which `kexue.parallel.nnx_state_shardings` maps onto the `(data, fsdp, tensor)` mesh:
+
+| parameter                 | shape                     | logical axes                      |
+|---------------------------|---------------------------|-----------------------------------|
+| token embedding           | `[V, D]`                  | `(vocab, embed)`                  |
+| query projection          | `[D, h, d]`               | `(embed, heads, head_dim)`        |
+| key / value projection    | `[D, h_kv, d]`            | `(embed, kv_heads, head_dim)`     |
+| attention output          | `[h, d, D]`               | `(heads, head_dim, embed)`        |
+| FFN in (and gate)         | `[D, F]`                  | `(embed, mlp)`                    |
+| FFN out                   | `[F, D]`                  | `(mlp, embed)`                    |
+| norm scale / bias         | `[D]`                     | `(norm,)`                         |
+
+Hidden states are constrained to `(batch, length, embed)` when a mesh is set with
+`jax.set_mesh`, and left alone otherwise. Matmuls run in `TransformerConfig.dtype`;
+norms and softmax statistics in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kexue import ops
+from kexue.models.config import TransformerConfig
+from kexue.parallel.rules import with_logical_constraint
+
+Axes = tuple[str | None, ...]
+HIDDEN_AXES: Axes = ("batch", "length", "embed")
+
+
+def make_param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Axes,
+               dtype) -> nnx.Param:
+    """An `nnx.Param` of `shape` from `init(key, shape, dtype)` tagged with logical `axes`."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} name {len(axes)} dims for shape {tuple(shape)}")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes))
+
+
+class Dense(nnx.Module):
+    """`y = x · W + b`, contracting the last `len(in_shape)` axes of `x`.
+
+    `W` has shape `in_shape + out_shape` and logical axes `in_axes + out_axes`; the
+    bias has `out_shape` and `out_axes`. Inputs and weights are cast to `dtype`.
+    """
+
+    def __init__(self, in_shape: int | Sequence[int], out_shape: int | Sequence[int], *,
+                 in_axes: Axes, out_axes: Axes, use_bias: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
+                 rngs: nnx.Rngs):
+        self.in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
+        self.out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+        self.dtype = dtype
+        init = nnx.initializers.normal(init_std)
+        self.kernel = make_param(rngs, init, self.in_shape + self.out_shape,
+                                 tuple(in_axes) + tuple(out_axes), param_dtype)
+        self.bias = (make_param(rngs, nnx.initializers.zeros, self.out_shape,
+                                tuple(out_axes), param_dtype) if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        if tuple(x.shape[-n_in:]) != self.in_shape:
+            raise ValueError(f"Dense expects inputs ending in {self.in_shape}; got {x.shape}")
+        kernel = self.kernel[...].astype(self.dtype)
+        contract = tuple(range(x.ndim - n_in, x.ndim))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel,
+                                ((contract, tuple(range(n_in))), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table `[V, D]` with logical axes `(vocab, embed)`.
+
+    `attend(x)` computes `x · Eᵀ` (logits over the vocabulary, for tied output layers).
+    """
+
+    def __init__(self, vocab_size: int, width: int, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = make_param(rngs, nnx.initializers.normal(init_std),
+                                    (vocab_size, width), ("vocab", "embed"), param_dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype),
+                          self.embedding[...].astype(self.dtype))
+
+
+class Norm(nnx.Module):
+    """LayerNorm `(x − μ)/√(σ² + ε)·γ + β` or RMSNorm `x/√(mean x² + ε)·γ`, in float32."""
+
+    def __init__(self, width: int, *, kind: str = "layernorm", epsilon: float = 1e-6,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kind, self.epsilon, self.dtype = kind, epsilon, dtype
+        self.scale = make_param(rngs, nnx.initializers.ones, (width,), ("norm",), param_dtype)
+        self.bias = (make_param(rngs, nnx.initializers.zeros, (width,), ("norm",), param_dtype)
+                     if kind == "layernorm" else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def make_norm(config: TransformerConfig, rngs: nnx.Rngs) -> Norm:
+    return Norm(config.width, kind=config.norm, epsilon=config.norm_epsilon,
+                dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu,
+    "geglu": jax.nn.gelu, "swiglu": jax.nn.silu,
+}
+
+
+class FeedForward(nnx.Module):
+    """`W_out act(W_in x)`, or gated `W_out (act(W_in x) ⊙ W_gate x)` for GLU variants."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        dense = dict(use_bias=config.use_bias, dtype=config.compute_dtype,
+                     param_dtype=config.weight_dtype, init_std=config.init_std, rngs=rngs)
+        self.activation = _ACTIVATIONS[config.activation]
+        self.wi = Dense(config.width, config.mlp_dim, in_axes=("embed",), out_axes=("mlp",),
+                        **dense)
+        self.wg = (Dense(config.width, config.mlp_dim, in_axes=("embed",), out_axes=("mlp",),
+                         **dense) if config.gated else None)
+        self.wo = Dense(config.mlp_dim, config.width, in_axes=("mlp",), out_axes=("embed",),
+                        **dense)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.activation(self.wi(x))
+        if self.wg is not None:
+            h = h * self.wg(x)
+        h = with_logical_constraint(h, ("batch", "length", "mlp"))
+        return self.wo(h)
+
+
+class LayerCache(NamedTuple):
+    """Keys and values of one attention layer for `max_length` positions.
+
+    `key`, `value`: `[batch, max_length, h_kv, d]`; positions `≥ index` are unused.
+    """
+
+    key: jax.Array
+    value: jax.Array
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query self-attention with RoPE, via `kexue.ops`.
+
+    `q = x W_q`, `k = x W_k`, `v = x W_v` (`h` query heads, `h_kv` key/value heads),
+    RoPE on `q` and `k` by `positions` (`apply_rope`, or `apply_rope_nd` for
+    `rope_dims > 1`), then `ops.dot_product_attention` with the configured scale, and
+    the output projection `[h, d] → D`.
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        dense = dict(use_bias=c.use_bias, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+                     init_std=c.init_std, rngs=rngs)
+        self.query = Dense(c.width, (c.num_heads, c.head_dim), in_axes=("embed",),
+                           out_axes=("heads", "head_dim"), **dense)
+        self.key = Dense(c.width, (c.kv_heads, c.head_dim), in_axes=("embed",),
+                         out_axes=("kv_heads", "head_dim"), **dense)
+        self.value = Dense(c.width, (c.kv_heads, c.head_dim), in_axes=("embed",),
+                           out_axes=("kv_heads", "head_dim"), **dense)
+        self.out = Dense((c.num_heads, c.head_dim), c.width, in_axes=("heads", "head_dim"),
+                         out_axes=("embed",), **dense)
+
+    def rotate(self, x: jax.Array, positions) -> jax.Array:
+        c = self.config
+        if c.rope_dims == 1:
+            return ops.apply_rope(x, positions, base=c.rope_base, layout=c.rope_layout,
+                                  rotary_dim=c.rotary_features)
+        return ops.apply_rope_nd(x, positions, base=c.rope_base, layout=c.rope_layout,
+                                 rotary_dim=c.rotary_features)
+
+    def __call__(self, x: jax.Array, *, positions, mask: jax.Array | None = None,
+                 cache: LayerCache | None = None, cache_index: jax.Array | None = None,
+                 ) -> tuple[jax.Array, LayerCache | None]:
+        """Attention over `x [b, n, D]`.
+
+        Args:
+          x: hidden states `[b, n, D]`.
+          positions: `[b, n]` / `[n]` positions (int or float), `[…, n, rope_dims]` for
+            N-D RoPE.
+          mask: bool, `[b, n, n_k]` or broadcastable (True = may attend); with a cache,
+            `n_k = max_length`.
+          cache: keys/values of earlier positions; the new ones are written at
+            `cache_index` and attention runs over the whole cache.
+          cache_index: int32 scalar, the number of positions already in `cache`.
+
+        Returns:
+          `(output [b, n, D], updated cache or None)`.
+        """
+        c = self.config
+        q = self.rotate(self.query(x), positions)
+        k = self.rotate(self.key(x), positions)
+        v = self.value(x)
+        q = with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start)
+            cache = LayerCache(k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        out = ops.dot_product_attention(q, k, v, mask=mask, scale=c.attention_scale,
+                                        entropy_base=c.entropy_base)
+        return self.out(out), cache
+
+
+class TransformerBlock(nnx.Module):
+    """Attention and FFN sub-layers with residuals, pre- or post-norm, and dropout.
+
+    pre-norm:  `x ← x + drop(attn(norm₁ x))`, `x ← x + drop(ffn(norm₂ x))`;
+    post-norm: `x ← norm₁(x + drop(attn x))`, `x ← norm₂(x + drop(ffn x))`.
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.pre_norm = config.norm_position == "pre"
+        self.attention = Attention(config, rngs=rngs)
+        self.attention_norm = make_norm(config, rngs)
+        self.ffn = FeedForward(config, rngs=rngs)
+        self.ffn_norm = make_norm(config, rngs)
+        self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, positions, mask=None, cache: LayerCache | None = None,
+                 cache_index=None, deterministic: bool | None = None,
+                 ) -> tuple[jax.Array, LayerCache | None]:
+        def drop(y):
+            return self.dropout(y, deterministic=deterministic)
+
+        if self.pre_norm:
+            y, cache = self.attention(self.attention_norm(x), positions=positions, mask=mask,
+                                      cache=cache, cache_index=cache_index)
+            x = x + drop(y)
+            x = x + drop(self.ffn(self.ffn_norm(x)))
+        else:
+            y, cache = self.attention(x, positions=positions, mask=mask, cache=cache,
+                                      cache_index=cache_index)
+            x = self.attention_norm(x + drop(y))
+            x = self.ffn_norm(x + drop(self.ffn(x)))
+        return with_logical_constraint(x, HIDDEN_AXES), cache
+
+
+class Transformer(nnx.Module):
+    """A stack of `num_layers` blocks over embedded inputs `[b, n, D]`.
+
+    With pre-norm a final norm follows the stack; with post-norm the inputs are
+    normalised first (the embedding LayerNorm of RoFormer / BERT). Dropout is applied
+    to the (normalised) inputs.
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.blocks = nnx.List([TransformerBlock(config, rngs=rngs)
+                                for _ in range(config.num_layers)])
+        self.norm = make_norm(config, rngs)
+        self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, positions=None, mask=None,
+                 cache: Sequence[LayerCache] | None = None, cache_index=None,
+                 deterministic: bool | None = None,
+                 ) -> tuple[jax.Array, list[LayerCache] | None]:
+        """Runs the stack; `positions` default to `0 … n−1`; returns `(hidden, cache)`."""
+        if positions is None:
+            positions = np.arange(x.shape[1], dtype=np.int32)
+        pre_norm = self.config.norm_position == "pre"
+        if not pre_norm:
+            x = self.norm(x)
+        x = self.dropout(x.astype(self.config.compute_dtype), deterministic=deterministic)
+        x = with_logical_constraint(x, HIDDEN_AXES)
+        new_cache = None if cache is None else []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, positions=positions, mask=mask,
+                                   cache=None if cache is None else cache[i],
+                                   cache_index=cache_index, deterministic=deterministic)
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        if pre_norm:
+            x = self.norm(x)
+        return x, new_cache
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  weights: jax.Array | None = None) -> jax.Array:
+    """Mean softmax cross-entropy `−log softmax(logits)[label]`, in float32.
+
+    Args:
+      logits: `[..., V]` scores.
+      labels: `[...]` integer targets in `[0, V)`.
+      weights: optional `[...]` weights (e.g. 1 at masked-LM positions, 0 elsewhere);
+        the loss is `Σ w·ce / max(Σ w, 1)`. None weighs every position 1.
+
+    Returns:
+      float32 scalar.
+    """
+    logits = logits.astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if weights is None:
+        return jnp.mean(nll)
+    weights = jnp.asarray(weights, jnp.float32)
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)

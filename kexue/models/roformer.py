@@ -1,0 +1,247 @@
+"""RoFormer encoder (kexue.fm/archives/8265) and the heads built on it.
+
+* `RoFormerEncoder`: token embedding + transformer stack with RoPE attention.
+* `RoFormerMLM`: masked-language-model head (dense → act → norm → vocabulary logits,
+  output embedding optionally tied to the input one).
+* `GlobalPointerNER`: span scores per entity type, GlobalPointer (archive 8373) or
+  Efficient GlobalPointer (archive 8877), ZLPR loss dense or sparse (archive 7359).
+* `MultiLabelClassifier`: pooled encoder output → one ZLPR score per class.
+
+Every model returns float32 logits whatever its compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kexue import ops
+from kexue.models.config import TransformerConfig, check_choice, check_positive_int
+from kexue.models.layers import Dense, Embed, Norm, Transformer, make_param
+
+GP_LOSSES = ("dense", "sparse")
+POOLINGS = ("cls", "mean")
+
+
+def attention_mask_from(mask, attention_mask=None):
+    """Combine token validity `mask [b, n]` (→ padding mask) with an explicit mask."""
+    padding = None if mask is None else ops.padding_mask(mask)
+    return ops.combine_masks(padding, attention_mask)
+
+
+class RoFormerEncoder(nnx.Module):
+    """Token embedding and a transformer stack with rotary position embedding.
+
+    Positions enter only through RoPE inside attention, so any positions can be given,
+    including floats (equal-mean random positions, kexue.fm/archives/9444).
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        if config.vocab_size < 1:
+            raise ValueError(f"config key `model.vocab_size`: expected a positive int; got "
+                             f"{config.vocab_size!r}.")
+        self.config = config
+        self.embed = Embed(config.vocab_size, config.width, dtype=config.compute_dtype,
+                           param_dtype=config.weight_dtype, init_std=config.init_std, rngs=rngs)
+        self.transformer = Transformer(config, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, *, mask=None, positions=None, attention_mask=None,
+                 deterministic: bool | None = None) -> jax.Array:
+        """Hidden states `[b, n, D]` of `tokens [b, n]`.
+
+        Args:
+          tokens: int token ids `[b, n]`.
+          mask: optional `[b, n]` bool/int, True for real tokens; padded tokens neither
+            attend nor are attended to.
+          positions: optional `[b, n]` or `[n]` int or float positions (default `0…n−1`).
+          attention_mask: optional bool mask broadcastable to `[b, n, n]` (e.g. a
+            prefix-LM mask), combined with `mask`.
+          deterministic: disable dropout (None: the module's train/eval setting).
+        """
+        x = self.embed(tokens)
+        hidden, _ = self.transformer(x, positions=positions,
+                                     mask=attention_mask_from(mask, attention_mask),
+                                     deterministic=deterministic)
+        return hidden
+
+
+class RoFormerMLM(nnx.Module):
+    """RoFormer with a masked-LM head: `logits = norm(act(h W + b)) Eᵀ + b_V`.
+
+    `E` is the input embedding when `tie_embeddings`, otherwise a separate
+    `[D, V]` output kernel with logical axes `(embed, vocab)`.
+    """
+
+    def __init__(self, config: TransformerConfig, *, tie_embeddings: bool = True,
+                 rngs: nnx.Rngs):
+        c = config
+        self.config = config
+        self.encoder = RoFormerEncoder(config, rngs=rngs)
+        self.transform = Dense(c.width, c.width, in_axes=("embed",), out_axes=(None,),
+                               dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+                               init_std=c.init_std, rngs=rngs)
+        self.transform_norm = Norm(c.width, kind=c.norm, epsilon=c.norm_epsilon,
+                                   dtype=c.compute_dtype, param_dtype=c.weight_dtype, rngs=rngs)
+        self.decoder = None if tie_embeddings else Dense(
+            c.width, c.vocab_size, in_axes=("embed",), out_axes=("vocab",), use_bias=False,
+            dtype=c.compute_dtype, param_dtype=c.weight_dtype, init_std=c.init_std, rngs=rngs)
+        self.output_bias = make_param(rngs, nnx.initializers.zeros, (c.vocab_size,),
+                                      ("vocab",), c.weight_dtype)
+
+    def __call__(self, tokens, *, mask=None, positions=None, attention_mask=None,
+                 deterministic: bool | None = None) -> jax.Array:
+        """float32 vocabulary logits `[b, n, V]` (arguments as `RoFormerEncoder`)."""
+        h = self.encoder(tokens, mask=mask, positions=positions, attention_mask=attention_mask,
+                         deterministic=deterministic)
+        h = self.transform_norm(jax.nn.gelu(self.transform(h)))
+        logits = self.encoder.embed.attend(h) if self.decoder is None else self.decoder(h)
+        return logits.astype(jnp.float32) + self.output_bias[...].astype(jnp.float32)
+
+
+class GlobalPointerNER(nnx.Module):
+    """RoFormer encoder + GlobalPointer span head (kexue.fm/archives/8373, 8877).
+
+    GlobalPointer: per type `α`, `q_α = h W_q,α + b`, `k_α = h W_k,α + b` (kernels
+    `[D, types, d_gp]`, axes `(embed, types, head_dim)`), logits from
+    `ops.global_pointer_logits`. Efficient GlobalPointer: one shared `q, k`
+    (`[D, d_gp]` each) plus start/end biases `[q; k] W_s`, `[q; k] W_e` (`[2 d_gp,
+    types]`), logits from `ops.efficient_global_pointer_logits`. Both use RoPE with
+    the encoder's `rope_base` and `rope_layout`.
+    """
+
+    def __init__(self, config: TransformerConfig, *, num_types: int, head_dim: int = 64,
+                 efficient: bool = False, loss: str = "dense", rngs: nnx.Rngs):
+        check_positive_int("num_types", num_types)
+        check_positive_int("gp_head_dim", head_dim)
+        if head_dim % 2:
+            raise ValueError(f"config key `model.gp_head_dim`: expected an even int (RoPE "
+                             f"rotates pairs); got {head_dim!r}.")
+        check_choice("gp_loss", loss, GP_LOSSES)
+        c = config
+        self.config, self.num_types, self.efficient, self.loss_kind = c, num_types, efficient, loss
+        self.encoder = RoFormerEncoder(c, rngs=rngs)
+        dense = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype, init_std=c.init_std,
+                     rngs=rngs)
+        if efficient:
+            self.query = Dense(c.width, head_dim, in_axes=("embed",), out_axes=("head_dim",),
+                               **dense)
+            self.key = Dense(c.width, head_dim, in_axes=("embed",), out_axes=("head_dim",),
+                             **dense)
+            self.bias_start = Dense(2 * head_dim, num_types, in_axes=("head_dim",),
+                                    out_axes=("types",), **dense)
+            self.bias_end = Dense(2 * head_dim, num_types, in_axes=("head_dim",),
+                                  out_axes=("types",), **dense)
+        else:
+            self.query = Dense(c.width, (num_types, head_dim), in_axes=("embed",),
+                               out_axes=("types", "head_dim"), **dense)
+            self.key = Dense(c.width, (num_types, head_dim), in_axes=("embed",),
+                             out_axes=("types", "head_dim"), **dense)
+
+    def __call__(self, tokens, *, mask=None, positions=None,
+                 deterministic: bool | None = None) -> jax.Array:
+        """float32 span logits `[b, types, n, n]`; impossible spans are large negative.
+
+        `mask [b, n]` marks real tokens; `positions` feed the encoder's RoPE only (the
+        span head always uses `0 … n−1`).
+        """
+        c = self.config
+        h = self.encoder(tokens, mask=mask, positions=positions, deterministic=deterministic)
+        q = self.query(h).astype(jnp.float32)
+        k = self.key(h).astype(jnp.float32)
+        if self.efficient:
+            qk = jnp.concatenate([q, k], axis=-1)
+            return ops.efficient_global_pointer_logits(
+                q, k, self.bias_start(qk).astype(jnp.float32),
+                self.bias_end(qk).astype(jnp.float32), mask=mask, base=c.rope_base,
+                layout=c.rope_layout)
+        return ops.global_pointer_logits(q, k, mask=mask, base=c.rope_base,
+                                         layout=c.rope_layout)
+
+    def loss(self, logits: jax.Array, labels: jax.Array, *, mask=None) -> jax.Array:
+        """Mean ZLPR loss over examples and types (each type is one multi-label problem).
+
+        Args:
+          logits: `[b, types, n, n]` from `__call__`.
+          labels: for ``loss="dense"``, 0/1 `[b, types, n, n]`; for ``loss="sparse"``,
+            int spans `[b, P, 3]` of `(type, start, end)` rows, padded with rows of −1
+            (`ops.sparse_zlpr_loss`, no dense label tensor is built).
+          mask: optional `[b, n]` token validity; spans touching padding, and spans
+            with `end < start`, are excluded.
+        """
+        b, types, n, _ = logits.shape
+        valid = jnp.triu(jnp.ones((n, n), bool))
+        if mask is not None:
+            token = jnp.asarray(mask).astype(bool)
+            valid = valid & token[:, None, :, None] & token[:, None, None, :]
+        valid = jnp.broadcast_to(valid, (b, 1, n, n))
+        if self.loss_kind == "dense":
+            if labels.shape != logits.shape:
+                raise ValueError(f"`labels` for the dense GlobalPointer loss must have the "
+                                 f"logits' shape {logits.shape}; got {labels.shape}.")
+            per_type = ops.zlpr_loss(logits, labels, mask=valid, axis=(-2, -1))
+        else:
+            if labels.ndim != 3 or labels.shape[0] != b or labels.shape[-1] != 3:
+                raise ValueError(f"`labels` for the sparse GlobalPointer loss must be spans "
+                                 f"[b={b}, P, 3] of (type, start, end); got {labels.shape}.")
+            per_type = ops.sparse_zlpr_loss(logits.reshape(b, types, n * n),
+                                            spans_to_indices(labels, types, n),
+                                            mask=valid.reshape(b, 1, n * n))
+        return jnp.mean(per_type)
+
+    @staticmethod
+    def decode(logits, *, threshold: float = 0.0) -> np.ndarray:
+        """Spans `(batch, type, start, end)` with `logit > threshold` (`ops.decode_spans`)."""
+        return ops.decode_spans(logits, threshold=threshold)
+
+
+def spans_to_indices(spans: jax.Array, num_types: int, seq_len: int) -> jax.Array:
+    """`(type, start, end)` rows `[b, P, 3]` → per-type flat indices `[b, types, P]`.
+
+    Index `start·n + end` in row `type` (−1 elsewhere and for padding rows), the
+    positive classes of `ops.sparse_zlpr_loss` over logits reshaped to `[b, types, n²]`.
+    """
+    spans = jnp.asarray(spans).astype(jnp.int32)
+    kind, start, end = spans[..., 0], spans[..., 1], spans[..., 2]
+    ok = (kind >= 0) & (start >= 0) & (end >= 0)
+    flat = jnp.where(ok, start * seq_len + end, -1)  # [b, P]
+    types = jnp.arange(num_types)[None, :, None]
+    return jnp.where(kind[:, None, :] == types, flat[:, None, :], -1)
+
+
+class MultiLabelClassifier(nnx.Module):
+    """RoFormer encoder, pooled (first token or masked mean), → `[D, C]` class scores.
+
+    Trained with the ZLPR loss (kexue.fm/archives/7359); class `c` is predicted iff its
+    score is positive.
+    """
+
+    def __init__(self, config: TransformerConfig, *, num_classes: int, pooling: str = "cls",
+                 rngs: nnx.Rngs):
+        check_positive_int("num_classes", num_classes)
+        check_choice("pooling", pooling, POOLINGS)
+        c = config
+        self.pooling = pooling
+        self.encoder = RoFormerEncoder(c, rngs=rngs)
+        self.head = Dense(c.width, num_classes, in_axes=("embed",), out_axes=("classes",),
+                          dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+                          init_std=c.init_std, rngs=rngs)
+
+    def __call__(self, tokens, *, mask=None, positions=None,
+                 deterministic: bool | None = None) -> jax.Array:
+        """float32 class scores `[b, C]`."""
+        h = self.encoder(tokens, mask=mask, positions=positions, deterministic=deterministic)
+        if self.pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            weights = (jnp.ones(h.shape[:2], jnp.float32) if mask is None
+                       else jnp.asarray(mask).astype(jnp.float32))
+            total = jnp.einsum("bn,bnd->bd", weights, h.astype(jnp.float32))
+            pooled = total / jnp.maximum(jnp.sum(weights, -1, keepdims=True), 1.0)
+        return self.head(pooled).astype(jnp.float32)
+
+    @staticmethod
+    def loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+        """Mean ZLPR loss; `labels [b, C]` hard 0/1 or soft in `[0, 1]`."""
+        return jnp.mean(ops.zlpr_loss(logits, labels))
