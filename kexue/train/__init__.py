@@ -1,5 +1,73 @@
 """Pure train/eval steps, the training loop, Orbax checkpointing and metric writers.
 
-Empty until the training-system issue (#5) lands; the sub-package exists so the
-layout of STYLE.md is fixed from the start.
+    state = create_train_state(model_factory, tx, mesh)          # sharded at creation
+    train_step = make_train_step(loss_fn, tx, abstract_train_state(...), mesh)
+    result = train_loop(model_factory=..., loss_fn=..., tx=..., train_data=...,
+                        mesh=mesh, config=LoopConfig(num_steps=...), workdir=...)
+
+Model- and data-agnostic: a model is any `nnx.Module` built by a no-argument
+factory, a loss is `(model, batch, rng) -> (loss, aux metrics)`, data is an iterator
+with `get_state` / `set_state`.
 """
+
+from kexue.train.checkpoint import (
+    Checkpointer,
+    CheckpointMismatchError,
+    CheckpointSaveError,
+    Restored,
+)
+from kexue.train.loop import (
+    CheckpointableIterator,
+    LoopConfig,
+    NonFiniteError,
+    TrainResult,
+    count_tokens,
+    evaluate,
+    train_loop,
+)
+from kexue.train.metrics import (
+    JsonlWriter,
+    MetricWriter,
+    ProgressBar,
+    TensorBoardWriter,
+    format_duration,
+    scalars,
+)
+from kexue.train.preemption import PreemptionGuard
+from kexue.train.state import (
+    TrainState,
+    abstract_train_state,
+    create_train_state,
+    path_str,
+    train_state_shardings,
+)
+from kexue.train.steps import LossFn, make_eval_step, make_train_step
+
+__all__ = [
+    "CheckpointMismatchError",
+    "CheckpointSaveError",
+    "CheckpointableIterator",
+    "Checkpointer",
+    "JsonlWriter",
+    "LoopConfig",
+    "LossFn",
+    "MetricWriter",
+    "NonFiniteError",
+    "PreemptionGuard",
+    "ProgressBar",
+    "Restored",
+    "TensorBoardWriter",
+    "TrainResult",
+    "TrainState",
+    "abstract_train_state",
+    "count_tokens",
+    "create_train_state",
+    "evaluate",
+    "format_duration",
+    "make_eval_step",
+    "make_train_step",
+    "path_str",
+    "scalars",
+    "train_loop",
+    "train_state_shardings",
+]

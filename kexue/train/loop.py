@@ -1,0 +1,359 @@
+"""A model- and data-agnostic training loop: resume, train, evaluate, checkpoint, log.
+
+    result = train_loop(model_factory=lambda: build_model(config, rngs=nnx.Rngs(0)),
+                        loss_fn=loss_fn, tx=tx, train_data=iterator, mesh=mesh,
+                        config=LoopConfig(num_steps=1000, eval_every=200), workdir=workdir,
+                        eval_data=lambda: eval_batches())
+    if result.preempted:
+        sys.exit(0)
+
+Run twice on the same `workdir` and the second run resumes from the newest readable
+checkpoint (state, PRNG key and data-iterator position): its losses and final
+parameters equal those of an uninterrupted run bit for bit on CPU.
+
+`workdir` receives `checkpoints/`, `metrics.jsonl`, `tensorboard/` and, when the
+last step is reached, `final_metrics.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from kexue.parallel import DEFAULT_RULES, LogicalRules, host_local_to_global
+from kexue.train.checkpoint import Checkpointer
+from kexue.train.metrics import MetricWriter, ProgressBar, scalars
+from kexue.train.preemption import PreemptionGuard
+from kexue.train.state import TrainState, abstract_train_state, create_train_state
+from kexue.train.steps import LossFn, make_eval_step, make_train_step
+
+__all__ = ["CheckpointableIterator", "LoopConfig", "NonFiniteError", "TrainResult",
+           "count_tokens", "evaluate", "train_loop"]
+
+
+class CheckpointableIterator(Protocol):
+    """An iterator of this process's batches whose position can be saved and restored."""
+
+    def __next__(self) -> Any: ...
+
+    def get_state(self) -> Any: ...
+
+    def set_state(self, state: Any) -> None: ...
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """What `train_loop` does when; every field can come from a config section.
+
+    Attributes:
+      num_steps: the step to train up to (total, counting resumed steps).
+      log_every: steps between train-metric records and progress-bar lines
+        (records average the interval's steps).
+      eval_every: steps between evaluations (0: only after the last step).
+      checkpoint_every: steps between checkpoints (the last step and a preemption
+        are always saved).
+      keep_checkpoints: most recent checkpoints kept.
+      best_metric: eval metric whose best checkpoint is kept as well (None: off); it
+        counts only for checkpoints saved at an eval step.
+      best_mode: "min" or "max".
+      grad_accum_steps: micro-batches per step.
+      max_consecutive_nonfinite: stop after this many skipped steps in a row (0: never).
+      async_checkpointing: write checkpoints in the background.
+      seed: seed of the state's PRNG key.
+      tensorboard: also write TensorBoard event files.
+    """
+
+    num_steps: int
+    log_every: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    best_metric: str | None = None
+    best_mode: str = "min"
+    grad_accum_steps: int = 1
+    max_consecutive_nonfinite: int = 10
+    async_checkpointing: bool = True
+    seed: int = 0
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                    "grad_accum_steps")
+        for name in (*positive, "eval_every", "max_consecutive_nonfinite", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise ValueError(f"`{name}` must be an int, got {value!r}")
+            least = 1 if name in positive else 0
+            if value < least:
+                raise ValueError(f"`{name}` must be >= {least}, got {value}")
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(f"`best_mode` must be 'min' or 'max', got {self.best_mode!r}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> LoopConfig:
+        """From a `LoopConfig`, a mapping or an `ml_collections.ConfigDict`.
+
+        Raises:
+          ValueError: an unknown key (the nearest valid one is suggested), a missing
+            `num_steps`, or a value of the wrong type or range.
+        """
+        if isinstance(config, LoopConfig):
+            return config
+        values = dict(config.items()) if hasattr(config, "items") else dict(config)
+        fields = [field.name for field in dataclasses.fields(cls)]
+        for key in values:
+            if key not in fields:
+                near = difflib.get_close_matches(key, fields, n=1)
+                hint = f"; did you mean `{near[0]}`?" if near else f"; valid keys: {fields}"
+                raise ValueError(f"unknown training-loop key `{key}`{hint}")
+        if "num_steps" not in values:
+            raise ValueError("the training-loop config needs `num_steps`")
+        return cls(**values)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train_loop` ends with.
+
+    Attributes:
+      state: the final `TrainState`.
+      step: the last step taken.
+      preempted: the loop stopped on a preemption notice (after saving).
+      train_metrics: the last logged train metrics.
+      eval_metrics: the last evaluation's metrics (empty if none ran).
+      saved_steps: checkpoints this run saved and saw finalized.
+    """
+
+    state: TrainState
+    step: int
+    preempted: bool
+    train_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    saved_steps: list[int]
+
+
+def count_tokens(batch: Any) -> int:
+    """Tokens in a host batch: the size of its first integer array (token ids),
+    else the leading dimension of its first array (examples)."""
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(batch)]
+    for leaf in leaves:
+        if np.issubdtype(leaf.dtype, np.integer):
+            return int(leaf.size)
+    return int(leaves[0].shape[0]) if leaves else 0
+
+
+def evaluate(eval_step: Callable[[TrainState, Any], Mapping[str, jax.Array]],
+             state: TrainState, batches: Iterable[Any], mesh: Mesh) -> dict[str, float]:
+    """Mean of `eval_step`'s metrics over `batches` (host-local batches, each process its share)."""
+    totals: dict[str, jax.Array] | None = None
+    count = 0
+    for batch in batches:
+        metrics = eval_step(state, host_local_to_global(batch, mesh))
+        totals = dict(metrics) if totals is None else {
+            name: totals[name] + value for name, value in metrics.items()}
+        count += 1
+    if totals is None:
+        return {}
+    return {name: value / count for name, value in scalars(totals).items()}
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"[kexue.train] {message}", flush=True)
+
+
+def _write_json(path: str, payload: Mapping[str, Any]) -> None:
+    if jax.process_index() != 0:
+        return
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(payload, file, indent=2, sort_keys=True, default=str)
+        file.write("\n")
+    os.replace(temporary, path)
+
+
+class _TrainMetrics:
+    """Fetches step metrics one step late (dispatch stays ahead) and averages an interval."""
+
+    def __init__(self, max_consecutive_nonfinite: int,
+                 write: Callable[[int, dict[str, float]], None]):
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.write = write
+        self.queue: list[tuple[int, Any]] = []
+        self.interval: list[dict[str, float]] = []
+
+    def push(self, step: int, metrics: Any) -> None:
+        self.queue.append((step, metrics))
+
+    def fetch(self, keep_last: bool) -> None:
+        ready = self.queue[:-1] if keep_last else self.queue
+        self.queue = self.queue[-1:] if keep_last else []
+        for step, metrics in ready:
+            values = scalars(metrics)
+            self.interval.append(values)
+            limit = self.max_consecutive_nonfinite
+            if limit and values["consecutive_nonfinite"] >= limit:
+                self.write(step, self.summary())  # the failing steps reach metrics.jsonl
+                raise NonFiniteError(
+                    f"step {step}: loss or gradients were non-finite in "
+                    f"{values['consecutive_nonfinite']} consecutive steps (limit "
+                    f"max_consecutive_nonfinite={limit}; {values['nonfinite_steps']} skipped in "
+                    f"total; last loss {values['loss']}). Parameters were left unchanged by "
+                    "those steps; the last checkpoint is kept.")
+
+    def summary(self) -> dict[str, float]:
+        """Interval means (counters: their last value); resets the interval."""
+        if not self.interval:
+            return {}
+        last = self.interval[-1]
+        counters = ("nonfinite_steps", "consecutive_nonfinite")
+        out = {name: (last[name] if name in counters else
+                      float(np.mean([values[name] for values in self.interval])))
+               for name in last}
+        out["nonfinite"] = int(sum(values["nonfinite"] for values in self.interval))
+        self.interval = []
+        return out
+
+
+def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
+               tx: optax.GradientTransformation, train_data: CheckpointableIterator,
+               mesh: Mesh, config: LoopConfig | Mapping[str, Any] | Any,
+               workdir: str | os.PathLike, eval_data: Callable[[], Iterable[Any]] | None = None,
+               eval_fn: LossFn | None = None, rules: LogicalRules = DEFAULT_RULES,
+               tokens_in: Callable[[Any], int] = count_tokens,
+               log: Callable[[str], None] = _log) -> TrainResult:
+    """Trains `model_factory()`'s model with `tx` on `train_data`, resuming from `workdir`.
+
+    Args:
+      model_factory: no-argument function building the `nnx.Module` (own `nnx.Rngs`).
+      loss_fn: `(model, batch, rng) -> (loss, aux metrics)`.
+      tx: the optax optimizer.
+      train_data: iterator of this process's share of each global batch (pytrees of
+        NumPy arrays, leading axis = examples) with `get_state` / `set_state`
+        (JSON-serialisable state, or bytes).
+      mesh: the `("data", "fsdp", "tensor")` mesh.
+      config: a `LoopConfig` or a mapping of its fields.
+      workdir: run directory (see the module doc).
+      eval_data: returns a fresh iterable of host batches for one evaluation.
+      eval_fn: evaluation loss (default `loss_fn`), run with `model.eval()`.
+      rules: logical-axis rules.
+      tokens_in: tokens in one host batch, for tokens/s (default `count_tokens`).
+      log: receives one-line messages.
+
+    Returns:
+      A `TrainResult`; `preempted` is True if SIGTERM/SIGINT stopped the run after
+      saving (callers then exit with status 0).
+
+    Raises:
+      NonFiniteError: `max_consecutive_nonfinite` steps in a row were skipped.
+      CheckpointMismatchError: `workdir` holds a checkpoint of another model.
+      CheckpointSaveError: a checkpoint could not be written.
+    """
+    config = LoopConfig.from_config(config)
+    workdir = os.path.abspath(os.fspath(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    checkpoints = Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+        best_metric=config.best_metric, best_mode=config.best_mode,
+        async_save=config.async_checkpointing, log=log)
+    abstract = abstract_train_state(model_factory, tx, mesh, rules, seed=config.seed)
+    restored = checkpoints.restore_latest(abstract)
+    if restored is None:
+        state = create_train_state(model_factory, tx, mesh, rules, seed=config.seed)
+    else:
+        state = restored.state
+        if restored.data_state is not None:
+            train_data.set_state(restored.data_state)
+    start = int(jax.device_get(state.step))
+    writer = MetricWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
+    train_step = make_train_step(loss_fn, tx, abstract, mesh, rules=rules,
+                                 grad_accum_steps=config.grad_accum_steps)
+    eval_step = make_eval_step(eval_fn or loss_fn, abstract, mesh, rules=rules)
+    bar = ProgressBar(config.num_steps, initial=start)
+    tracker = _TrainMetrics(config.max_consecutive_nonfinite,
+                            lambda step, values: writer.write(step, values, prefix="train"))
+    train_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    preempted = False
+    step = start
+    tokens, clock = 0, time.perf_counter()
+    started = clock
+
+    def report(message: str) -> None:
+        if log is _log:  # keep the progress bar intact
+            bar.write(f"[kexue.train] {message}")
+        else:
+            log(message)
+
+    checkpoints.log = report
+    if start >= config.num_steps:
+        log(f"already at step {start} of {config.num_steps}; nothing to train")
+    try:
+        with PreemptionGuard() as guard:
+            while step < config.num_steps:
+                host_batch = next(train_data)
+                tokens += tokens_in(host_batch) * jax.process_count()
+                state, metrics = train_step(state, host_local_to_global(host_batch, mesh))
+                step += 1
+                tracker.push(step, metrics)
+                tracker.fetch(keep_last=True)
+                last = step == config.num_steps
+                if step % config.log_every == 0 or last:
+                    tracker.fetch(keep_last=False)
+                    now = time.perf_counter()
+                    train_metrics = tracker.summary()
+                    train_metrics["tokens_per_s"] = tokens / max(now - clock, 1e-9)
+                    tokens, clock = 0, now
+                    writer.write(step, train_metrics, prefix="train")
+                    bar.update(step, **{"loss": train_metrics["loss"],
+                                        "tokens/s": train_metrics["tokens_per_s"]})
+                evaluated = None
+                if eval_data is not None and (
+                        last or (config.eval_every and step % config.eval_every == 0)):
+                    evaluated = eval_metrics = evaluate(eval_step, state, eval_data(), mesh)
+                    writer.write(step, eval_metrics, prefix="eval")
+                    report(f"step {step} eval " + " ".join(
+                        f"{name} {value:.4g}" for name, value in eval_metrics.items()))
+                preempted = guard.should_stop(step)
+                if preempted or last or step % config.checkpoint_every == 0:
+                    tracker.fetch(keep_last=False)
+                    checkpoints.save(state, data_state=train_data.get_state(),
+                                     metrics=evaluated)
+                checkpoints.poll()
+                if preempted:
+                    if tracker.interval:  # steps since the last record
+                        writer.write(step, tracker.summary(), prefix="train")
+                    report(f"received {guard.received}: finishing at step {step}")
+                    break
+            tracker.fetch(keep_last=False)
+    finally:
+        bar.close()
+        writer.close()
+        checkpoints.close()  # pending saves are finalized even when stopping on an error
+    if preempted:
+        log(f"preempted at step {step}; checkpoint saved, exiting cleanly")
+    elif step > start or not os.path.exists(os.path.join(workdir, "final_metrics.json")):
+        _write_json(os.path.join(workdir, "final_metrics.json"), {
+            "step": step, "train": train_metrics, "eval": eval_metrics,
+            "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
+            "wall_time_s": round(time.perf_counter() - started, 3),
+            "saved_steps": checkpoints.saved_steps,
+        })
+    return TrainResult(state=state, step=step, preempted=preempted,
+                       train_metrics=train_metrics, eval_metrics=eval_metrics,
+                       saved_steps=list(checkpoints.saved_steps))

@@ -1,0 +1,209 @@
+"""Metric writers (`metrics.jsonl`, TensorBoard without TensorFlow) and a progress bar.
+
+    writer = MetricWriter(workdir, resume_step=step)   # process 0 writes, others no-op
+    writer.write(step, {"loss": 0.71, "tokens_per_s": 5.2e4}, prefix="train")
+    writer.close()
+    bar = ProgressBar(total_steps, initial=step)
+    bar.update(step, loss=0.71, tokens_per_s=5.2e4)
+
+`metrics.jsonl` holds one JSON object per line: `{"step": s, "time": t, "split":
+"train", "loss": ...}`. On resume, records after the restored step (written by the
+interrupted run after its last checkpoint) are dropped, and TensorBoard purges them
+too (`purge_step`), so the curves of a resumed run equal an uninterrupted one.
+TensorBoard event files are written by `tensorboardX` into `<workdir>/tensorboard`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+
+__all__ = ["JsonlWriter", "MetricWriter", "ProgressBar", "TensorBoardWriter",
+           "format_duration", "scalars"]
+
+
+def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Plain Python floats (ints stay ints) from a dict of scalar arrays."""
+    out: dict[str, float] = {}
+    for name, value in jax.device_get(dict(metrics)).items():
+        value = np.asarray(value)
+        out[name] = int(value) if np.issubdtype(value.dtype, np.integer) else float(value)
+    return out
+
+
+class JsonlWriter:
+    """Appends one JSON record per `write` to `path`, flushing each line.
+
+    Args:
+      path: the file (directories are created).
+      resume_step: if given, existing records with `step > resume_step` are dropped.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            self._truncate_after(resume_step)
+        self._file: TextIO = open(self.path, "a", encoding="utf-8")
+
+    def _truncate_after(self, step: int) -> None:
+        kept = []
+        with open(self.path, encoding="utf-8") as file:
+            for line in file:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill: drop it
+                    continue
+                if int(record.get("step", -1)) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        temporary = self.path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.writelines(kept)
+        os.replace(temporary, self.path)
+
+    def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "train") -> None:
+        record = {"step": int(step), "time": round(time.time(), 3), "split": prefix,
+                  **{name: _json_number(value) for name, value in scalars(metrics).items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _json_number(value: float) -> float | str:
+    """JSON has no NaN/Inf: those are written as the strings "nan", "inf", "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class TensorBoardWriter:
+    """Scalars as TensorBoard event files via `tensorboardX` (no TensorFlow needed)."""
+
+    def __init__(self, logdir: str | os.PathLike, *, resume_step: int | None = None):
+        from tensorboardX import SummaryWriter
+
+        purge = None if resume_step is None else resume_step + 1
+        self._writer = SummaryWriter(logdir=os.fspath(logdir), purge_step=purge, flush_secs=10)
+
+    def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "train") -> None:
+        for name, value in scalars(metrics).items():
+            self._writer.add_scalar(f"{prefix}/{name}", value, global_step=int(step))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class MetricWriter:
+    """`metrics.jsonl` and TensorBoard events under `workdir`, written by process 0 only."""
+
+    def __init__(self, workdir: str | os.PathLike, *, resume_step: int | None = None,
+                 tensorboard: bool = True):
+        self._writers: list[Any] = []
+        if jax.process_index() != 0:
+            return
+        self._writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl"),
+                                         resume_step=resume_step))
+        if tensorboard:
+            self._writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard"),
+                                                   resume_step=resume_step))
+
+    def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "train") -> None:
+        for writer in self._writers:
+            writer.write(step, metrics, prefix=prefix)
+
+    def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+
+
+def format_duration(seconds: float) -> str:
+    """`1h02m03s`, `4m05s`, `6s`; `?` when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{seconds:02d}s"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def _format_value(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+        return f"{value:.3e}"
+    return f"{value:.4f}"
+
+
+class ProgressBar:
+    """`step 120/1000 [##----] 12% loss 0.7132 tokens/s 5.21e+04 ETA 3m10s`.
+
+    On a terminal the line is redrawn in place; in a log (not a TTY) a full line is
+    printed on each `update`, so call it at the logging interval. Process 0 only.
+
+    Args:
+      total: the last step.
+      initial: the step the run starts (or resumes) from; ETA uses only steps run now.
+      stream: where to write (default stdout).
+      width: characters of the bar itself.
+    """
+
+    def __init__(self, total: int, *, initial: int = 0, stream: TextIO | None = None,
+                 width: int = 20):
+        self.total, self.initial, self.width = int(total), int(initial), width
+        self.stream = sys.stdout if stream is None else stream
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.enabled = jax.process_index() == 0
+        self._start = time.perf_counter()
+        self._drawn = False
+
+    def line(self, step: int, **values: float) -> str:
+        fraction = min(max(step / self.total, 0.0), 1.0) if self.total else 1.0
+        filled = round(fraction * self.width)
+        elapsed = time.perf_counter() - self._start
+        done = step - self.initial
+        eta = elapsed / done * (self.total - step) if done > 0 else math.inf
+        fields = " ".join(f"{name} {_format_value(value)}" for name, value in values.items())
+        return (f"step {step}/{self.total} [{'#' * filled}{'-' * (self.width - filled)}] "
+                f"{fraction:4.0%} {fields} ETA {format_duration(eta)}").replace("  ", " ")
+
+    def update(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        text = self.line(step, **values)
+        if self.interactive:
+            self.stream.write("\r\x1b[2K" + text)
+            self._drawn = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def write(self, message: str) -> None:
+        """Prints a message line without breaking the bar."""
+        if not self.enabled:
+            return
+        if self._drawn:
+            self.stream.write("\r\x1b[2K")
+            self._drawn = False
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False

@@ -1,0 +1,202 @@
+"""Pure, jitted train and eval steps over a `TrainState`.
+
+    train_step = make_train_step(loss_fn, tx, abstract_state, mesh)
+    state, metrics = train_step(state, batch)      # `state` is donated
+    eval_step = make_eval_step(loss_fn, abstract_state, mesh)
+    metrics = eval_step(state, batch)
+
+`loss_fn(model, batch, rng) -> (loss, aux)` takes the merged `nnx.Module`, a batch
+(pytree of arrays whose leading axis is the global batch) and a PRNG key, and returns
+a scalar loss and a dict of scalar metrics. Step `s` uses the key
+`fold_in(state.rng, s)` (micro-batch `i`: `fold_in(that, i)`), so a resumed run
+draws the same numbers as an uninterrupted one.
+
+Batches are split over the `("data", "fsdp")` mesh axes on their leading dimension
+(the `batch` logical rule), the state keeps the shardings of `abstract_train_state`,
+metrics are replicated. With `grad_accum_steps = k` the batch is cut into `k`
+micro-batches of rows `i, i+k, i+2k, …` (each device keeps its rows), the gradients
+are averaged with `lax.scan`, and the update equals that of the whole batch when the
+loss is a mean over equal-sized micro-batches.
+
+Non-finite guard: when the loss or any gradient is NaN/Inf, parameters, optimizer
+state and model state are left exactly as they were, `step` still advances, and
+`nonfinite_steps` / `consecutive_nonfinite` count the skip (metrics report both and
+`nonfinite` = 1 for this step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kexue.optim import CPU_COMPILER_OPTIONS
+from kexue.parallel import DEFAULT_RULES, LogicalRules, logical_sharding
+from kexue.train.state import TrainState, train_state_shardings
+
+__all__ = ["LossFn", "make_eval_step", "make_train_step"]
+
+LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+
+_RESERVED = ("loss", "grad_norm", "nonfinite", "nonfinite_steps", "consecutive_nonfinite")
+_EVAL_STREAM = 0x6576616C  # "eval": keeps eval keys apart from train keys of the same step
+
+
+def _compiler_options(mesh: Mesh) -> dict[str, Any] | None:
+    """`CPU_COMPILER_OPTIONS` when the mesh is on CPU (in-place updates of donated slots)."""
+    return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
+
+
+def _split_model(model: nnx.Module) -> Any:
+    return nnx.as_pure(nnx.split(model, nnx.Param, ...)[2])
+
+
+def _check_aux(aux: Mapping[str, Any]) -> dict[str, jax.Array]:
+    if not isinstance(aux, Mapping):
+        raise ValueError(f"loss_fn must return (loss, dict of metrics), got aux {type(aux)}")
+    clash = sorted(set(aux).intersection(_RESERVED))
+    if clash:
+        raise ValueError(f"loss_fn metrics {clash} clash with names the step reports: "
+                         f"{list(_RESERVED)}")
+    return {name: jnp.asarray(value, jnp.float32) for name, value in aux.items()}
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+              if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    abstract_state: TrainState, mesh: Mesh, *,
+                    rules: LogicalRules = DEFAULT_RULES, grad_accum_steps: int = 1,
+                    donate: bool = True) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+    """A jitted `(state, batch) -> (state, metrics)` training step (see the module doc).
+
+    Args:
+      loss_fn: `(model, batch, rng) -> (loss, aux)`, loss a float scalar, aux a dict
+        of float scalars (averaged over micro-batches).
+      tx: the optax transformation whose state is `state.opt_state`.
+      abstract_state: `abstract_train_state(...)` (or a concrete state): gives the
+        state's shardings for `in_shardings` / `out_shardings`.
+      mesh: the mesh; batches are sharded over its `data` and `fsdp` axes.
+      rules: logical-axis rules (for the `batch` axis).
+      grad_accum_steps: number of micro-batches per step; must divide the batch.
+      donate: donate the input state's buffers to the output (the caller must not
+        reuse the old state).
+
+    Returns:
+      The jitted step. `metrics` holds `loss`, the aux metrics, `grad_norm`,
+      `nonfinite` (1 if this step was skipped), `nonfinite_steps` and
+      `consecutive_nonfinite`.
+    """
+    if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) \
+            or grad_accum_steps < 1:
+        raise ValueError(f"`grad_accum_steps` must be a positive int, got {grad_accum_steps!r}")
+    graphdef = abstract_state.graphdef
+    batch_sharding = logical_sharding(("batch",), mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def loss_and_state(params: Any, model_state: Any, batch: Any, rng: jax.Array):
+        model = nnx.merge(graphdef, params, model_state)
+        loss, aux = loss_fn(model, batch, rng)
+        return jnp.asarray(loss, jnp.float32), (_check_aux(aux), _split_model(model))
+
+    grad_fn = jax.value_and_grad(loss_and_state, has_aux=True)
+
+    def micro_batches(batch: Any) -> Any:
+        def split(x: jax.Array) -> jax.Array:
+            if x.shape[0] % grad_accum_steps:
+                raise ValueError(f"batch dimension {x.shape[0]} (leaf shape {x.shape}) is not "
+                                 f"divisible by grad_accum_steps={grad_accum_steps}")
+            rows = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+            return jnp.swapaxes(rows, 0, 1)
+        return jax.tree.map(split, batch)
+
+    def gradients(state: TrainState, batch: Any, rng: jax.Array):
+        if grad_accum_steps == 1:
+            (loss, (aux, model_state)), grads = grad_fn(state.params, state.model_state,
+                                                        batch, rng)
+            return loss, aux, model_state, grads
+
+        def body(carry, inputs):
+            model_state, loss_sum, aux_sum, grad_sum = carry
+            index, micro = inputs
+            micro = jax.lax.with_sharding_constraint(micro, batch_sharding)
+            (loss, (aux, model_state)), grads = grad_fn(
+                state.params, model_state, micro, jax.random.fold_in(rng, index))
+            add = lambda total, value: total + value  # noqa: E731
+            return (model_state, loss_sum + loss, jax.tree.map(add, aux_sum, aux),
+                    jax.tree.map(add, grad_sum, grads)), None
+
+        zeros = lambda tree: jax.tree.map(  # noqa: E731
+            lambda x: jnp.zeros(x.shape, jnp.result_type(x)), tree)
+        first = jax.tree.map(lambda x: x[0], micro_batches(batch))
+        aux_shape = jax.eval_shape(lambda: grad_fn(state.params, state.model_state, first,
+                                                   rng)[0][1][0])
+        init = (state.model_state, jnp.zeros((), jnp.float32), zeros(aux_shape),
+                zeros(state.params))
+        (model_state, loss, aux, grads), _ = jax.lax.scan(
+            body, init, (jnp.arange(grad_accum_steps), micro_batches(batch)))
+        scale = 1.0 / grad_accum_steps
+        grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+        return loss * scale, jax.tree.map(lambda a: a * scale, aux), model_state, grads
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        loss, aux, model_state, grads = gradients(state, batch, rng)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        def keep_if_finite(new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype), new, old)
+
+        skipped = jnp.logical_not(finite).astype(jnp.int32)
+        consecutive = jnp.where(finite, 0, state.consecutive_nonfinite + 1).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep_if_finite(params, state.params),
+            model_state=keep_if_finite(model_state, state.model_state),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + skipped,
+            consecutive_nonfinite=consecutive,
+        )
+        metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
+                   "nonfinite": skipped, "nonfinite_steps": new_state.nonfinite_steps,
+                   "consecutive_nonfinite": consecutive}
+        return new_state, metrics
+
+    state_shardings = train_state_shardings(abstract_state)
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, replicated),
+                   donate_argnums=(0,) if donate else (),
+                   compiler_options=_compiler_options(mesh) if donate else None)
+
+
+def make_eval_step(loss_fn: LossFn, abstract_state: TrainState, mesh: Mesh, *,
+                   rules: LogicalRules = DEFAULT_RULES
+                   ) -> Callable[[TrainState, Any], dict[str, jax.Array]]:
+    """A jitted `(state, batch) -> metrics` evaluation step.
+
+    The model is put in evaluation mode (`model.eval()`: dropout off, running
+    statistics used) and nothing is updated. `metrics` holds `loss` and the aux
+    metrics of `loss_fn`, replicated. The key is `fold_in(fold_in(rng, step), "eval")`.
+    """
+    graphdef = abstract_state.graphdef
+    batch_sharding = logical_sharding(("batch",), mesh, rules)
+
+    def step(state: TrainState, batch: Any) -> dict[str, jax.Array]:
+        model = nnx.merge(graphdef, state.params, state.model_state)
+        model.eval()
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _EVAL_STREAM)
+        loss, aux = loss_fn(model, batch, rng)
+        return {"loss": jnp.asarray(loss, jnp.float32), **_check_aux(aux)}
+
+    return jax.jit(step, in_shardings=(train_state_shardings(abstract_state), batch_sharding),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
