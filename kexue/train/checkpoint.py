@@ -217,6 +217,10 @@ class Checkpointer:
         process's data-iterator state (JSON-serialisable dict, or bytes).
         """
         step = int(jax.device_get(state.step))
+        # Orbax's `save` first waits for the previous save and re-raises its error; wait
+        # here so that error names the step that failed, not this one, and is never
+        # followed by a report of that step as saved.
+        self.wait()
         data_states = _gather_json(_encode_data_state(data_state))
         if step in self._manager.all_steps():
             return False
