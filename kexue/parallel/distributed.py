@@ -87,6 +87,7 @@ def initialize_distributed(
     *,
     local_device_ids: Sequence[int] | None = None,
     cpu_collectives: str | None = "gloo",
+    heartbeat_timeout_seconds: int | None = None,
 ) -> DistributedInfo:
     """Joins the multi-process job if there is one (see the module doc); safe to call twice.
 
@@ -103,6 +104,9 @@ def initialize_distributed(
       cpu_collectives: cross-process collectives for the CPU backend ("gloo" or
         "mpi"), written to `jax_cpu_collectives_implementation` before the backend
         starts; GPU and TPU backends ignore it. None leaves the setting alone.
+      heartbeat_timeout_seconds: how long the survivors wait for a process that
+        stopped answering before they abort with an error (JAX's default, None,
+        is 100 s). `tests/reliability/two_process_kill.py` measures it.
 
     Returns:
       `DistributedInfo(process_index, process_count, local_device_count,
@@ -132,11 +136,15 @@ def initialize_distributed(
     if wanted:
         if cpu_collectives is not None:
             jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+        options = {}
+        if heartbeat_timeout_seconds is not None:
+            options["heartbeat_timeout_seconds"] = heartbeat_timeout_seconds
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
             local_device_ids=local_device_ids,
+            **options,
         )
     return _info()
 
