@@ -1,12 +1,13 @@
 # Two commands on a fresh machine with Python 3.11:
-#   make run    creates .venv, installs kexue, runs the main job (embedded default config)
+#   make run    creates .venv, installs kexue, trains the main job (configs/lm_stdlib.py)
 #   make test   creates .venv, installs kexue[test], runs the test suite
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-CONFIG ?= configs/demo.py
+CONFIG  ?= configs/lm_stdlib.py
+WORKDIR ?= runs/lm_stdlib
 
-.PHONY: run test lint bench clean
+.PHONY: run demo test lint bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -15,8 +16,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
+# Trains (or resumes) the byte-level LM on the stdlib; prints eval bits/byte and a sample.
 run: $(VENV)/.installed
-	$(PY) -m experiments.demo --config $(CONFIG)
+	$(PY) -m experiments.train --config $(CONFIG) --workdir $(WORKDIR)
+
+demo: $(VENV)/.installed
+	$(PY) -m experiments.demo --config configs/demo.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 tests

@@ -1,0 +1,70 @@
+"""Character-level NER on CLUENER 2020 with GlobalPointer (kexue.fm/archives/8373, 8877).
+
+    python -m experiments.train --config configs/cluener_globalpointer.py --workdir runs/gp \\
+        [--config.model.efficient=True] [--config.model.gp_loss=sparse]
+
+Switches: `model.efficient` (Efficient GlobalPointer, archive 8877), `model.gp_loss`
+("dense" ZLPR over all spans or "sparse" ZLPR over the gold spans, archive 7359).
+Reports span precision / recall / F1 over the whole dev set (`eval/f1`, from tp/fp/fn
+summed over the set). Data: the official JSON lines in `data.manual_dir` (default
+`kexue.data.default_cluener_dir()`, i.e. `../shared/data/cluener` when present; None
+downloads from the official URL).
+"""
+
+import ml_collections
+
+from experiments._build import optimizer_config
+from kexue.data import default_cluener_dir, default_data_config
+
+PRESETS = {
+    "smoke": {
+        "model.width": 32, "model.num_layers": 1, "model.num_heads": 2, "model.mlp_dim": 64,
+        "model.gp_head_dim": 16, "data.batch_size": 8, "data.max_examples": 32,
+        "train.num_steps": 4, "train.log_every": 2, "train.eval_every": 4,
+        "train.checkpoint_every": 4,
+    },
+}
+
+
+def get_config(preset: str = "full") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.preset = preset
+    config.seed = 0
+
+    config.data = default_data_config()
+    config.data.name = "cluener"
+    config.data.task = "ner"
+    config.data.tokenizer = "char"
+    config.data.manual_dir = default_cluener_dir()
+    config.data.seq_len = 64  # CLUENER sentences are at most 50 characters
+    config.data.batch_size = 32
+    config.data.max_spans = 32
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "global_pointer_ner"
+    config.model.width = 256
+    config.model.num_layers = 4
+    config.model.num_heads = 4
+    config.model.mlp_dim = 1024
+    config.model.norm_position = "post"
+    config.model.gp_head_dim = 64
+    config.model.efficient = False
+    config.model.gp_loss = "dense"  # or "sparse"
+    config.model.dropout_rate = 0.1
+
+    config.optimizer = optimizer_config("amos_style", learning_rate=0.01, half_life=1500)
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 3000
+    config.train.log_every = 50
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 500
+    config.train.keep_checkpoints = 2
+    config.train.best_metric = "f1"
+    config.train.best_mode = "max"
+    config.train.seed = 0
+
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.objective = ml_collections.ConfigDict()
+    config.eval = ml_collections.ConfigDict()
+    return config

@@ -1,0 +1,67 @@
+"""Which CLUENER entity types occur in a sentence: multi-label classification.
+
+    python -m experiments.train --config configs/cluener_multilabel.py --workdir runs/ml \\
+        [--config.objective.loss=sigmoid_bce]
+
+`objective.loss`: "zlpr" (softmax + cross-entropy generalised to multi-label,
+kexue.fm/archives/7359, decides at score 0 with no threshold to tune) or
+"sigmoid_bce" (one binary cross-entropy per class, decides at probability 0.5, i.e.
+also at score 0). Reports micro and macro F1 over the whole dev set. Data as in
+configs/cluener_globalpointer.py.
+"""
+
+import ml_collections
+
+from experiments._build import optimizer_config
+from kexue.data import default_cluener_dir, default_data_config
+
+PRESETS = {
+    "smoke": {
+        "model.width": 32, "model.num_layers": 1, "model.num_heads": 2, "model.mlp_dim": 64,
+        "data.batch_size": 8, "data.max_examples": 32,
+        "train.num_steps": 4, "train.log_every": 2, "train.eval_every": 4,
+        "train.checkpoint_every": 4,
+    },
+}
+
+
+def get_config(preset: str = "full") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.preset = preset
+    config.seed = 0
+
+    config.data = default_data_config()
+    config.data.name = "cluener"
+    config.data.task = "multilabel"
+    config.data.tokenizer = "char"
+    config.data.manual_dir = default_cluener_dir()
+    config.data.seq_len = 64
+    config.data.batch_size = 32
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "multilabel_classifier"
+    config.model.width = 256
+    config.model.num_layers = 4
+    config.model.num_heads = 4
+    config.model.mlp_dim = 1024
+    config.model.norm_position = "post"
+    config.model.pooling = "mean"
+    config.model.dropout_rate = 0.1
+
+    config.optimizer = optimizer_config("amos_style", learning_rate=0.01, half_life=1500)
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 3000
+    config.train.log_every = 50
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 500
+    config.train.keep_checkpoints = 2
+    config.train.best_metric = "micro_f1"
+    config.train.best_mode = "max"
+    config.train.seed = 0
+
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.objective = ml_collections.ConfigDict()
+    config.objective.loss = "zlpr"  # or "sigmoid_bce"
+    config.eval = ml_collections.ConfigDict()
+    return config

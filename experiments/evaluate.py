@@ -1,0 +1,82 @@
+"""Re-evaluate the newest checkpoint of a training run with the config saved in its workdir.
+
+    python -m experiments.evaluate --workdir runs/lm_stdlib
+
+Reads `<workdir>/config.json` (written by `experiments.train`), rebuilds the mesh,
+data, model and optimizer state layout from it, restores the newest readable
+checkpoint, runs the same evaluation as training does, prints the metrics and writes
+them to `<workdir>/evaluate.json`. For a language model it also prints the greedy
+sample. `--mesh=data,fsdp,tensor` evaluates on another mesh shape (checkpoints
+restore onto any shape).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+from kexue.parallel import initialize_distributed
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of experiments.train.")
+_MESH = flags.DEFINE_list("mesh", None, "Mesh sizes data,fsdp,tensor (default: as trained).")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every step at INFO
+        logging.set_verbosity(logging.WARNING)
+    info = initialize_distributed()
+
+    from experiments import _build
+    from kexue.parallel import mesh_from_config
+    from kexue.train import (
+        Checkpointer,
+        LoopConfig,
+        abstract_train_state,
+        evaluate,
+        make_eval_step,
+    )
+
+    workdir = os.path.abspath(_WORKDIR.value)
+    config = _build.load_saved_config(workdir)
+    if _MESH.value:
+        sizes = [int(size) for size in _MESH.value]
+        if len(sizes) != 3:
+            raise app.UsageError(f"--mesh takes three sizes data,fsdp,tensor; got {sizes}")
+        config.mesh.update(dict(zip(("data", "fsdp", "tensor"), sizes, strict=True)))
+    _build.check_config(config)
+    mesh = mesh_from_config(config)
+    task = _build.build_task(config, mesh)
+    tx = _build.build_optimizer(task.config, task.model_factory)
+    loop = LoopConfig.from_config(config.train)
+    abstract = abstract_train_state(task.model_factory, tx, mesh, seed=loop.seed)
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        restored = checkpoints.restore_latest(abstract)
+    finally:
+        checkpoints.close()
+    if restored is None:
+        print(f"no checkpoint in {workdir}/checkpoints", file=sys.stderr)
+        sys.exit(1)
+    eval_step = make_eval_step(task.eval_fn, abstract, mesh)
+    metrics = evaluate(eval_step, restored.state, task.eval_data(), mesh)
+    if info.process_index != 0:
+        return
+    print(f"step {restored.step} eval: " + json.dumps(metrics, sort_keys=True), flush=True)
+    with open(os.path.join(workdir, "evaluate.json"), "w", encoding="utf-8") as file:
+        json.dump({"step": restored.step, "eval": metrics}, file, indent=2, sort_keys=True)
+        file.write("\n")
+    if config.data.task == "lm" and config.eval.get("sample_tokens", 0) > 0:
+        prompt = config.eval.sample_prompt
+        text = _build.sample_text(restored.state.model(), task.train_data.tokenizer, prompt,
+                           int(config.eval.sample_tokens))
+        print(f"sample (greedy) from {prompt!r}:\n{prompt}{text}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,101 @@
+"""Train a kexue model from a config file: the one command behind every experiment.
+
+    python -m experiments.train --config configs/lm_stdlib.py --workdir runs/lm_stdlib \\
+        [--config.preset=smoke] [--config.train.num_steps=2000] [--config.mesh.fsdp=8]
+
+Prints the resolved config (file defaults < `preset` < command-line overrides), builds
+the mesh, data, model and optimizer from it, trains with `kexue.train.train_loop`
+(progress bar, evaluation every `train.eval_every` steps, `metrics.jsonl`,
+TensorBoard events, Orbax checkpoints, `final_metrics.json`) and, for a language
+model, prints a greedy sample. The resolved config is saved as `<workdir>/config.json`
+(read back by `python -m experiments.evaluate --workdir DIR`). Running the command
+again on the same workdir resumes from the newest checkpoint. A preset can also be
+named in the config argument: `--config configs/lm_stdlib.py:smoke`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from kexue.parallel import initialize_distributed
+
+# Unknown override keys are accepted here and rejected by `check_config`, which names
+# the nearest valid key.
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py, optionally `:preset`).",
+    lock_config=False, accept_new_attributes=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _config_error(error: Exception) -> None:
+    print(f"config error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser; a misspelled section in `--config.a.b=v` exits with one clean line."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as error:
+        message = re.sub(r"\\n|\n", " ", str(error))
+        message = re.sub(r"[\\'\"]", "", message)
+        _config_error(ValueError(f"unknown config key in the command line: {message}"))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every step at INFO
+        logging.set_verbosity(logging.WARNING)
+    info = initialize_distributed()  # before any other JAX call
+
+    from experiments import _build
+    from kexue.parallel import mesh_from_config
+    from kexue.train import train_loop
+
+    try:
+        flag = flags.FLAGS["config"]
+        config = _build.resolve_config(
+            _CONFIG.value, _build.load_presets(config_flags.get_config_filename(flag)),
+            config_flags.get_override_values(flag))
+        _build.check_config(config)
+        mesh = mesh_from_config(config)
+        task = _build.build_task(config, mesh)
+        tx = _build.build_optimizer(task.config, task.model_factory)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        _config_error(error)
+    config = task.config
+    workdir = _WORKDIR.value
+    if info.process_index == 0:
+        print("resolved config:\n" + config.to_json_best_effort(indent=2, sort_keys=True),
+              flush=True)
+        print(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} "
+              f"device(s), {info.process_count} process(es)", flush=True)
+    changed = _build.save_config(config, workdir)
+    if changed and info.process_index == 0:
+        print("config differs from the saved one in this workdir (resuming anyway): "
+              + "; ".join(f"{k}: {v}" for k, v in changed.items()), flush=True)
+    result = train_loop(model_factory=task.model_factory, loss_fn=task.loss_fn, tx=tx,
+                        train_data=task.train_data, mesh=mesh, config=config.train,
+                        workdir=workdir, eval_data=task.eval_data, eval_fn=task.eval_fn,
+                        tokens_in=task.tokens_in)
+    if result.preempted:
+        sys.exit(0)
+    if info.process_index != 0:
+        return
+    print("final eval: " + json.dumps(result.eval_metrics, sort_keys=True), flush=True)
+    if config.data.task == "lm" and config.eval.get("sample_tokens", 0) > 0:
+        prompt = config.eval.sample_prompt
+        text = _build.sample_text(result.state.model(), task.train_data.tokenizer, prompt,
+                           int(config.eval.sample_tokens))
+        print(f"sample (greedy) from {prompt!r}:\n{prompt}{text}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
