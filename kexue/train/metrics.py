@@ -146,6 +146,8 @@ def _format_value(value: float) -> str:
         return str(value)
     if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
         return f"{value:.3e}"
+    if abs(value) >= 100:  # rates and counts: four decimals would be noise
+        return f"{value:.0f}"
     return f"{value:.4f}"
 
 
