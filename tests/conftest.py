@@ -5,6 +5,9 @@
 * `rng`: a NumPy generator with a fresh seed for every test. The seed is printed in
   the report of a failing test; set KEXUE_TEST_SEED=<seed> to replay it.
 * Hypothesis runs without deadlines (first calls include XLA compilation).
+* `CLUENER_DIR`: where tests find the CLUENER 2020 JSON lines: `$KEXUE_CLUENER_DIR`,
+  else `../shared/data/cluener` next to the repository (the project machine's copy).
+  Tests that need it skip with this path in the reason when it is absent.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ settings.register_profile("kexue", deadline=None, max_examples=30, derandomize=F
 settings.register_profile("ci", deadline=None, max_examples=30, derandomize=False,
                           print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "kexue")
+
+CLUENER_DIR = os.environ.get("KEXUE_CLUENER_DIR") or os.path.normpath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cluener"))
+HAVE_CLUENER = os.path.isfile(os.path.join(CLUENER_DIR, "train.jsonl"))
+CLUENER_MISSING = (f"CLUENER JSON lines not found in {CLUENER_DIR} "
+                   "(set KEXUE_CLUENER_DIR to a copy of the dataset)")
 
 _SEED_KEY = pytest.StashKey[int]()
 

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-CLUENER_DIR = "/work/shared/data/cluener"
+from tests.conftest import CLUENER_DIR, CLUENER_MISSING, HAVE_CLUENER
+
 CLUENER_TRAIN_LINES = 400
 CLUENER_DEV_LINES = 90
 
@@ -16,10 +17,7 @@ def cluener_lines(split: str, count: int) -> list[bytes]:
         return [line for _, line in zip(range(count), f, strict=False)]
 
 
-requires_cluener = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(CLUENER_DIR, "train.jsonl")),
-    reason=f"CLUENER data not found at {CLUENER_DIR} (only on the project's machine)",
-)
+requires_cluener = pytest.mark.skipif(not HAVE_CLUENER, reason=CLUENER_MISSING)
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +37,8 @@ def text_corpus(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def cluener_subset(tmp_path_factory) -> str:
     """The first lines of the official train/dev files, as a manual directory."""
-    if not os.path.isfile(os.path.join(CLUENER_DIR, "train.jsonl")):
-        pytest.skip(f"CLUENER data not found at {CLUENER_DIR} (only on the project's machine)")
+    if not HAVE_CLUENER:
+        pytest.skip(CLUENER_MISSING)
     directory = tmp_path_factory.mktemp("cluener_manual")
     (directory / "train.jsonl").write_bytes(b"".join(cluener_lines("train", CLUENER_TRAIN_LINES)))
     (directory / "dev.jsonl").write_bytes(b"".join(cluener_lines("dev", CLUENER_DEV_LINES)))

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import CLUENER_DIR, CLUENER_MISSING, HAVE_CLUENER
+
 ROOT = Path(__file__).resolve().parents[2]
-CLUENER_DIR = ROOT.parent / "shared" / "data" / "cluener"
-needs_cluener = pytest.mark.skipif(
-    not (CLUENER_DIR / "train.jsonl").is_file(),
-    reason=f"CLUENER JSON lines not found in {CLUENER_DIR} (offline copy of the dataset)")
+needs_cluener = pytest.mark.skipif(not HAVE_CLUENER, reason=CLUENER_MISSING)
 
 
 def run_cli(module: str, *args: str, devices: int = 1,
