@@ -178,6 +178,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          f"tracked at eval steps); got {train.checkpoint_every}")
 
 
+def check_against_mesh(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The batch must split evenly over the data-parallel devices (and micro-batches).
+
+    Raises:
+      ValueError: naming `data.batch_size`, the mesh and the accumulation steps.
+    """
+    parallel = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    accumulation = int(config.train.get("grad_accum_steps", 1) or 1)
+    batch = int(config.data.batch_size)
+    if batch % (parallel * accumulation):
+        raise ValueError(
+            f"config key `data.batch_size`: expected a multiple of mesh.data × mesh.fsdp × "
+            f"train.grad_accum_steps = {mesh.shape.get('data', 1)} × "
+            f"{mesh.shape.get('fsdp', 1)} × {accumulation} = {parallel * accumulation} "
+            f"(each device gets whole examples); got {batch}")
+
+
 def _check_optimizer(section: Any) -> None:
     _check_keys(section, ("name", "clip_norm", *OPTIMIZER_KEYS), "optimizer.")
     name = section.get("name")

@@ -51,6 +51,7 @@ def main(argv: list[str]) -> None:
         config.mesh.update(dict(zip(("data", "fsdp", "tensor"), sizes, strict=True)))
     _build.check_config(config)
     mesh = mesh_from_config(config)
+    _build.check_against_mesh(config, mesh)
     task = _build.build_task(config, mesh)
     tx = _build.build_optimizer(task.config, task.model_factory)
     loop = LoopConfig.from_config(config.train)

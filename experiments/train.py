@@ -66,6 +66,7 @@ def main(argv: list[str]) -> None:
             config_flags.get_override_values(flag))
         _build.check_config(config)
         mesh = mesh_from_config(config)
+        _build.check_against_mesh(config, mesh)
         task = _build.build_task(config, mesh)
         tx = _build.build_optimizer(task.config, task.model_factory)
     except (ValueError, TypeError, KeyError, AttributeError) as error:

@@ -123,6 +123,22 @@ def test_bad_config_fails_fast_with_a_clear_message(tmp_path, override, message)
     assert not (tmp_path / "bad").exists()  # nothing built, nothing written
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (("--config.mesh.data=8", "--config.data.batch_size=12"),
+     "`data.batch_size`: expected a multiple of mesh.data × mesh.fsdp × "
+     "train.grad_accum_steps = 8 × 1 × 1 = 8"),
+    (("--config.mesh.data=3",), "mesh.data"),
+    (("--config.model.num_heads=5",), "`model.num_heads`"),
+])
+def test_incompatible_combinations_fail_before_compiling(tmp_path, overrides, message):
+    """Mesh vs devices, batch vs data parallelism, heads vs width: named, nothing written."""
+    result = run_cli("experiments.train", "--config", "configs/lm_stdlib.py:smoke",
+                     "--workdir", str(tmp_path / "bad"), *overrides, devices=8)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "config error:" in result.stderr and message in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_mlm_smoke_reports_accuracy_per_length(tmp_path, data_dir):
     workdir = tmp_path / "mlm"
     train("configs/mlm_extrapolation.py", workdir, data_dir,
