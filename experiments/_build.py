@@ -327,6 +327,15 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(np.asarray(out[0, ids.shape[1]:]))
 
 
+def print_sample(config: ml_collections.ConfigDict, model, tokenizer) -> None:
+    """For LM configs with `eval.sample_tokens > 0`: print a greedy sample."""
+    if config.data.task != "lm" or config.eval.get("sample_tokens", 0) <= 0:
+        return
+    prompt = config.eval.sample_prompt
+    text = sample_text(model, tokenizer, prompt, int(config.eval.sample_tokens))
+    print(f"sample (greedy) from {prompt!r}:\n{prompt}{text}", flush=True)
+
+
 @dataclasses.dataclass
 class Task:
     """Everything `train_loop` needs for one config, plus what the CLIs print.

@@ -72,11 +72,7 @@ def main(argv: list[str]) -> None:
     with open(os.path.join(workdir, "evaluate.json"), "w", encoding="utf-8") as file:
         json.dump({"step": restored.step, "eval": metrics}, file, indent=2, sort_keys=True)
         file.write("\n")
-    if config.data.task == "lm" and config.eval.get("sample_tokens", 0) > 0:
-        prompt = config.eval.sample_prompt
-        text = _build.sample_text(restored.state.model(), task.train_data.tokenizer, prompt,
-                           int(config.eval.sample_tokens))
-        print(f"sample (greedy) from {prompt!r}:\n{prompt}{text}", flush=True)
+    _build.print_sample(config, restored.state.model(), task.train_data.tokenizer)
 
 
 if __name__ == "__main__":

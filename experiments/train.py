@@ -91,11 +91,7 @@ def main(argv: list[str]) -> None:
     if info.process_index != 0:
         return
     print("final eval: " + json.dumps(result.eval_metrics, sort_keys=True), flush=True)
-    if config.data.task == "lm" and config.eval.get("sample_tokens", 0) > 0:
-        prompt = config.eval.sample_prompt
-        text = _build.sample_text(result.state.model(), task.train_data.tokenizer, prompt,
-                           int(config.eval.sample_tokens))
-        print(f"sample (greedy) from {prompt!r}:\n{prompt}{text}", flush=True)
+    _build.print_sample(config, result.state.model(), task.train_data.tokenizer)
 
 
 if __name__ == "__main__":
