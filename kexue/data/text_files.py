@@ -156,18 +156,24 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
                                  eval_fraction=config.eval_fraction)
         self.info.metadata["pattern"] = config.pattern
         self.info.metadata["empty_files"] = {}
-        return {split: self._generate_examples(files, split) for split, files in splits.items()}
+        # TFDS cannot write a split without examples, and empty files yield none: a
+        # split whose files are all empty is left out (reading it then names it as
+        # missing); without training text there is nothing to build.
+        nonempty = {split: [f for f in files if os.path.getsize(f[1]) > 0]
+                    for split, files in splits.items()}
+        if not nonempty["train"]:
+            raise ValueError(
+                f"no training text in {config.pattern!r}: the {len(splits['train'])} "
+                f"file(s) of the train split are empty ({len(splits['validation'])} held out "
+                f"with eval_fraction={config.eval_fraction})")
+        for split, files in splits.items():
+            self.info.metadata["empty_files"][split] = len(files) - len(nonempty[split])
+        return {split: self._generate_examples(files)
+                for split, files in nonempty.items() if files}
 
-    def _generate_examples(
-        self, files: list[tuple[str, str]], split: str
-    ) -> Iterator[tuple[str, dict]]:
-        empty = 0
+    def _generate_examples(self, files: list[tuple[str, str]]) -> Iterator[tuple[str, dict]]:
         for relative, path in files:
             with open(path, "rb") as f:
                 content = f.read()
-            if not content:
-                empty += 1
-                continue
             name = os.fsencode(relative)
             yield name.decode("utf-8", "backslashreplace"), {"path": name, "content": content}
-        self.info.metadata["empty_files"][split] = empty
