@@ -2,7 +2,8 @@
 
 Cells are executed in one namespace, in order, as a kernel would run them; IPython
 magics and shell lines (`%...`, `!...`) are skipped since they only install packages
-on Colab.
+on Colab. `KEXUE_NOTEBOOK_SMOKE=1` makes each notebook pick its tiny sizes and step
+counts (its `SMOKE` flag), so all of them run in seconds.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def test_notebooks_exist():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, capsys):
+def test_notebook_runs(path, capsys, monkeypatch):
+    monkeypatch.setenv("KEXUE_NOTEBOOK_SMOKE", "1")
     namespace: dict = {"__name__": "__notebook__"}
     for index, source in enumerate(_code_cells(path)):
         try:
