@@ -1,0 +1,92 @@
+"""`python -m experiments.reproduce` end to end on the smoke preset (a subprocess, as run).
+
+The smoke study trains the four variants of `entropy_invariance` for two steps each on
+a tiny model; it checks the plumbing (runs, table, JSON, plot), not the numbers. XLA's
+backend optimisation is turned off in the subprocess: compiling dominates here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import reproduce
+
+ROOT = Path(__file__).resolve().parents[2]
+VARIANTS = [name for name, _, _ in reproduce.EI_VARIANTS]
+LENGTHS = ["64", "128", "256", "512", "1024"]
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("reproduce")
+    out, runs = tmp / "results", tmp / "runs"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce", "entropy_invariance",
+         "--preset", "smoke", "--seeds", "0", "--out", str(out), "--runs", str(runs)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out, result
+
+
+def test_smoke_study_writes_json_with_every_variant_and_length(smoke_study):
+    out, _ = smoke_study
+    record = json.loads((out / "entropy_invariance.json").read_text())
+    assert record["study"] == "entropy_invariance" and record["seeds"] == [0]
+    assert record["preset"] == "smoke" and record["steps"] == 2
+    assert record["lengths"] == [int(n) for n in LENGTHS]
+    assert list(record["variants"]) == VARIANTS
+    for variant in record["variants"].values():
+        assert list(variant["accuracy"]) == ["0"]
+        assert list(variant["mean"]) == LENGTHS
+        assert all(0.0 <= variant["mean"][n] <= 1.0 for n in LENGTHS)
+        assert all(variant["std"][n] is None for n in LENGTHS)  # one seed: no spread
+        assert "python -m experiments.train --config configs/mlm_extrapolation.py:smoke" \
+            in variant["train_commands"]["0"]
+    assert record["date"] and record["machine"].startswith("cpu")
+    assert "--preset smoke" in record["command"]
+
+
+def test_smoke_study_writes_table_and_plot(smoke_study):
+    out, result = smoke_study
+    table = (out / "entropy_invariance.md").read_text()
+    assert "| variant | 64 | 128 | 256 | 512 | 1024 |" in table
+    for name in VARIANTS:
+        row = re.search(rf"^\| {re.escape(name)} \|(.*)\|$", table, re.MULTILINE)
+        assert row, f"no row for {name!r} in\n{table}"
+        cells = [cell.strip() for cell in row.group(1).split("|")]
+        assert len(cells) == 5 and all(re.fullmatch(r"\d+\.\d\d", c) for c in cells), cells
+    assert "![accuracy vs evaluation length](entropy_invariance.png)" in table
+    png = (out / "entropy_invariance.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    runs = sorted(p.name for p in (out.parent / "runs" / "entropy_invariance" /
+                                   "smoke-2steps").iterdir())
+    assert len(runs) == 4 and all((out.parent / "runs" / "entropy_invariance" /
+                                   "smoke-2steps" / r / "final_metrics.json").exists()
+                                  for r in runs)
+    assert "updated" not in result.stdout  # docs/results.md is left alone for other --out
+
+
+def test_results_block_is_replaced_between_markers_only(tmp_path):
+    path = tmp_path / "results.md"
+    path.write_text("intro\n<!-- s:begin -->\nold\n<!-- s:end -->\nreading\n")
+    assert reproduce._update_results_md(path, "s", "new table")
+    assert path.read_text() == "intro\n<!-- s:begin -->\nnew table\n<!-- s:end -->\nreading\n"
+    assert not reproduce._update_results_md(path, "other", "x")
+    assert not reproduce._update_results_md(tmp_path / "missing.md", "s", "x")
+
+
+def test_bad_arguments_are_rejected(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["no_such_study"])
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["entropy_invariance", "--steps", "0"])
+    assert "--steps must be >= 1" in capsys.readouterr().err
