@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from experiments import reproduce
+from experiments.studies import entropy_invariance
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = [name for name, _, _ in reproduce.EI_VARIANTS]
+VARIANTS = [name for name, _, _ in entropy_invariance.EI_VARIANTS]
 LENGTHS = ["64", "128", "256", "512", "1024"]
 
 
@@ -90,3 +91,17 @@ def test_bad_arguments_are_rejected(capsys):
     with pytest.raises(SystemExit):
         reproduce.parse_args(["entropy_invariance", "--steps", "0"])
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_unknown_preset_is_rejected_naming_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["entropy_invariance", "--preset", "huge"])
+    err = capsys.readouterr().err
+    assert "--preset" in err and "'default'" in err and "'smoke'" in err and "'huge'" in err
+
+
+def test_every_study_module_has_the_interface():
+    for name in reproduce.STUDIES:
+        study = reproduce.load_study(name)
+        assert {"default", "smoke"} <= set(study.PRESETS), name
+        assert all(callable(getattr(study, f)) for f in ("run", "plot", "markdown")), name

@@ -1,0 +1,90 @@
+"""Shared plumbing of the reproduction studies (`python -m experiments.reproduce`).
+
+A study module in this package defines `PRESETS` (the names `--preset` accepts; at
+least "default" and "smoke"), `run(args) -> record`, `plot(record, path)` and
+`markdown(record, png_name) -> str`; the driver adds `date`, `machine` and `command`
+to the record and writes `<study>.json`, `<study>.png` and `<study>.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def flag_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "(" + ",".join(str(v) for v in value) + ")"
+    return str(value)
+
+
+def train_command(config_file: str, workdir: str | os.PathLike, preset: str,
+                  overrides: Mapping[str, Any]) -> str:
+    """The `python -m experiments.train` command that trains the same run."""
+    args = ["python", "-m", "experiments.train", "--config",
+            config_file if preset == "full" else f"{config_file}:{preset}",
+            "--workdir", os.fspath(workdir)]
+    args += [f"--config.{key}={flag_value(value)}" for key, value in overrides.items()]
+    return shlex.join(args)
+
+
+def _load_config_module(config_file: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_kexue_reproduce_config",
+                                                  ROOT / config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_run(config_file: str, preset: str, overrides: Mapping[str, Any],
+              workdir: Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Trains one run as `experiments.train` would (or reads it back); `final_metrics.json`."""
+    from experiments import _build
+    from kexue.parallel import mesh_from_config
+    from kexue.train import train_loop
+
+    config = _load_config_module(config_file).get_config()
+    config.preset = preset
+    config.update_from_flattened_dict(dict(overrides))  # file < command line …
+    config = _build.resolve_config(config, _build.load_presets(str(ROOT / config_file)),
+                                   overrides)           # … < preset < command line
+    _build.check_config(config)
+    mesh = mesh_from_config(config)
+    _build.check_against_mesh(config, mesh)
+    task = _build.build_task(config, mesh)
+    final_path = workdir / "final_metrics.json"
+    saved_path = workdir / _build.CONFIG_FILE
+    if final_path.exists() and saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        final = json.loads(final_path.read_text())
+        wanted = json.loads(task.config.to_json_best_effort(sort_keys=True))
+        if saved == wanted and final.get("step") == int(config.train.num_steps):
+            log(f"[reproduce]   finished run found in {workdir}: reusing it")
+            return {**final, "reused": True}
+    tx = _build.build_optimizer(task.config, task.model_factory)
+    _build.save_config(task.config, os.fspath(workdir))
+    train_loop(model_factory=task.model_factory, loss_fn=task.loss_fn, tx=tx,
+               train_data=task.train_data, mesh=mesh, config=task.config.train,
+               workdir=os.fspath(workdir), eval_data=task.eval_data, eval_fn=task.eval_fn,
+               tokens_in=task.tokens_in, log=lambda message: None)
+    return json.loads(final_path.read_text())
+
+
+def summary(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one seed)."""
+    array = np.asarray(values, np.float64)
+    return float(array.mean()), (float(array.std(ddof=1)) if array.size > 1 else None)
+
+
+def cell(mean: float, spread: float | None) -> str:
+    return f"{100 * mean:.2f}" + ("" if spread is None else f" ± {100 * spread:.2f}")
