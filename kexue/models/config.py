@@ -20,6 +20,8 @@ NORM_POSITIONS = ("pre", "post")
 ROPE_LAYOUTS = ("interleaved", "half")
 ATTENTION_SCALES = ("standard", "entropy_invariant")
 DTYPES = ("float32", "bfloat16", "float16")
+#: Rematerialisation policies of `TransformerConfig.remat` (see its docstring).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 def config_error(key: str, expected: str, got: Any) -> ValueError:
@@ -71,6 +73,14 @@ class TransformerConfig:
       param_dtype: storage dtype of the parameters.
       init_std: standard deviation of every kernel and embedding at init (biases 0,
         norm scales 1).
+      remat: rematerialisation of each transformer block in the backward pass
+        (`jax.checkpoint` through `nnx.remat`), trading recompute for activation
+        memory: ``"none"`` (keep every activation), ``"full"`` (keep only each block's
+        input, recompute the whole block), ``"dots"`` (keep every matmul output,
+        attention logits included: `dots_saveable`), ``"dots_no_batch"`` (keep the
+        projection and FFN matmul outputs but not the per-head attention logits and
+        probabilities, which grow like `n²`: `dots_with_no_batch_dims_saveable`).
+        Gradients are unchanged; decoding with a KV cache never rematerialises.
     """
 
     width: int
@@ -94,6 +104,7 @@ class TransformerConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     init_std: float = 0.02
+    remat: str = "none"
 
     def __post_init__(self) -> None:
         for key in ("width", "num_layers", "num_heads", "mlp_dim", "rope_dims"):
@@ -115,6 +126,7 @@ class TransformerConfig:
         check_choice("attention_scale", self.attention_scale, ATTENTION_SCALES)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("param_dtype", self.param_dtype, DTYPES)
+        check_choice("remat", self.remat, REMAT_POLICIES)
         if self.rotary_dim is not None:
             check_positive_int("rotary_dim", self.rotary_dim)
         step = 2 * self.rope_dims

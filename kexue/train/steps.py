@@ -35,6 +35,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kexue.models.layers import REMAT_CPU_COMPILER_OPTIONS
 from kexue.optim import CPU_COMPILER_OPTIONS
 from kexue.parallel import DEFAULT_RULES, LogicalRules, logical_sharding
 from kexue.train.state import TrainState, train_state_shardings
@@ -47,9 +48,23 @@ _RESERVED = ("loss", "grad_norm", "nonfinite", "nonfinite_steps", "consecutive_n
 _EVAL_STREAM = 0x6576616C  # "eval": keeps eval keys apart from train keys of the same step
 
 
-def _compiler_options(mesh: Mesh) -> dict[str, Any] | None:
-    """`CPU_COMPILER_OPTIONS` when the mesh is on CPU (in-place updates of donated slots)."""
-    return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
+def _uses_remat(abstract_state: TrainState) -> bool:
+    """Whether any sub-module's `config.remat` asks for rematerialisation."""
+    model = nnx.merge(abstract_state.graphdef, abstract_state.params,
+                      abstract_state.model_state)
+    return any(getattr(getattr(module, "config", None), "remat", "none") != "none"
+               for _, module in nnx.iter_graph(model) if isinstance(module, nnx.Module))
+
+
+def _compiler_options(mesh: Mesh, abstract_state: TrainState) -> dict[str, Any] | None:
+    """XLA:CPU options: in-place updates of donated slots, and (with remat) a scheduler
+    that keeps each block's recomputation next to its backward pass. None elsewhere."""
+    if mesh.devices.flat[0].platform != "cpu":
+        return None
+    options = dict(CPU_COMPILER_OPTIONS)
+    if _uses_remat(abstract_state):
+        options.update(REMAT_CPU_COMPILER_OPTIONS)
+    return options
 
 
 def _split_model(model: nnx.Module) -> Any:
@@ -176,7 +191,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, replicated),
                    donate_argnums=(0,) if donate else (),
-                   compiler_options=_compiler_options(mesh) if donate else None)
+                   compiler_options=_compiler_options(mesh, abstract_state) if donate else None)
 
 
 def make_eval_step(loss_fn: LossFn, abstract_state: TrainState, mesh: Mesh, *,
