@@ -1,0 +1,468 @@
+"""RoFormer MLM training step: kexue (JAX) against Hugging Face Transformers (PyTorch).
+
+    python -m benchmarks.peers                 # the two configs below, 10 repeats
+    python -m benchmarks.peers --quick         # a tiny config (torch.compile alone takes minutes)
+    python -m benchmarks.peers --repeats 20 --no-compile
+
+Needs the `peers` extra (`pip install -e '.[peers]'`: torch and transformers).
+
+One training step — forward, masked-LM cross-entropy over the masked positions,
+backward, AdamW update, all float32 — of the same architecture on both sides:
+
+* kexue: `kexue.models.build_model` (``roformer_mlm``: post-norm LayerNorm with an
+  embedding LayerNorm, tanh-GELU, interleaved RoPE on `q` and `k`, tied output
+  embedding plus an output bias, MLM transform dense → GELU → LayerNorm), the state
+  from `kexue.train.create_train_state` and the step from `kexue.train.make_train_step`
+  (jitted, state donated, `kexue.optim.CPU_COMPILER_OPTIONS` on CPU), `optax.adamw`;
+  the step also computes the gradient norm and the non-finite guard, as every kexue
+  training run does.
+* PyTorch: `transformers.RoFormerForMaskedLM` with `hidden_act="gelu_new"` (tanh
+  GELU, as `jax.nn.gelu`), `type_vocab_size=1`, LayerNorm epsilon 1e-12 on both sides,
+  `labels` = −100 off the masked positions (its own cross-entropy), `torch.optim.AdamW`
+  (its fastest CPU variant, `fused=True`), eager; and the same wrapped in
+  `torch.compile` (Inductor), when it compiles.
+
+Dropout is 0 on both sides (kexue has no attention-probability dropout; HF's is set
+to 0 too). Both compute the vocabulary logits at every position and the loss at the
+masked ones (15% of the tokens, `[MASK]` = id 1); token ids are uniform over
+`[2, vocab)`, one fixed batch, vocabulary 21128 (the BERT-Chinese / RoFormer-Chinese
+vocabulary size). Trainable parameters are equal except HF's token-type embedding
+(`type_vocab_size × width`, here one row: a learned vector added to every token),
+which kexue does not have; the table prints both counts and checks the difference is
+exactly that row.
+
+Timings interleave the three steps in one loop (kexue, torch eager, torch.compile, …)
+and report medians, so machine load hits all alike; PyTorch gets as many intra-op
+threads as the cores JAX's XLA:CPU thread pool uses (the process's CPU affinity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from benchmarks.common import interleaved_median_times, machine_description, markdown_table, today
+from kexue import models, parallel, train
+
+MASK_ID = 1
+LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerConfig:
+    """One benchmark configuration (shared by both frameworks)."""
+
+    name: str
+    layers: int
+    width: int
+    heads: int
+    mlp: int
+    seq: int
+    batch: int
+    vocab: int = 21128
+    mask_rate: float = 0.15
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    def describe(self) -> str:
+        return (f"{self.name}: L{self.layers} D{self.width} h{self.heads} F{self.mlp} "
+                f"n{self.seq} b{self.batch} V{self.vocab}")
+
+
+CONFIGS = (
+    PeerConfig("a", layers=4, width=256, heads=4, mlp=1024, seq=128, batch=16),
+    PeerConfig("b", layers=6, width=384, heads=6, mlp=1536, seq=256, batch=8),
+)
+QUICK = (PeerConfig("tiny", layers=2, width=32, heads=2, mlp=64, seq=16, batch=4, vocab=97),)
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def make_batch(cfg: PeerConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Synthetic MLM batch: `tokens` (masked inputs), `labels`, `weights` (1 where masked)."""
+    rng = np.random.default_rng(seed)
+    original = rng.integers(2, cfg.vocab, size=(cfg.batch, cfg.seq), dtype=np.int32)
+    masked = max(1, round(cfg.mask_rate * cfg.seq))
+    weights = np.zeros((cfg.batch, cfg.seq), np.float32)
+    for row in weights:
+        row[rng.choice(cfg.seq, masked, replace=False)] = 1.0
+    tokens = np.where(weights > 0, MASK_ID, original).astype(np.int32)
+    return {"tokens": tokens, "labels": original, "weights": weights}
+
+
+# --------------------------------------------------------------------------- kexue
+
+
+def kexue_model_config(cfg: PeerConfig) -> dict[str, Any]:
+    """The `config.model` section of the kexue side."""
+    return {
+        "name": "roformer_mlm", "width": cfg.width, "num_layers": cfg.layers,
+        "num_heads": cfg.heads, "mlp_dim": cfg.mlp, "vocab_size": cfg.vocab,
+        "activation": "gelu", "norm": "layernorm", "norm_position": "post",
+        "norm_epsilon": 1e-12, "use_bias": True, "rope_layout": "interleaved",
+        "attention_scale": "standard", "dropout_rate": 0.0, "init_std": 0.02,
+        "tie_embeddings": True, "seq_len": cfg.seq,
+    }
+
+
+def mlm_loss(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array):
+    """Masked-LM cross-entropy, the mean over masked positions (`weights`)."""
+    del rng
+    logits = model(batch["tokens"])
+    return models.cross_entropy(logits, batch["labels"], batch["weights"]), {}
+
+
+class KexueSide:
+    """kexue's RoFormer MLM and its jitted, donating AdamW training step on one device."""
+
+    def __init__(self, cfg: PeerConfig, batch: dict[str, np.ndarray], *, seed: int = 0):
+        section = kexue_model_config(cfg)
+        mesh = parallel.make_mesh(devices=jax.devices()[:1])
+        tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+
+        def build() -> nnx.Module:
+            return models.build_model({"model": section}, rngs=nnx.Rngs(seed))
+
+        self.state = train.create_train_state(build, tx, mesh, seed=seed)
+        self.params = models.count_params(self.state.model())
+        abstract = train.abstract_train_state(build, tx, mesh, seed=seed)
+        self.step_fn = train.make_train_step(mlm_loss, tx, abstract, mesh)
+        self.batch = parallel.shard_batch(
+            {k: jnp.asarray(v) for k, v in batch.items()}, mesh)
+
+    def step(self) -> jax.Array:
+        self.state, metrics = self.step_fn(self.state, self.batch)
+        return metrics["loss"]
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def torch_available() -> str | None:
+    """None when torch and transformers import, else the reason they do not."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except Exception as error:
+        return f"torch/transformers not importable ({type(error).__name__}: {error})"
+    return None
+
+
+def hf_roformer(cfg: PeerConfig, *, seed: int = 0):
+    """`transformers.RoFormerForMaskedLM` of the same architecture as `kexue_model_config`."""
+    import torch
+    import transformers
+
+    config = transformers.RoFormerConfig(
+        vocab_size=cfg.vocab, embedding_size=cfg.width, hidden_size=cfg.width,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+        intermediate_size=cfg.mlp, hidden_act="gelu_new", hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, max_position_embeddings=max(cfg.seq, 16),
+        type_vocab_size=1, initializer_range=0.02, layer_norm_eps=1e-12,
+        rotary_value=False, tie_word_embeddings=True, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.RoFormerForMaskedLM(config)
+    model.train()
+    return model
+
+
+def trainable_params(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def copy_hf_weights(kexue_model: nnx.Module, hf_model) -> None:
+    """Loads the weights of an HF `RoFormerForMaskedLM` into a kexue `RoFormerMLM`.
+
+    HF's token-type row is added to every token's embedding before the embedding
+    LayerNorm; kexue has no such row, so it must be zero for the two to agree.
+    """
+    def arr(tensor) -> jax.Array:
+        return jnp.asarray(tensor.detach().cpu().numpy())
+
+    def put(variable, value: jax.Array) -> None:
+        variable.set_value(value.reshape(variable.get_value().shape))
+
+    def dense(target, linear) -> None:
+        put(target.kernel, arr(linear.weight).T)  # torch stores [out, in]
+        put(target.bias, arr(linear.bias))
+
+    def norm(target, layer_norm) -> None:
+        put(target.scale, arr(layer_norm.weight))
+        put(target.bias, arr(layer_norm.bias))
+
+    hf, enc = hf_model.roformer, kexue_model.encoder
+    put(enc.embed.embedding, arr(hf.embeddings.word_embeddings.weight))
+    norm(enc.transformer.norm, hf.embeddings.LayerNorm)
+    for block, layer in zip(enc.transformer.blocks, hf.encoder.layer, strict=True):
+        attention = layer.attention
+        dense(block.attention.query, attention.self.query)
+        dense(block.attention.key, attention.self.key)
+        dense(block.attention.value, attention.self.value)
+        dense(block.attention.out, attention.output.dense)
+        norm(block.attention_norm, attention.output.LayerNorm)
+        dense(block.ffn.wi, layer.intermediate.dense)
+        dense(block.ffn.wo, layer.output.dense)
+        norm(block.ffn_norm, layer.output.LayerNorm)
+    head = hf_model.cls.predictions
+    dense(kexue_model.transform, head.transform.dense)
+    norm(kexue_model.transform_norm, head.transform.LayerNorm)
+    put(kexue_model.output_bias, arr(head.bias))
+
+
+def max_logit_difference(cfg: PeerConfig, batch: dict[str, np.ndarray]) -> float:
+    """Largest |logit difference| of the two models on `batch` with HF's weights in both.
+
+    HF's token-type row is zeroed first (kexue has none); everything else — RoPE
+    layout and frequencies, post-norm, tanh GELU, head, tied output — must agree.
+    """
+    import torch
+
+    hf_model = hf_roformer(cfg)
+    with torch.no_grad():
+        hf_model.roformer.embeddings.token_type_embeddings.weight.zero_()
+        hf_logits = hf_model(input_ids=torch.from_numpy(batch["tokens"].astype(np.int64))
+                             ).logits.numpy()
+    kexue_model = models.build_model({"model": kexue_model_config(cfg)}, rngs=nnx.Rngs(0))
+    copy_hf_weights(kexue_model, hf_model)
+    kexue_logits = np.asarray(jax.jit(lambda m, t: m(t))(kexue_model, batch["tokens"]))
+    return float(np.max(np.abs(kexue_logits - hf_logits)))
+
+
+class TorchSide:
+    """HF `RoFormerForMaskedLM` + `torch.optim.AdamW`, eager or under `torch.compile`."""
+
+    def __init__(self, cfg: PeerConfig, batch: dict[str, np.ndarray], *, compiled: bool,
+                 seed: int = 0):
+        import torch
+
+        self.model = hf_roformer(cfg, seed=seed)
+        self.params = trainable_params(self.model)
+        self.type_vocab_params = self.model.roformer.embeddings.token_type_embeddings.weight.numel()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        try:
+            self.optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE,
+                                               weight_decay=WEIGHT_DECAY, fused=True)
+            self.optimizer_kind = "fused"
+        except (RuntimeError, TypeError, ValueError):
+            self.optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE,
+                                               weight_decay=WEIGHT_DECAY)
+            self.optimizer_kind = "default"
+        self.forward = torch.compile(self.model) if compiled else self.model
+        self.input_ids = torch.from_numpy(batch["tokens"].astype(np.int64))
+        self.labels = torch.from_numpy(
+            np.where(batch["weights"] > 0, batch["labels"], -100).astype(np.int64))
+
+    def step(self) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward(input_ids=self.input_ids, labels=self.labels).loss
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclasses.dataclass
+class Result:
+    cfg: PeerConfig
+    kexue_params: int
+    torch_params: int | None = None
+    type_vocab_params: int = 0
+    kexue_ms: float = math.nan
+    eager_ms: float = math.nan
+    compiled_ms: float = math.nan
+    compile_note: str = ""
+    max_logit_diff: float = math.nan
+    first_step_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    losses: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+
+def _first_steps(name: str, step: Callable[[], Any], count: int, result: Result) -> None:
+    """Runs `count` steps (the first compiles), recording the losses and the first step time."""
+    losses = []
+    start = time.perf_counter()
+    for i in range(count):
+        losses.append(float(jax.block_until_ready(step())))
+        if i == 0:
+            result.first_step_s[name] = time.perf_counter() - start
+    result.losses[name] = losses
+
+
+def run_config(cfg: PeerConfig, *, repeats: int, check_steps: int = 3, use_torch: bool = True,
+               use_compile: bool = True, threads: int | None = None) -> Result:
+    """Builds both sides for `cfg`, checks losses over `check_steps` steps, times the step."""
+    batch = make_batch(cfg)
+    kexue_side = KexueSide(cfg, batch)
+    result = Result(cfg, kexue_side.params)
+    _first_steps("kexue", kexue_side.step, check_steps, result)
+    fns = [kexue_side.step]
+    eager = compiled = None
+    if use_torch:
+        import torch
+
+        torch.set_num_threads(threads or cpu_cores())
+        result.max_logit_diff = max_logit_difference(cfg, batch)
+        eager = TorchSide(cfg, batch, compiled=False)
+        result.torch_params, result.type_vocab_params = eager.params, eager.type_vocab_params
+        _first_steps("torch eager", eager.step, check_steps, result)
+        fns.append(eager.step)
+        if use_compile:
+            try:
+                compiled = TorchSide(cfg, batch, compiled=True)
+                _first_steps("torch.compile", compiled.step, check_steps, result)
+                fns.append(compiled.step)
+            except Exception as error:
+                compiled = None
+                result.compile_note = f"torch.compile failed: {type(error).__name__}: {error}"
+                result.compile_note = result.compile_note.splitlines()[0][:300]
+        else:
+            result.compile_note = "torch.compile not run (--no-compile)"
+    times = interleaved_median_times(fns, repeats=repeats, warmup=1)
+    result.kexue_ms = 1e3 * times[0]
+    if eager is not None:
+        result.eager_ms = 1e3 * times[1]
+    if compiled is not None:
+        result.compiled_ms = 1e3 * times[2]
+    return result
+
+
+def _ms(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.1f}"
+
+
+def _ratio(peer: float, ours: float) -> str:
+    return "—" if math.isnan(peer) or math.isnan(ours) else f"{peer / ours:.2f}x"
+
+
+def _tokens(cfg: PeerConfig, ms: float) -> str:
+    return "—" if math.isnan(ms) else f"{cfg.tokens / (ms / 1e3):,.0f}"
+
+
+def results_table(results: list[Result]) -> str:
+    header = ["config", "params kexue / HF", "kexue ms/step", "torch eager ms/step",
+              "torch.compile ms/step", "eager / kexue", "compile / kexue",
+              "tokens/s kexue / eager / compile"]
+    rows = []
+    for r in results:
+        hf = "—" if r.torch_params is None else f"{r.torch_params:,}"
+        rows.append([r.cfg.describe(), f"{r.kexue_params:,} / {hf}", _ms(r.kexue_ms),
+                     _ms(r.eager_ms), _ms(r.compiled_ms), _ratio(r.eager_ms, r.kexue_ms),
+                     _ratio(r.compiled_ms, r.kexue_ms),
+                     " / ".join(_tokens(r.cfg, ms)
+                                for ms in (r.kexue_ms, r.eager_ms, r.compiled_ms))])
+    return markdown_table(header, rows)
+
+
+def check_params(result: Result) -> str:
+    """One line on the parameter counts; raises if they differ by more than HF's token-type row."""
+    if result.torch_params is None:
+        return f"{result.cfg.name}: kexue {result.kexue_params:,} parameters (torch not run)"
+    diff = result.torch_params - result.kexue_params
+    if diff != result.type_vocab_params:
+        raise AssertionError(
+            f"{result.cfg.name}: HF has {result.torch_params:,} trainable parameters, kexue "
+            f"{result.kexue_params:,}: the difference {diff:,} is not HF's token-type "
+            f"embedding ({result.type_vocab_params:,})")
+    return (f"{result.cfg.name}: HF {result.torch_params:,} = kexue {result.kexue_params:,} + "
+            f"{diff:,} (HF's token-type embedding, 1 x width)")
+
+
+def loss_lines(result: Result) -> list[str]:
+    lines = []
+    if not math.isnan(result.max_logit_diff):
+        lines.append(f"{result.cfg.name}: same architecture — with HF's weights copied into "
+                     f"kexue, max |logit difference| = {result.max_logit_diff:.2e}")
+    lines.append(f"{result.cfg.name}: log(V) = {math.log(result.cfg.vocab):.3f}")
+    for name, losses in result.losses.items():
+        lines.append(f"  {name:14s} first-step {result.first_step_s[name]:7.2f} s; losses "
+                     + " ".join(f"{x:.3f}" for x in losses))
+    return lines
+
+
+def versions() -> str:
+    import flax
+
+    parts = [f"jax {jax.__version__}", f"flax {flax.__version__}", f"optax {optax.__version__}"]
+    try:
+        import torch
+        import transformers
+
+        parts += [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    except ImportError:
+        parts.append("torch/transformers absent")
+    return ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny config, few repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per side")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--no-torch", action="store_true", help="kexue side only")
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated config names to run (default: all)")
+    args = parser.parse_args(argv)
+    configs = QUICK if args.quick else CONFIGS
+    if args.configs:
+        wanted = set(args.configs.split(","))
+        configs = tuple(c for c in configs if c.name in wanted)
+        if not configs:
+            raise ValueError(f"`--configs`: expected names among "
+                             f"{[c.name for c in QUICK + CONFIGS]}; got {args.configs!r}")
+    repeats = args.repeats or (3 if args.quick else 10)
+    missing = None if args.no_torch else torch_available()
+    threads = cpu_cores()
+    print(f"# RoFormer MLM training step: kexue vs HF Transformers (PyTorch) — {today()}\n")
+    print(f"machine: {machine_description()}; {platform.processor() or platform.machine()}")
+    print(f"versions: {versions()}")
+    torch_threads = "not run"
+    if missing is None and not args.no_torch:
+        import torch
+
+        torch.set_num_threads(threads)
+        torch_threads = f"{torch.get_num_threads()} intra-op"
+    print(f"threads: XLA:CPU pool over {threads} core(s) (process affinity); torch "
+          f"{torch_threads}")
+    if missing:
+        print(f"torch side skipped: {missing}")
+    print(f"timing: medians of {repeats} interleaved steps; float32; AdamW lr {LEARNING_RATE}, "
+          f"weight decay {WEIGHT_DECAY}; dropout 0\n")
+    results = []
+    for cfg in configs:
+        result = run_config(cfg, repeats=repeats, use_torch=missing is None and not args.no_torch,
+                            use_compile=not args.no_compile, threads=threads)
+        results.append(result)
+        print(check_params(result))
+        print("\n".join(loss_lines(result)))
+        if result.compile_note:
+            print(result.compile_note)
+        print()
+        print(results_table([result]) + "\n", flush=True)
+    print("## All configs\n")
+    print(results_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

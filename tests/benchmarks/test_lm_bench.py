@@ -1,0 +1,67 @@
+"""`benchmarks.lm` / `benchmarks.heads` on tiny shapes: tables, MFU from the measured peak."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks import heads, lm
+
+TINY = lm.LMCase("tiny", dict(width=32, num_layers=1, num_heads=2, mlp_dim=64,
+                              vocab_size=32, tie_embeddings=True), 2, 16)
+
+
+def test_matmul_peak_is_the_best_measured_rate():
+    peak, size, rows = lm.matmul_peak((64, 128), repeats=2)
+    assert [row[0] for row in rows] == ["64 x 64", "128 x 128"]
+    rates = [float(row[2]) for row in rows]
+    assert peak > 0 and math.isclose(peak / 1e9, max(rates), rel_tol=0.05, abs_tol=0.06)
+    assert rows[(64, 128).index(size)][2] == f"{peak / 1e9:.1f}"
+
+
+def test_mfu_is_achieved_rate_over_the_measured_peak():
+    (row,), peak = lm.throughput_rows([TINY], ["adamw"], 1e6, 64, repeats=1)
+    assert peak >= 1e6  # the given peak, or the in-loop matmul rate when that is higher
+    (row_high,), peak_high = lm.throughput_rows([TINY], ["adamw"], 1e15, 64, repeats=1)
+    assert peak_high == 1e15 and row_high[-1] == "0%"
+    label, name, shape, params, gflop, ms, tokens_per_s, gflops, mfu = row
+    assert (label, name, shape) == ("tiny", "adamw", "2 x 16")
+    assert int(params.replace(",", "")) == lm.num_params(TINY)
+    assert float(gflop) == pytest.approx(lm.step_flops(TINY) / 1e9, abs=0.006)
+    assert lm.step_flops(TINY) == lm.models.flops_per_token(TINY.config(), seq_len=16) * 32
+    seconds = float(ms) / 1e3
+    achieved = float(gflops) * 1e9
+    assert float(tokens_per_s.replace(",", "")) == pytest.approx(32 / seconds, rel=0.2)
+    # The table rounds GFLOP/s to 0.1 and MFU to 1%: a tiny step's rate is a few GFLOP/s.
+    assert float(mfu.rstrip("%")) == pytest.approx(100 * achieved / peak, rel=0.1, abs=1.0)
+
+
+def test_remat_table_and_proof_step():
+    rows, (policy, length, seconds, loss) = lm.remat_rows(
+        TINY.model, batch=2, start=16, limit=16, budget=2**30, common_len=16, repeats=1,
+        policies=("none", "full"))
+    assert [row[0] for row in rows] == ["none", "full"]
+    # A generous budget: both reach the length limit.
+    assert all(row[1] == "16 (limit)" for row in rows)
+    assert rows[0][-1] == "1.00x"
+    assert (policy, length) == ("none", 16)
+    assert seconds > 0 and math.isfinite(loss) and loss > 0
+
+
+def test_max_length_stops_at_the_budget():
+    # A budget below the start length's compiled peak: nothing fits, one length tried.
+    length, peak, tried = lm.max_length(TINY.config(), 2, 16, 64, 1024, lm.remat_options())
+    assert (length, peak) == (0, 0)
+    assert len(tried) == 1 and tried[0] > 1024
+
+
+def test_head_rows_count_parameters():
+    width, types, head_dim = 16, 3, 4
+    rows = heads.head_rows((8,), batch=1, width=width, types=types, head_dim=head_dim,
+                           repeats=1)
+    assert [row[1] for row in rows] == ["GlobalPointer", "Efficient GP"]
+    dense = 2 * (width * types * head_dim + types * head_dim)
+    efficient = 2 * (width * head_dim + head_dim) + 2 * (2 * head_dim * types + types)
+    assert [int(row[2].replace(",", "")) for row in rows] == [dense, efficient]
+    assert all(float(row[3]) > 0 for row in rows)
