@@ -31,6 +31,11 @@ Batches by `data.task` (B = `data.batch_size // process_count`, n = `seq_len`):
   1 where the type occurs; `example_weights` float32 [B]: 0 on padding rows; and,
   with `dense_labels`, `span_labels` int32 [B, num_types, n, n]. Spans that end
   beyond the first n characters are dropped with the truncated text.
+
+A controlled class imbalance for the cluener tasks (training split only): with
+`data.rare_types = "movie,book"` and `data.type_keep_fraction = r`, only
+`round(r · n)` of the n training sentences holding any of those types are kept
+(chosen by `data.seed`, after `data.max_examples`), so the types become rare.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import math
 import os
 import re
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -87,6 +92,10 @@ _FIELD_DOCS: dict[str, tuple[Any, str]] = {
     "train_split": ("train", "TFDS split read for split='train'"),
     "eval_split": ("validation", "TFDS split read for split='eval'"),
     "max_examples": (0, "use only the first k examples of a split (0: all)"),
+    "rare_types": ("", "cluener train split: comma-separated entity types made rare "
+                       "by `type_keep_fraction` (empty: off)"),
+    "type_keep_fraction": (1.0, "cluener train split: share of the sentences holding any "
+                                "of `rare_types` that is kept (chosen by `seed`)"),
     "eval_batches": (0, "eval: batches per process (0: one full pass)"),
     "mlm_probability": (0.15, "mlm: share of tokens chosen"),
     "mlm_mask_fraction": (0.8, "mlm: chosen tokens replaced by <mask>"),
@@ -106,10 +115,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     Fields (see `_FIELD_DOCS` in this module for one line each): name, task,
     data_dir, manual_dir, pattern, exclude, eval_fraction, skip_bad_records,
     text_key, tokenizer, char_min_count, seq_len, batch_size, seed, shuffle,
-    train_split, eval_split, max_examples, eval_batches, mlm_probability,
-    mlm_mask_fraction, mlm_random_fraction, max_spans, dense_labels, num_threads,
-    prefetch, download. Optional strings are `placeholder(str)` so that
-    `--config.data.manual_dir=...` works on the command line.
+    train_split, eval_split, max_examples, rare_types, type_keep_fraction,
+    eval_batches, mlm_probability, mlm_mask_fraction, mlm_random_fraction, max_spans,
+    dense_labels, num_threads, prefetch, download. Optional strings are
+    `placeholder(str)` so that `--config.data.manual_dir=...` works on the command line.
     """
     fields = {}
     for key, (default, _) in _FIELD_DOCS.items():
@@ -140,6 +149,8 @@ class _Settings:
     train_split: str
     eval_split: str
     max_examples: int
+    rare_types: str
+    type_keep_fraction: float
     eval_batches: int
     mlm_probability: float
     mlm_mask_fraction: float
@@ -176,6 +187,7 @@ def _settings(config: Any, seq_len: int | None) -> _Settings:
     for key in ("max_examples", "eval_batches", "num_threads", "prefetch"):
         if not isinstance(getattr(s, key), int) or getattr(s, key) < 0:
             problems.append(f"{key} must be a non-negative integer, got {getattr(s, key)!r}")
+    problems += _imbalance_problems(s)
     if not isinstance(s.seed, int) or not 0 <= s.seed < 2**32:
         problems.append(f"seed must be an integer in [0, 2**32), got {s.seed!r}")
     if not 0.0 < s.mlm_probability <= 1.0:
@@ -187,6 +199,71 @@ def _settings(config: Any, seq_len: int | None) -> _Settings:
     if problems:
         raise ValueError("bad config.data: " + "; ".join(problems))
     return s
+
+
+def _rare_type_names(rare_types: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in rare_types.split(",") if name.strip())
+
+
+def _imbalance_problems(s: _Settings) -> list[str]:
+    """Checks `data.rare_types` and `data.type_keep_fraction` (see `_imbalanced_indices`)."""
+    fraction, rare = s.type_keep_fraction, s.rare_types
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not (
+            0.0 <= fraction <= 1.0):
+        return [f"data.type_keep_fraction must be a number in [0, 1], got {fraction!r}"]
+    if not isinstance(rare, str):
+        return [f"data.rare_types must be a comma-separated string of entity types "
+                f"(e.g. 'movie,book'), got {rare!r}"]
+    names = _rare_type_names(rare)
+    problems = []
+    if fraction < 1.0 and not names:
+        problems.append(f"data.type_keep_fraction = {fraction} < 1 needs data.rare_types "
+                        "(the entity types to make rare), got none")
+    if names:
+        if s.name != "cluener" or s.task not in ("ner", "multilabel"):
+            problems.append(f"data.rare_types needs name='cluener' and task 'ner' or "
+                            f"'multilabel', got name={s.name!r}, task={s.task!r}")
+        from kexue.data.cluener import CLUENER_TYPES
+
+        unknown = [name for name in names if name not in CLUENER_TYPES]
+        if unknown:
+            problems.append(f"data.rare_types: unknown entity types {unknown} "
+                            f"(known: {', '.join(CLUENER_TYPES)})")
+        if len(set(names)) != len(names):
+            problems.append(f"data.rare_types lists a type twice: {rare!r}")
+    return problems
+
+
+def _imbalanced_indices(source: Any, count: int, s: _Settings,
+                        type_names: Sequence[str]) -> list[int]:
+    """Indices of the first `count` examples with most sentences of `rare_types` dropped.
+
+    Of the `n` sentences holding at least one span of a type in `data.rare_types`,
+    exactly `round(type_keep_fraction · n)` (halves rounded up) are kept, chosen
+    without replacement by `numpy.random.default_rng([data.seed, 0x7A7E])`; every other
+    sentence is kept, in the source's order: the result depends on `data.seed` only.
+    """
+    wanted = {type_names.index(name) for name in _rare_type_names(s.rare_types)}
+    holding = [i for i in range(count)
+               if wanted.intersection(np.asarray(source[i]["span_type"]).tolist())]
+    keep = math.floor(s.type_keep_fraction * len(holding) + 0.5)
+    rng = np.random.default_rng([s.seed, 0x7A7E])
+    dropped = set(holding) - {holding[j] for j in rng.choice(len(holding), size=keep,
+                                                             replace=False)}
+    return [i for i in range(count) if i not in dropped]
+
+
+class _Subset:
+    """The examples of a random-access source at `indices` (a source itself)."""
+
+    def __init__(self, source: Any, indices: Sequence[int]) -> None:
+        self._source, self._indices = source, list(indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self._source[self._indices[index]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -532,6 +609,11 @@ def make_dataset(
                         split_name, skipped)
     type_names = tuple(metadata_dict.get("types", ()))
 
+    if training and _rare_type_names(s.rare_types):
+        # data.rare_types / data.type_keep_fraction: a controlled class imbalance,
+        # applied after data.max_examples and before the process split.
+        source = _Subset(source, _imbalanced_indices(
+            source, _split_size(source, s.max_examples), s, type_names))
     examples = grain.MapDataset.source(source)
     if s.max_examples:
         examples = examples[:s.max_examples]
