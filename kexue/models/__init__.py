@@ -8,6 +8,7 @@
 * `RoFormerEncoder`, `RoFormerMLM` — RoPE encoder (kexue.fm/archives/8265), MLM head.
 * `CausalLM` — decoder with a `KVCache`, `decode` and `generate`.
 * `GlobalPointerNER` — GlobalPointer / Efficient GlobalPointer span head, ZLPR loss.
+* `BIOTagger` — token-level softmax BIO tagging baseline on the same encoder.
 * `MultiLabelClassifier` — pooled encoder with a ZLPR multi-label head.
 * `ViT` — vision transformer with 2-D RoPE over patch positions (archive 8397).
 
@@ -28,6 +29,8 @@ from kexue.models.factory import (
     parse_model_config,
 )
 from kexue.models.layers import (
+    REMAT_CPU_COMPILER_OPTIONS,
+    REMAT_POLICIES,
     Attention,
     Dense,
     Embed,
@@ -39,10 +42,14 @@ from kexue.models.layers import (
     cross_entropy,
 )
 from kexue.models.roformer import (
+    BIOTagger,
     GlobalPointerNER,
     MultiLabelClassifier,
     RoFormerEncoder,
     RoFormerMLM,
+    bio_num_tags,
+    bio_span_scores,
+    bio_tags_from_spans,
     spans_to_indices,
 )
 from kexue.models.vit import ViT, patch_positions
@@ -51,7 +58,10 @@ __all__ = [
     "CACHE_AXES",
     "MODEL_KEYS",
     "MODEL_NAMES",
+    "REMAT_CPU_COMPILER_OPTIONS",
+    "REMAT_POLICIES",
     "Attention",
+    "BIOTagger",
     "CausalLM",
     "Dense",
     "Embed",
@@ -67,6 +77,9 @@ __all__ = [
     "TransformerBlock",
     "TransformerConfig",
     "ViT",
+    "bio_num_tags",
+    "bio_span_scores",
+    "bio_tags_from_spans",
     "build_model",
     "count_params",
     "cross_entropy",

@@ -25,6 +25,7 @@ from kexue.models.causal_lm import CausalLM
 from kexue.models.config import TRANSFORMER_KEYS, TransformerConfig, config_error
 from kexue.models.layers import Embed
 from kexue.models.roformer import (
+    BIOTagger,
     GlobalPointerNER,
     MultiLabelClassifier,
     RoFormerEncoder,
@@ -38,7 +39,8 @@ MODEL_KEYS: dict[str, dict[str, str]] = {
     "roformer_mlm": {"tie_embeddings": "tie_embeddings"},
     "causal_lm": {"tie_embeddings": "tie_embeddings"},
     "global_pointer_ner": {"num_types": "num_types", "gp_head_dim": "head_dim",
-                           "efficient": "efficient", "gp_loss": "loss"},
+                           "efficient": "efficient", "gp_loss": "loss", "gp_rope": "rope"},
+    "bio_tagger": {"num_types": "num_types"},
     "multilabel_classifier": {"num_classes": "num_classes", "pooling": "pooling"},
     "vit": {"image_size": "image_size", "patch_size": "patch_size",
             "num_classes": "num_classes", "num_channels": "num_channels"},
@@ -49,6 +51,7 @@ _CONSTRUCTORS: dict[str, Callable[..., nnx.Module]] = {
     "roformer_mlm": RoFormerMLM,
     "causal_lm": CausalLM,
     "global_pointer_ner": GlobalPointerNER,
+    "bio_tagger": BIOTagger,
     "multilabel_classifier": MultiLabelClassifier,
     "vit": ViT,
 }
@@ -99,9 +102,9 @@ def build_model(config: Any, *, rngs: nnx.Rngs) -> nnx.Module:
     """The model `config.model.name` names, built from `config.model`.
 
     Names: ``"roformer"`` (encoder only), ``"roformer_mlm"``, ``"causal_lm"``,
-    ``"global_pointer_ner"``, ``"multilabel_classifier"``, ``"vit"``. Parameters are
-    created with logical-axis metadata and without eager sharding; shard them with
-    `kexue.parallel.init_sharded` (jitted init straight onto the mesh) or
+    ``"global_pointer_ner"``, ``"bio_tagger"``, ``"multilabel_classifier"``, ``"vit"``.
+    Parameters are created with logical-axis metadata and without eager sharding;
+    shard them with `kexue.parallel.init_sharded` (jitted init straight onto the mesh) or
     `kexue.parallel.nnx_state_shardings`.
 
     Args:

@@ -5,6 +5,8 @@
   output embedding optionally tied to the input one).
 * `GlobalPointerNER`: span scores per entity type, GlobalPointer (archive 8373) or
   Efficient GlobalPointer (archive 8877), ZLPR loss dense or sparse (archive 7359).
+* `BIOTagger`: the token-level baseline of GlobalPointer, one softmax over the
+  `2·types + 1` BIO tags per token (`bio_tags_from_spans`, `bio_span_scores`).
 * `MultiLabelClassifier`: pooled encoder output → one ZLPR score per class.
 
 Every model returns float32 logits whatever its compute dtype.
@@ -18,8 +20,13 @@ import numpy as np
 from flax import nnx
 
 from kexue import ops
-from kexue.models.config import TransformerConfig, check_choice, check_positive_int
-from kexue.models.layers import Dense, Embed, Norm, Transformer, make_param
+from kexue.models.config import (
+    TransformerConfig,
+    check_choice,
+    check_positive_int,
+    config_error,
+)
+from kexue.models.layers import Dense, Embed, Norm, Transformer, cross_entropy, make_param
 
 GP_LOSSES = ("dense", "sparse")
 POOLINGS = ("cls", "mean")
@@ -107,12 +114,17 @@ class GlobalPointerNER(nnx.Module):
     `[D, types, d_gp]`, axes `(embed, types, head_dim)`), logits from
     `ops.global_pointer_logits`. Efficient GlobalPointer: one shared `q, k`
     (`[D, d_gp]` each) plus start/end biases `[q; k] W_s`, `[q; k] W_e` (`[2 d_gp,
-    types]`), logits from `ops.efficient_global_pointer_logits`. Both use RoPE with
-    the encoder's `rope_base` and `rope_layout`.
+    types]`), logits from `ops.efficient_global_pointer_logits`. Both rotate `q, k` by
+    RoPE with the encoder's `rope_base` and `rope_layout` (`rope=False`, config key
+    `model.gp_rope`, leaves them unrotated: the span score then cannot see `j − i`
+    except through the encoder's hidden states, the ablation of archive 8373).
     """
 
     def __init__(self, config: TransformerConfig, *, num_types: int, head_dim: int = 64,
-                 efficient: bool = False, loss: str = "dense", rngs: nnx.Rngs):
+                 efficient: bool = False, loss: str = "dense", rope: bool = True,
+                 rngs: nnx.Rngs):
+        if not isinstance(rope, bool | np.bool_):
+            raise config_error("gp_rope", "a bool", rope)
         check_positive_int("num_types", num_types)
         check_positive_int("gp_head_dim", head_dim)
         if head_dim % 2:
@@ -121,6 +133,7 @@ class GlobalPointerNER(nnx.Module):
         check_choice("gp_loss", loss, GP_LOSSES)
         c = config
         self.config, self.num_types, self.efficient, self.loss_kind = c, num_types, efficient, loss
+        self.rope = bool(rope)
         self.encoder = RoFormerEncoder(c, rngs=rngs)
         dense = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype, init_std=c.init_std,
                      rngs=rngs)
@@ -154,10 +167,20 @@ class GlobalPointerNER(nnx.Module):
             qk = jnp.concatenate([q, k], axis=-1)
             return ops.efficient_global_pointer_logits(
                 q, k, self.bias_start(qk).astype(jnp.float32),
-                self.bias_end(qk).astype(jnp.float32), mask=mask, base=c.rope_base,
-                layout=c.rope_layout)
-        return ops.global_pointer_logits(q, k, mask=mask, base=c.rope_base,
+                self.bias_end(qk).astype(jnp.float32), mask=mask, rope=self.rope,
+                base=c.rope_base, layout=c.rope_layout)
+        return ops.global_pointer_logits(q, k, mask=mask, rope=self.rope, base=c.rope_base,
                                          layout=c.rope_layout)
+
+    @staticmethod
+    def span_validity(logits: jax.Array, mask=None) -> jax.Array:
+        """Bool `[b, 1, n, n]`: span `(i, j)` exists (`i ≤ j`, both ends real tokens)."""
+        b, _, n, _ = logits.shape
+        valid = jnp.triu(jnp.ones((n, n), bool))
+        if mask is not None:
+            token = jnp.asarray(mask).astype(bool)
+            valid = valid & token[:, None, :, None] & token[:, None, None, :]
+        return jnp.broadcast_to(valid, (b, 1, n, n))
 
     def loss(self, logits: jax.Array, labels: jax.Array, *, mask=None) -> jax.Array:
         """Mean ZLPR loss over examples and types (each type is one multi-label problem).
@@ -171,11 +194,7 @@ class GlobalPointerNER(nnx.Module):
             with `end < start`, are excluded.
         """
         b, types, n, _ = logits.shape
-        valid = jnp.triu(jnp.ones((n, n), bool))
-        if mask is not None:
-            token = jnp.asarray(mask).astype(bool)
-            valid = valid & token[:, None, :, None] & token[:, None, None, :]
-        valid = jnp.broadcast_to(valid, (b, 1, n, n))
+        valid = self.span_validity(logits, mask)
         if self.loss_kind == "dense":
             if labels.shape != logits.shape:
                 raise ValueError(f"`labels` for the dense GlobalPointer loss must have the "
@@ -189,6 +208,31 @@ class GlobalPointerNER(nnx.Module):
                                             spans_to_indices(labels, types, n),
                                             mask=valid.reshape(b, 1, n * n))
         return jnp.mean(per_type)
+
+    def rdrop_loss(self, logits_a: jax.Array, logits_b: jax.Array, labels: jax.Array, *,
+                   alpha: float, mask=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """R-Drop objective over two dropout passes (kexue.fm/archives/8496, 9039).
+
+        `½ (L(s) + L(t)) + (α / 4) · mean_{b, types} D(s, t)`, with `L` this model's ZLPR
+        `loss`, `D(s, t) = Σ_{i ≤ j} (σ(s) − σ(t)) (s − t)` the GlobalPointer symmetric KL
+        (`ops.global_pointer_kl`, summed over the valid spans of one example and type).
+        Archive 8496 writes the R-Drop loss as `L₁ + L₂ + (α/2)(KL(P₁‖P₂) + KL(P₂‖P₁))`
+        per example; this is half of it (the scale of a single-pass loss), the same
+        `α / 4` as the post's implementation, where `α = 4` was used.
+
+        Args:
+          logits_a, logits_b: `[b, types, n, n]` logits of two passes (different dropout).
+          labels, mask: as for `loss`.
+          alpha: weight `α ≥ 0` of the divergence (0: the mean of the two losses).
+
+        Returns:
+          `(loss, {"zlpr": ½ (L(s) + L(t)), "gp_kl": mean D(s, t)})`, float32 scalars.
+        """
+        base = 0.5 * (self.loss(logits_a, labels, mask=mask)
+                      + self.loss(logits_b, labels, mask=mask))
+        divergence = jnp.mean(ops.global_pointer_kl(
+            logits_a, logits_b, mask=self.span_validity(logits_a, mask), axis=(-2, -1)))
+        return base + 0.25 * alpha * divergence, {"zlpr": base, "gp_kl": divergence}
 
     @staticmethod
     def decode(logits, *, threshold: float = 0.0) -> np.ndarray:
@@ -208,6 +252,114 @@ def spans_to_indices(spans: jax.Array, num_types: int, seq_len: int) -> jax.Arra
     flat = jnp.where(ok, start * seq_len + end, -1)  # [b, P]
     types = jnp.arange(num_types)[None, :, None]
     return jnp.where(kind[:, None, :] == types, flat[:, None, :], -1)
+
+
+def bio_num_tags(num_types: int) -> int:
+    """`2·types + 1` BIO tags: `0` = O, `1 + 2α` = B-α, `2 + 2α` = I-α."""
+    return 2 * num_types + 1
+
+
+def bio_tags_from_spans(spans: jax.Array, seq_len: int) -> tuple[jax.Array, jax.Array]:
+    """BIO tags `[b, n]` from `(type, start, end)` rows `[b, P, 3]` (−1 rows: padding).
+
+    BIO gives each token one tag, so overlapping (nested or crossing) spans cannot all
+    be written. Rule: a span is kept unless it overlaps a span that starts earlier,
+    or starts at the same token and is longer, or has the same extent and a smaller
+    type; kept spans never overlap each other (of two overlapping spans one outranks
+    the other). Tag ids as `bio_num_tags`.
+
+    Returns:
+      `(tags [b, n] int32, kept [b, P] bool)`: `kept` is False for padding rows and for
+      the gold spans the tags cannot represent.
+    """
+    spans = jnp.asarray(spans).astype(jnp.int32)
+    kind, start, end = spans[..., 0], spans[..., 1], spans[..., 2]
+    real = (kind >= 0) & (start >= 0) & (end >= start) & (end < seq_len)
+    # overlap[b, p, r]: span r overlaps span p; outranks[b, p, r]: r has priority over p.
+    overlap = ((start[:, :, None] <= end[:, None, :]) & (start[:, None, :] <= end[:, :, None])
+               & real[:, :, None] & real[:, None, :])
+    length_p, length_r = (end - start)[:, :, None], (end - start)[:, None, :]
+    outranks = ((start[:, None, :] < start[:, :, None])
+                | ((start[:, None, :] == start[:, :, None])
+                   & ((length_r > length_p)
+                      | ((length_r == length_p) & (kind[:, None, :] < kind[:, :, None])))))
+    kept = real & ~jnp.any(overlap & outranks, axis=-1)
+    position = jnp.arange(seq_len)[None, None, :]
+    begins = kept[..., None] & (position == start[..., None])                     # [b, P, n]
+    inside = kept[..., None] & (position > start[..., None]) & (position <= end[..., None])
+    tags = jnp.sum(begins * (1 + 2 * kind)[..., None] + inside * (2 + 2 * kind)[..., None],
+                   axis=1)
+    return tags.astype(jnp.int32), kept
+
+
+def bio_span_scores(tags: jax.Array, num_types: int, *, mask=None) -> jax.Array:
+    """Decoded BIO spans as GlobalPointer-shaped scores `[b, types, n, n]`: +1 / −1.
+
+    A span `(α, i, j)` is decoded iff token `i` is B-α, tokens `i+1 … j` are I-α and
+    token `j+1` is not I-α (or `j` is the last token): a B starts a span, the I's of
+    its type that follow extend it, and an I that does not continue a span of its type
+    (after O, another type, or the sequence start) starts nothing. Padding tokens
+    (`mask` False) read as O. The scores feed `ops.span_f1` / `ops.decode_spans` at
+    threshold 0, like GlobalPointer logits.
+
+    Args:
+      tags: int `[b, n]` tag ids (`bio_num_tags`).
+      num_types: entity types.
+      mask: optional `[b, n]` token validity.
+    """
+    tags = jnp.asarray(tags).astype(jnp.int32)
+    if mask is not None:
+        tags = jnp.where(jnp.asarray(mask).astype(bool), tags, 0)
+    types = jnp.arange(num_types)
+    is_begin = tags[:, None, :] == (1 + 2 * types)[None, :, None]              # [b, T, n]
+    is_inside = tags[:, None, :] == (2 + 2 * types)[None, :, None]
+    breaks = jnp.cumsum(~is_inside, axis=-1)  # equal at i and j iff i+1 … j are all I-α
+    continues = jnp.concatenate([is_inside[..., 1:], jnp.zeros_like(is_inside[..., :1])],
+                                axis=-1)
+    n = tags.shape[-1]
+    upper = jnp.triu(jnp.ones((n, n), bool))
+    spans = (is_begin[..., :, None] & (breaks[..., :, None] == breaks[..., None, :])
+             & ~continues[..., None, :] & upper)
+    return jnp.where(spans, 1.0, -1.0).astype(jnp.float32)
+
+
+class BIOTagger(nnx.Module):
+    """RoFormer encoder + a linear softmax head over BIO tags: the token-level baseline.
+
+    `logits = h W + b` with `W` of shape `[D, 2·types + 1]` (axes `(embed, classes)`);
+    trained by softmax cross-entropy over the real tokens, decoded to spans by
+    `bio_span_scores`. Used against `GlobalPointerNER` on the same encoder (archive
+    8373 compares GlobalPointer with CRF tagging).
+    """
+
+    def __init__(self, config: TransformerConfig, *, num_types: int, rngs: nnx.Rngs):
+        check_positive_int("num_types", num_types)
+        c = config
+        self.config, self.num_types = c, num_types
+        self.encoder = RoFormerEncoder(c, rngs=rngs)
+        self.head = Dense(c.width, bio_num_tags(num_types), in_axes=("embed",),
+                          out_axes=("classes",), dtype=c.compute_dtype,
+                          param_dtype=c.weight_dtype, init_std=c.init_std, rngs=rngs)
+
+    def __call__(self, tokens, *, mask=None, positions=None,
+                 deterministic: bool | None = None) -> jax.Array:
+        """float32 tag logits `[b, n, 2·types + 1]`."""
+        h = self.encoder(tokens, mask=mask, positions=positions, deterministic=deterministic)
+        return self.head(h).astype(jnp.float32)
+
+    @staticmethod
+    def loss(logits: jax.Array, tags: jax.Array, *, mask=None) -> jax.Array:
+        """Mean softmax cross-entropy over the real tokens (`mask`; None: all)."""
+        weights = None if mask is None else jnp.asarray(mask).astype(jnp.float32)
+        return cross_entropy(logits, tags, weights)
+
+    def span_scores(self, logits: jax.Array, *, mask=None) -> jax.Array:
+        """`bio_span_scores` of the arg-max tags: `[b, types, n, n]` of ±1."""
+        return bio_span_scores(jnp.argmax(logits, axis=-1), self.num_types, mask=mask)
+
+    def decode(self, logits, *, mask=None) -> np.ndarray:
+        """Spans `(batch, type, start, end)` of the arg-max tags (`ops.decode_spans`)."""
+        return ops.decode_spans(self.span_scores(logits, mask=mask))
 
 
 class MultiLabelClassifier(nnx.Module):

@@ -1,0 +1,45 @@
+"""Character-level NER on CLUENER 2020 with token-level BIO tagging: the GlobalPointer baseline.
+
+    python -m experiments.train --config configs/cluener_bio.py --workdir runs/bio
+
+The encoder, data, optimizer and schedule of `configs/cluener_globalpointer.py`, with
+a linear softmax head over the `2·types + 1` BIO tags per token (`model.name =
+"bio_tagger"`, `kexue.models.BIOTagger`) trained by cross-entropy over real tokens.
+The tags are made from the gold spans (a B on the first character, I's on the rest;
+overlapping gold spans cannot all be written, see `kexue.models.bio_tags_from_spans`)
+and the predicted tags are read back as spans (a B-x starts an x span, the I-x that
+follow extend it, an I-x without a B starts nothing). `eval/f1` counts the same span
+tp/fp/fn as GlobalPointer, against every gold span; `eval/bio_unrepresentable` is
+how many gold spans the tags could not hold (kexue.fm/archives/8373 compares
+GlobalPointer against CRF tagging).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+_GP_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cluener_globalpointer.py")
+_GP_ONLY_KEYS = ("gp_head_dim", "efficient", "gp_loss")
+
+PRESETS = {
+    "smoke": {
+        "model.width": 32, "model.num_layers": 1, "model.num_heads": 2, "model.mlp_dim": 64,
+        "data.batch_size": 8, "data.max_examples": 32,
+        "train.num_steps": 4, "train.log_every": 2, "train.eval_every": 4,
+        "train.checkpoint_every": 4,
+    },
+}
+
+
+def get_config(preset: str = "full") -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("_cluener_globalpointer_config", _GP_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(preset)
+    model = config.model.to_dict()
+    for key in _GP_ONLY_KEYS:
+        model.pop(key, None)
+    model["name"] = "bio_tagger"
+    config.model = ml_collections.ConfigDict(model)
+    return config

@@ -1,0 +1,251 @@
+"""NER variants: GlobalPointer without RoPE, the BIO tagging baseline, R-Drop's loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kexue import models
+from tests.models._configs import forward, model_config
+from tests.models.test_models import encoder_params
+
+
+def build(config, seed: int = 0):
+    return models.build_model(config, rngs=nnx.Rngs(seed))
+
+
+def bio_config(**overrides):
+    return model_config("bio_tagger", num_types=3, **overrides)
+
+
+# ------------------------------------------------------------------ parameter counts
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "expected"),
+    [
+        # RoPE has no parameters: the no-RoPE heads count exactly as the RoPE ones.
+        ("global_pointer_ner", {"gp_rope": False},
+         encoder_params(64, 32, 64, 4, 2) + 2 * (32 * 3 * 8 + 3 * 8)),
+        ("global_pointer_ner", {"gp_rope": False, "efficient": True},
+         encoder_params(64, 32, 64, 4, 2) + 2 * (32 * 8 + 8) + 2 * (16 * 3 + 3)),
+        # BIO: one D × (2·types + 1) kernel and its bias.
+        ("bio_tagger", {"num_types": 3}, encoder_params(64, 32, 64, 4, 2) + 32 * 7 + 7),
+    ],
+)
+def test_parameter_counts(name, overrides, expected):
+    config = model_config(name, num_layers=2, **overrides)
+    model = nnx.eval_shape(lambda: build(config))
+    assert models.count_params(model) == expected
+
+
+def test_bio_tagger_parameters_have_logical_axes():
+    model = nnx.eval_shape(lambda: build(bio_config()))
+    params = nnx.state(model, nnx.Param)
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert leaves
+    for variable in leaves:
+        axes = variable.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == len(variable.shape), variable
+    assert model.head.kernel.get_metadata()["out_sharding"] == ("embed", "classes")
+
+
+def test_bio_tagger_logits_shape_and_dtype(rng):
+    model = build(bio_config())
+    tokens = jnp.asarray(rng.integers(0, 64, (2, 9)), jnp.int32)
+    logits = forward(model, tokens, mask=jnp.ones((2, 9), bool))
+    assert logits.shape == (2, 9, 7) and logits.dtype == jnp.float32
+
+
+# ------------------------------------------------------------------ GlobalPointer without RoPE
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_gp_without_rope_scores_constant_hidden_states_the_same_everywhere(efficient):
+    # One token repeated: every attention output averages identical values, so every
+    # position has the same hidden state. Without RoPE the span head then scores every
+    # span i ≤ j the same; with RoPE the score moves with j − i.
+    n = 12
+    tokens = jnp.full((1, n), 5, jnp.int32)
+    upper = np.triu(np.ones((n, n), bool))
+    spread = {}
+    for rope in (False, True):
+        model = build(model_config("global_pointer_ner", gp_rope=rope, efficient=efficient))
+        logits = np.asarray(forward(model, tokens))[0]       # [types, n, n]
+        values = logits[:, upper]                             # [types, n(n+1)/2]
+        spread[rope] = np.max(values.max(-1) - values.min(-1))
+    assert spread[False] < 1e-5, spread
+    assert spread[True] > 1e-3, spread
+
+
+def test_gp_without_rope_equals_plain_inner_products_of_the_projections(rng):
+    model = build(model_config("global_pointer_ner", gp_rope=False))
+    b, n = 2, 7
+    tokens = jnp.asarray(rng.integers(0, 64, (b, n)), jnp.int32)
+    mask = jnp.asarray(np.arange(n)[None, :] < np.array([[n], [5]]))
+    logits = np.asarray(forward(model, tokens, mask=mask), np.float64)
+    h = np.asarray(forward(model.encoder, tokens, mask=mask), np.float64)
+    wq, bq = (np.asarray(model.query.kernel[...], np.float64),
+              np.asarray(model.query.bias[...], np.float64))
+    wk, bk = (np.asarray(model.key.kernel[...], np.float64),
+              np.asarray(model.key.bias[...], np.float64))
+    q = np.einsum("bnD,Dtd->bntd", h, wq) + bq
+    k = np.einsum("bnD,Dtd->bntd", h, wk) + bk
+    expected = np.einsum("bitd,bjtd->btij", q, k) / np.sqrt(q.shape[-1])
+    valid = np.broadcast_to(
+        np.triu(np.ones((n, n), bool))[None, None]
+        & np.asarray(mask)[:, None, :, None] & np.asarray(mask)[:, None, None, :], logits.shape)
+    np.testing.assert_allclose(logits[valid], expected[valid], rtol=1e-4, atol=1e-5)
+    assert np.all(logits[~valid] < -1e3)
+
+
+# ------------------------------------------------------------------ BIO tags and decoding
+
+# types = 2: O = 0, B-0 = 1, I-0 = 2, B-1 = 3, I-1 = 4.
+HAND_TAGS = [1, 2, 2, 0, 3, 4, 2, 4, 1, 1, 2, 4]
+# B-0 I-0 I-0 → (0, 0, 2); B-1 I-1 then I-0 (other type) → (1, 4, 5); the stray I-0 and
+# I-1 at 6, 7 start nothing; B-0 B-0 → (0, 8, 8) then (0, 9, 10); I-1 at 11 nothing.
+HAND_SPANS = [(0, 0, 2), (1, 4, 5), (0, 8, 8), (0, 9, 10)]
+
+
+def loop_decode(tags, num_types, length):
+    """A plain left-to-right reading of BIO tags (the reference)."""
+    spans, current = [], None   # current = [type, start, end]
+    for position in range(length):
+        tag = int(tags[position])
+        kind, inside = (tag - 1) // 2, tag > 0 and tag % 2 == 0
+        if current is not None and inside and kind == current[0]:
+            current[2] = position
+            continue
+        if current is not None:
+            spans.append(tuple(current))
+            current = None
+        if tag > 0 and not inside and kind < num_types:
+            current = [kind, position, position]
+    if current is not None:
+        spans.append(tuple(current))
+    return sorted(spans)
+
+
+def decoded(scores):
+    return sorted((int(t), int(i), int(j)) for _, t, i, j in models.GlobalPointerNER.decode(scores))
+
+
+def test_bio_decoding_matches_the_hand_written_example():
+    tags = jnp.asarray([HAND_TAGS], jnp.int32)
+    assert decoded(models.bio_span_scores(tags, 2)) == sorted(HAND_SPANS)
+    assert loop_decode(HAND_TAGS, 2, len(HAND_TAGS)) == sorted(HAND_SPANS)
+
+
+def test_bio_decoding_treats_padding_as_outside():
+    tags = jnp.asarray([HAND_TAGS], jnp.int32)
+    mask = jnp.asarray([np.arange(len(HAND_TAGS)) < 10])  # cuts the span (0, 9, 10) to (0, 9, 9)
+    assert decoded(models.bio_span_scores(tags, 2, mask=mask)) == sorted(
+        [(0, 0, 2), (1, 4, 5), (0, 8, 8), (0, 9, 9)])
+
+
+def test_bio_decoding_matches_a_loop_reference_on_random_tags(rng):
+    types, b, n = 3, 16, 15
+    tags = rng.integers(0, models.bio_num_tags(types), (b, n))
+    lengths = rng.integers(1, n + 1, b)
+    mask = np.arange(n)[None, :] < lengths[:, None]
+    scores = jax.jit(models.bio_span_scores, static_argnums=1)(jnp.asarray(tags), types,
+                                                                mask=jnp.asarray(mask))
+    rows = models.GlobalPointerNER.decode(scores)
+    for example in range(b):
+        got = sorted((int(t), int(i), int(j)) for e, t, i, j in rows if e == example)
+        assert got == loop_decode(tags[example], types, int(lengths[example])), example
+
+
+def test_bio_tagger_decode_reads_the_argmax_tags():
+    model = build(bio_config())
+    tags = np.array([[1, 2, 0, 5, 6, 6, 0], [3, 3, 4, 0, 0, 0, 0]])
+    logits = jnp.asarray(np.eye(7)[tags] * 5.0, jnp.float32)
+    mask = jnp.asarray([[True] * 7, [True] * 3 + [False] * 4])
+    rows = model.decode(logits, mask=mask)
+    assert sorted(map(tuple, rows.tolist())) == [(0, 0, 0, 1), (0, 2, 3, 5), (1, 1, 0, 0),
+                                                 (1, 1, 1, 2)]
+
+
+def spans_array(rows, width=4):
+    out = np.full((1, width, 3), -1, np.int32)
+    out[0, :len(rows)] = rows
+    return jnp.asarray(out)
+
+
+def test_bio_tags_from_spans_by_hand():
+    # (type, start, end): (1, 0, 1) and (0, 3, 5) are disjoint; (2, 4, 4) nests in the
+    # second, which starts earlier, so it is the one BIO cannot hold.
+    tags, kept = models.bio_tags_from_spans(spans_array([(1, 0, 1), (0, 3, 5), (2, 4, 4)]), 7)
+    # O = 0, B-0 = 1, I-0 = 2, B-1 = 3, I-1 = 4, B-2 = 5, I-2 = 6.
+    assert np.asarray(tags).tolist() == [[3, 4, 0, 1, 2, 2, 0]]
+    assert np.asarray(kept).tolist() == [[True, True, False, False]]
+
+
+def test_bio_tags_from_spans_priority_rules():
+    # Same start: the longer wins; same extent: the smaller type wins.
+    tags, kept = models.bio_tags_from_spans(spans_array([(0, 2, 2), (1, 2, 4), (2, 2, 4)]), 6)
+    assert np.asarray(kept).tolist() == [[False, True, False, False]]
+    assert np.asarray(tags).tolist() == [[0, 0, 3, 4, 4, 0]]
+
+
+def test_bio_round_trip_of_disjoint_spans(rng):
+    types, n = 4, 20
+    for _ in range(20):
+        cuts = np.sort(rng.choice(np.arange(1, n), size=6, replace=False))
+        pieces = np.split(np.arange(n), cuts)
+        rows = [(int(rng.integers(types)), int(p[0]), int(p[-1]))
+                for p in pieces if rng.random() < 0.6]
+        spans = spans_array(rows, width=8)
+        tags, kept = models.bio_tags_from_spans(spans, n)
+        assert np.asarray(kept)[0, :len(rows)].all() and not np.asarray(kept)[0, len(rows):].any()
+        assert decoded(models.bio_span_scores(tags, types)) == sorted(rows)
+
+
+def test_bio_loss_is_cross_entropy_over_real_tokens(rng):
+    logits = rng.normal(size=(2, 5, 7))
+    tags = rng.integers(0, 7, (2, 5))
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, tags[..., None], -1)[..., 0]
+    expected = nll[mask].mean()
+    got = models.BIOTagger.loss(jnp.asarray(logits, jnp.float32), jnp.asarray(tags),
+                                mask=jnp.asarray(mask))
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ dropout, errors
+
+
+def test_two_calls_in_training_mode_draw_different_dropout_masks(rng):
+    model = build(model_config("global_pointer_ner", dropout_rate=0.3))
+    tokens = jnp.asarray(rng.integers(0, 64, (2, 8)), jnp.int32)
+
+    @nnx.jit
+    def twice(model, tokens):
+        return model(tokens), model(tokens)
+
+    first, second = twice(model, tokens)
+    assert not np.allclose(first, second)
+    again, _ = twice(model, tokens)            # the stream moved on: new masks again
+    assert not np.allclose(first, again)
+    model.eval()
+    first, second = twice(model, tokens)
+    np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "key"),
+    [
+        ("global_pointer_ner", {"gp_rope": "yes"}, "model.gp_rope"),
+        ("global_pointer_ner", {"gp_rope": 1}, "model.gp_rope"),
+        ("bio_tagger", {"num_types": 0}, "model.num_types"),
+        ("bio_tagger", {"num_types": 3, "gp_rope": False}, "model.gp_rope"),
+    ],
+)
+def test_bad_values_raise_naming_the_key(name, overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build(model_config(name, **overrides))
