@@ -3,8 +3,13 @@
     python -m benchmarks.lm            # a few minutes on two CPU cores
     python -m benchmarks.lm --quick    # tiny shapes, well under a minute
 
-1. **Measured peak**: float32 `jnp.dot` of square matrices, jitted, median time →
-   GFLOP/s; the best size is the peak every MFU below is divided by.
+1. **Measured peak**: `jnp.dot` of square matrices (float32 on CPU, bf16 on GPU/TPU),
+   jitted, median time → GFLOP/s; the best size is the peak every MFU below is divided
+   by. On a GPU/TPU the device's nominal dense bf16 peak is printed too, with the MFU
+   against it. On a GPU/TPU the throughput cases are a ~124M-parameter GPT (width 768,
+   12 layers, 50304-token tied vocabulary, bf16 compute, cuDNN fused attention on
+   NVIDIA GPUs via `model.attention_implementation`) at batch 16 × 1024, and the
+   `configs/lm_stdlib.py` model.
 2. **Throughput and MFU**: the product train step (`kexue.train.make_train_step`:
    forward, cross-entropy, backward, non-finite guard, optimizer update; jitted with
    the state donated and `optim.CPU_COMPILER_OPTIONS` on CPU) for AdamW and Amos, on a
@@ -74,8 +79,41 @@ def lm_stdlib_model() -> tuple[dict[str, Any], int, int]:
     return model, int(config.data.batch_size), int(config.data.seq_len)
 
 
+def on_accelerator() -> bool:
+    return jax.default_backend() in ("gpu", "tpu")
+
+
+def peak_dtype() -> Any:
+    """The compute dtype the peak is measured in: bf16 on GPU/TPU, float32 on CPU."""
+    return jnp.bfloat16 if on_accelerator() else jnp.float32
+
+
+#: Nominal dense bf16 peaks (FLOP/s, no sparsity) by device-kind substring.
+NOMINAL_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "v5p": 459e12,
+                     "v5 lite": 197e12, "v4": 275e12}
+
+
+def nominal_peak() -> tuple[str, float] | None:
+    kind = jax.devices()[0].device_kind
+    for name, flops in NOMINAL_BF16_PEAK.items():
+        if name.lower() in kind.lower():
+            return kind, flops
+    return None
+
+
+def gpt_125m() -> dict[str, Any]:
+    """A GPT-2-small-sized LM (~124M parameters with the tied 50304-token embedding),
+    bf16 compute, cuDNN fused attention on GPU."""
+    return dict(width=768, num_layers=12, num_heads=12, mlp_dim=3072, vocab_size=50304,
+                tie_embeddings=True, norm="rmsnorm", rope_layout="half", dtype="bfloat16",
+                attention_implementation="cudnn" if jax.default_backend() == "gpu" else None)
+
+
 def full_cases() -> list[LMCase]:
     stdlib, batch, seq_len = lm_stdlib_model()
+    if on_accelerator():
+        return [LMCase("~125M GPT (D 768, L 12, bf16)", gpt_125m(), 16, 1024),
+                LMCase("lm_stdlib default (D 256, L 4, F 1024)", stdlib, batch, seq_len)]
     wide = dict(width=1024, num_layers=2, num_heads=16, mlp_dim=4096, vocab_size=261,
                 tie_embeddings=True, norm="rmsnorm", rope_layout="half")
     return [LMCase("matmul-heavy (D 1024, L 2, F 4096)", wide, 4, 256),
@@ -92,10 +130,10 @@ def quick_cases() -> list[LMCase]:
 
 
 def matmul(size: int) -> Callable[[], jax.Array]:
-    """A zero-argument jitted float32 `jnp.dot` of two `[size, size]` matrices."""
+    """A zero-argument jitted `jnp.dot` of two `[size, size]` matrices (`peak_dtype()`)."""
     key_a, key_b = jax.random.split(jax.random.key(size))
-    a = jax.random.normal(key_a, (size, size), jnp.float32)
-    b = jax.random.normal(key_b, (size, size), jnp.float32)
+    a = jax.random.normal(key_a, (size, size), peak_dtype())
+    b = jax.random.normal(key_b, (size, size), peak_dtype())
     dot = jax.jit(jnp.dot)
     return lambda: dot(a, b)
 
@@ -356,13 +394,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
+    if on_accelerator() and not args.quick:
+        size = {**size, "peak_sizes": (4096, 8192, 16384), "repeats": 10}
     cases = quick_cases() if args.quick else full_cases()
 
     print(f"## Causal LM training ({today()}; {machine_description()})\n")
     print(f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}, "
           f"optax {optax.__version__}, numpy {np.__version__}.\n")
     peak, peak_size, peak_rows = matmul_peak(size["peak_sizes"], repeats=size["peak_repeats"])
-    print("### Measured peak: float32 matmul\n")
+    print(f"### Measured peak: {jnp.dtype(peak_dtype()).name} matmul\n")
     print(markdown_table(["size", "time (ms)", "GFLOP/s"], peak_rows))
     print(f"\nmeasured peak = {peak / 1e9:.1f} GFLOP/s (best size, {peak_size}). The "
           f"{peak_size} matmul is re-timed inside each loop below; MFU divides by the "
@@ -375,6 +415,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "step (ms)", "tokens/s", "GFLOP/s", "MFU (of measured peak)"],
                          rows))
     print(f"\npeak used for MFU: {used_peak / 1e9:.1f} GFLOP/s.")
+    nominal = nominal_peak()
+    if nominal is not None:
+        kind, flops = nominal
+        print(f"Nominal dense bf16 peak of {kind}: {flops / 1e12:.1f} TFLOP/s; MFU against it "
+              "= GFLOP/s column ÷ " + f"{flops / 1e9:.0f}: " + ", ".join(
+                  f"{row[0]} {row[1]} {float(row[7]) * 1e9 / flops:.0%}" for row in rows))
     breakdown = [row for case in cases for row in
                  breakdown_rows(case, peak, peak_size, repeats=size["repeats"])]
     print("\n### Where the step's time goes (jitted pieces; forward = 1/3 of model FLOPs)\n")

@@ -20,6 +20,8 @@ NORM_POSITIONS = ("pre", "post")
 ROPE_LAYOUTS = ("interleaved", "half")
 ATTENTION_SCALES = ("standard", "entropy_invariant")
 DTYPES = ("float32", "bfloat16", "float16")
+#: `jax.nn.dot_product_attention` implementations (None: XLA picks; "cudnn": GPU only).
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 #: Rematerialisation policies of `TransformerConfig.remat` (see its docstring).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -67,6 +69,9 @@ class TransformerConfig:
       attention_scale: ``"standard"`` (`1/√d`) or ``"entropy_invariant"``
         (`log_b(n)/√d`, kexue.fm/archives/8823).
       entropy_base: `b` of the entropy-invariant scale.
+      attention_implementation: the `implementation` of `jax.nn.dot_product_attention`
+        behind `ops.dot_product_attention`: None (XLA's choice), ``"xla"`` or
+        ``"cudnn"`` (fused cuDNN flash attention; NVIDIA GPUs, bf16/fp16 compute only).
       dropout_rate: dropout on the embeddings and on each residual branch.
       dtype: compute dtype of matmuls (``"float32"`` or ``"bfloat16"``); norms,
         softmax statistics and returned logits stay float32.
@@ -100,6 +105,7 @@ class TransformerConfig:
     rope_dims: int = 1
     attention_scale: str = "standard"
     entropy_base: float = 512.0
+    attention_implementation: str | None = None
     dropout_rate: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -127,6 +133,12 @@ class TransformerConfig:
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("param_dtype", self.param_dtype, DTYPES)
         check_choice("remat", self.remat, REMAT_POLICIES)
+        check_choice("attention_implementation", self.attention_implementation,
+                     ATTENTION_IMPLEMENTATIONS)
+        if self.attention_implementation == "cudnn" and self.dtype == "float32":
+            raise config_error("attention_implementation", "'cudnn' only with model.dtype "
+                               "'bfloat16' or 'float16' (cuDNN's fused attention)",
+                               f"cudnn with dtype {self.dtype}")
         if self.rotary_dim is not None:
             check_positive_int("rotary_dim", self.rotary_dim)
         step = 2 * self.rope_dims

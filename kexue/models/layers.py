@@ -238,7 +238,8 @@ class Attention(nnx.Module):
             cache = LayerCache(k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         out = ops.dot_product_attention(q, k, v, mask=mask, scale=c.attention_scale,
-                                        entropy_base=c.entropy_base)
+                                        entropy_base=c.entropy_base,
+                                        implementation=c.attention_implementation)
         return self.out(out), cache
 
 

@@ -65,3 +65,12 @@ def test_head_rows_count_parameters():
     efficient = 2 * (width * head_dim + head_dim) + 2 * (2 * head_dim * types + types)
     assert [int(row[2].replace(",", "")) for row in rows] == [dense, efficient]
     assert all(float(row[3]) > 0 for row in rows)
+
+
+def test_accelerator_case_is_gpt2_small_sized():
+    """The GPU/TPU case is the ~125M-parameter LM issue 8 asks for (built abstractly here)."""
+    from benchmarks import lm
+
+    case = lm.LMCase("gpt", lm.gpt_125m(), 16, 1024)
+    assert 120e6 < lm.num_params(case) < 130e6
+    assert case.model["dtype"] == "bfloat16"
