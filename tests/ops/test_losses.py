@@ -28,8 +28,9 @@ def grad_of(fn):
 def log1p_sum_exp_ref(a: np.ndarray, weights: np.ndarray) -> float:
     """`log(1 + Σ w e^a)` in float64 with the max pulled out by hand."""
     a, weights = np.asarray(a, np.float64), np.asarray(weights, np.float64)
-    top = max(0.0, float(np.max(a[weights > 0]))) if np.any(weights > 0) else 0.0
-    return top + np.log(np.exp(-top) + np.sum(weights * np.exp(a - top)))
+    used = weights > 0  # entries of weight 0 are left out (their e^(a−top) may overflow)
+    top = max(0.0, float(np.max(a[used]))) if np.any(used) else 0.0
+    return top + np.log(np.exp(-top) + np.sum(weights[used] * np.exp(a[used] - top)))
 
 
 def zlpr_ref(s: np.ndarray, t: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
