@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kexue import models, ops, optim
-from kexue.data import DataIterator, default_data_config, make_dataset
+from kexue.data import CLUENER_TYPES, DataIterator, default_data_config, make_dataset
 from kexue.parallel import MESH_AXES
 from kexue.train import LoopConfig
 
@@ -51,9 +51,9 @@ TOP_KEYS = ("preset", "seed", "data", "model", "optimizer", "train", "mesh", "ob
             "eval")
 #: Allowed keys of `config.objective` and `config.eval` for each `data.task`.
 TASK_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
-    "lm": {"objective": (), "eval": ("sample_prompt", "sample_tokens")},
+    "lm": {"objective": (), "eval": ("sample_prompt", "sample_tokens", "lengths")},
     "mlm": {"objective": ("positions",), "eval": ("lengths",)},
-    "ner": {"objective": (), "eval": ()},
+    "ner": {"objective": ("rdrop_alpha",), "eval": ()},
     "multilabel": {"objective": ("loss",), "eval": ()},
 }
 POSITIONS = ("contiguous", "random_equal_mean")
@@ -166,16 +166,37 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if task == "multilabel" and objective.get("loss", "zlpr") not in MULTILABEL_LOSSES:
         raise ValueError(f"config key `objective.loss`: expected one of "
                          f"{list(MULTILABEL_LOSSES)}; got {objective.loss!r}")
-    if task == "mlm":
-        lengths = tuple(config.get("eval", {}).get("lengths", ()))
-        if not lengths or not all(isinstance(n, int) and n > 0 for n in lengths):
+    if task == "ner":
+        _check_rdrop(objective.get("rdrop_alpha", 0.0), config.model.get("name"))
+    if task == "mlm" or (task == "lm" and "lengths" in config.get("eval", {})):
+        lengths = config.get("eval", {}).get("lengths", ())
+        if (not isinstance(lengths, tuple | list) or not lengths
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                           for n in lengths) or len(set(lengths)) != len(lengths)):
             raise ValueError(f"config key `eval.lengths`: expected a non-empty tuple of "
-                             f"positive ints; got {lengths!r}")
+                             f"distinct positive ints; got {lengths!r}")
+        if task == "lm" and any(max(lengths) % n for n in lengths):
+            raise ValueError(f"config key `eval.lengths`: expected lengths that divide the "
+                             f"largest, {max(lengths)} (every length is cut from the same "
+                             f"windows of that length); got {tuple(lengths)!r}")
     train = LoopConfig.from_config(config.train)
     if train.best_metric and train.eval_every and train.checkpoint_every % train.eval_every:
         raise ValueError(f"config key `train.checkpoint_every`: expected a multiple of "
                          f"`train.eval_every` = {train.eval_every} (the best checkpoint is "
                          f"tracked at eval steps); got {train.checkpoint_every}")
+
+
+def _check_rdrop(alpha: Any, model_name: Any) -> None:
+    """`objective.rdrop_alpha`: a number ≥ 0, and > 0 only for GlobalPointer models."""
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha >= 0 \
+            or not math.isfinite(alpha):
+        raise ValueError(f"config key `objective.rdrop_alpha`: expected a finite number >= 0 "
+                         f"(0: off); got {alpha!r}")
+    if alpha > 0 and model_name != "global_pointer_ner":
+        raise ValueError(f"config key `objective.rdrop_alpha`: R-Drop uses the GlobalPointer "
+                         f"divergence, so it needs model.name='global_pointer_ner' (or "
+                         f"rdrop_alpha=0); got rdrop_alpha={alpha!r} with model.name="
+                         f"{model_name!r}")
 
 
 def check_against_mesh(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -430,12 +451,34 @@ def build_task(config: ml_collections.ConfigDict, mesh: Mesh) -> Task:
 
 
 def _lm(config):
+    """Next-token loss; eval at `data.seq_len` and at each of `eval.lengths` (optional).
+
+    `eval/loss`, `bits_per_byte` and `tokens` are over `data.eval_batches` batches of
+    windows of the training length, as without `eval.lengths`. The lengths are scored
+    on one common text: the eval split is cut into windows of `L_max + 1` tokens
+    (`L_max`: the largest length; `data.eval_batches` batches of them), and each is cut
+    again into `L_max / L` windows of `L + 1` tokens overlapping by one, exactly the
+    windows the pipeline makes at length `L`. So every length predicts the same target
+    tokens, once each, and only the context they see differs. Per length: `loss_<L>`
+    (nats/token), `bits_per_byte_<L>` (bits/token: bytes for the byte tokenizer),
+    `perplexity_<L>`, `tokens_<L>` (targets scored) and the same over the tail, the
+    target positions `j ≥ ⌊3L/4⌋` of each window (`loss_tail_<L>`,
+    `bits_per_byte_tail_<L>`, `perplexity_tail_<L>`, `tokens_tail_<L>`): a window's
+    average mixes in early positions with short contexts, while the tail is where a
+    model trained at a shorter length has to extrapolate (kexue.fm/archives/8823).
+    """
+    lengths = tuple(int(n) for n in config.get("eval", {}).get("lengths", ()))
+    longest = max(lengths, default=0)
+
     def stats(model, batch):
         tokens, weights = batch["tokens"], batch["weights"]
         logits = model(tokens[:, :-1])
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
-        return {"nll": jnp.sum(nll * weights), "tokens": jnp.sum(weights)}
+        n = weights.shape[1]
+        tail = weights * (jnp.arange(n) >= (3 * n) // 4)[None, :]
+        return {"nll": jnp.sum(nll * weights), "tokens": jnp.sum(weights),
+                "tail_nll": jnp.sum(nll * tail), "tail_tokens": jnp.sum(tail)}
 
     def loss_fn(model, batch, rng):
         del rng
@@ -447,9 +490,39 @@ def _lm(config):
         del rng
         total = _scan_sums(stats, model, batch["eval"])
         loss = _ratio(total["nll"], total["tokens"])
-        return loss, {"bits_per_byte": loss / math.log(2), "tokens": total["tokens"]}
+        metrics = {"bits_per_byte": loss / math.log(2), "tokens": total["tokens"]}
+        for length in lengths:
+            total = _scan_sums(stats, model, _split_windows(batch["longest"], length))
+            at = _ratio(total["nll"], total["tokens"])
+            tail = _ratio(total["tail_nll"], total["tail_tokens"])
+            metrics.update({
+                f"loss_{length}": at, f"bits_per_byte_{length}": at / math.log(2),
+                f"perplexity_{length}": jnp.exp(at), f"tokens_{length}": total["tokens"],
+                f"loss_tail_{length}": tail, f"bits_per_byte_tail_{length}": tail / math.log(2),
+                f"perplexity_tail_{length}": jnp.exp(tail),
+                f"tokens_tail_{length}": total["tail_tokens"]})
+        return loss, metrics
 
-    return loss_fn, eval_fn, {"eval": None}, lambda batch: int(batch["weights"].size)
+    groups: dict[str, int | None] = {"eval": None}
+    if lengths:
+        groups["longest"] = longest
+    return loss_fn, eval_fn, groups, lambda batch: int(batch["weights"].size)
+
+
+def _split_windows(stacked: dict[str, jax.Array], length: int) -> dict[str, jax.Array]:
+    """Stacked LM windows `[B, K, N + 1]` → `[B, K·N/L, L + 1]`, the windows of length `L`.
+
+    Window `j` of a long one holds its tokens `j·L … j·L + L` (overlapping the next by
+    one, as the pipeline cuts them) and the weights of its targets `j·L … j·L + L − 1`.
+    """
+    tokens, weights = stacked["tokens"], stacked["weights"]
+    b, k, n = weights.shape
+    pieces = n // length
+    inputs = tokens[:, :, :n].reshape(b, k, pieces, length)
+    last = tokens[:, :, length::length].reshape(b, k, pieces, 1)  # next window's first
+    tokens = jnp.concatenate([inputs, last], axis=-1)
+    return {"tokens": tokens.reshape(b, k * pieces, length + 1),
+            "weights": weights.reshape(b, k * pieces, length)}
 
 
 def _mlm(config):
@@ -511,10 +584,25 @@ def _span_rows(span_indices: jax.Array, n: int) -> jax.Array:
 
 
 def _ner(config):
+    """Span NER: GlobalPointer (ZLPR, optional R-Drop) or the BIO tagging baseline.
+
+    Both report span `precision`, `recall`, `f1` from tp/fp/fn summed over the set
+    (`ops.span_f1` against the gold spans). The BIO tagger trains on tags built from
+    the gold spans (`models.bio_tags_from_spans`) and its arg-max tags are decoded to
+    spans (`models.bio_span_scores`); `gold_spans` and `bio_unrepresentable` (gold
+    spans the tags cannot hold: overlapping ones) are reported with it, and the
+    unrepresentable spans stay in the gold set, so they count as misses.
+    `objective.rdrop_alpha = α > 0` (GlobalPointer only): two dropout passes per step,
+    `model.rdrop_loss` (kexue.fm/archives/8496, 9039).
+    """
     sparse = config.model.get("gp_loss", "dense") == "sparse"
     types = int(config.model.num_types)
+    bio = config.model.name == "bio_tagger"
+    alpha = float(config.get("objective", {}).get("rdrop_alpha", 0.0))
 
     def labels_for(batch, n):
+        if bio:
+            return models.bio_tags_from_spans(_span_rows(batch["span_indices"], n), n)[0]
         if sparse:
             return _span_rows(batch["span_indices"], n)
         return _span_labels(batch["span_indices"], types, n)
@@ -523,22 +611,36 @@ def _ner(config):
         del rng
         n = batch["tokens"].shape[1]
         logits = model(batch["tokens"], mask=batch["mask"])
-        return model.loss(logits, labels_for(batch, n), mask=batch["mask"]), {}
+        labels = labels_for(batch, n)
+        if alpha > 0:  # a second pass: the module's dropout stream draws new masks
+            again = model(batch["tokens"], mask=batch["mask"])
+            return model.rdrop_loss(logits, again, labels, alpha=alpha, mask=batch["mask"])
+        return model.loss(logits, labels, mask=batch["mask"]), {}
 
     def stats(model, batch):
         n = batch["tokens"].shape[1]
         logits = model(batch["tokens"], mask=batch["mask"])
-        counts = ops.span_f1(logits, _span_labels(batch["span_indices"], types, n),
+        scores = model.span_scores(logits, mask=batch["mask"]) if bio else logits
+        counts = ops.span_f1(scores, _span_labels(batch["span_indices"], types, n),
                              mask=batch["mask"])
         loss = model.loss(logits, labels_for(batch, n), mask=batch["mask"])
         rows = jnp.sum(batch["example_weights"])
-        return {"tp": counts["tp"], "fp": counts["fp"], "fn": counts["fn"],
-                "loss_sum": loss * rows, "rows": rows}
+        out = {"tp": counts["tp"], "fp": counts["fp"], "fn": counts["fn"],
+               "loss_sum": loss * rows, "rows": rows}
+        if bio:
+            spans = _span_rows(batch["span_indices"], n)
+            kept = models.bio_tags_from_spans(spans, n)[1]
+            gold = jnp.sum(spans[..., 0] >= 0)
+            out.update(gold_spans=gold, bio_unrepresentable=gold - jnp.sum(kept))
+        return out
 
     def eval_fn(model, batch, rng):
         del rng
         total = _scan_sums(stats, model, batch["eval"])
         scores = ops.f1_from_counts(total["tp"], total["fp"], total["fn"])
+        if bio:
+            scores.update(gold_spans=total["gold_spans"],
+                          bio_unrepresentable=total["bio_unrepresentable"])
         return _ratio(total["loss_sum"], total["rows"]), scores
 
     return loss_fn, eval_fn, {"eval": None}, lambda batch: int(np.sum(batch["mask"]))
@@ -547,6 +649,9 @@ def _ner(config):
 def _multilabel(config):
     kind = config.get("objective", {}).get("loss", "zlpr")
     classes = int(config.model.num_classes)
+    # `eval/f1_<type>`: F1 of each class over the set, named by its CLUENER type.
+    names = (CLUENER_TYPES if len(CLUENER_TYPES) == classes
+             else tuple(f"class{i}" for i in range(classes)))
 
     def loss_of(logits, labels, weights):
         if kind == "zlpr":
@@ -578,6 +683,7 @@ def _multilabel(config):
         per_class = ops.f1_from_counts(total["tp"], total["fp"], total["fn"])["f1"]
         return _ratio(total["loss_sum"], total["rows"]), {
             "micro_f1": micro["f1"], "micro_precision": micro["precision"],
-            "micro_recall": micro["recall"], "macro_f1": jnp.sum(per_class) / classes}
+            "micro_recall": micro["recall"], "macro_f1": jnp.sum(per_class) / classes,
+            **{f"f1_{name}": per_class[i] for i, name in enumerate(names)}}
 
     return loss_fn, eval_fn, {"eval": None}, lambda batch: int(np.sum(batch["mask"]))
