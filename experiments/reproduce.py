@@ -39,6 +39,11 @@ RESULTS_MD = ROOT / "docs" / "results.md"
 #: (imported only when the study is chosen).
 STUDIES: dict[str, str] = {
     "entropy_invariance": "experiments.studies.entropy_invariance",
+    "globalpointer": "experiments.studies.globalpointer",
+    "rdrop": "experiments.studies.rdrop",
+    "lm_extrapolation": "experiments.studies.lm_extrapolation",
+    "multilabel": "experiments.studies.multilabel",
+    "optimizers": "experiments.studies.optimizers",
 }
 
 

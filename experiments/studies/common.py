@@ -77,6 +77,10 @@ def train_run(config_file: str, preset: str, overrides: Mapping[str, Any],
                train_data=task.train_data, mesh=mesh, config=task.config.train,
                workdir=os.fspath(workdir), eval_data=task.eval_data, eval_fn=task.eval_fn,
                tokens_in=task.tokens_in, log=lambda message: None)
+    if not final_path.exists():  # stopped by SIGTERM/SIGINT: checkpoint saved, not finished
+        raise RuntimeError(f"the run in {workdir} stopped before its last step (a "
+                           "preemption signal); its checkpoint is saved: rerun the same "
+                           "command to resume it and finish the study")
     return json.loads(final_path.read_text())
 
 

@@ -1,0 +1,204 @@
+"""Study 1, causal LM: bits/byte vs evaluation length, standard vs entropy-invariant scale.
+
+A byte-level pre-norm RoPE decoder (`configs/lm_stdlib.py`, made small) trained at
+length 64 on the stdlib corpus with attention scale `standard` (`1/√d`) or
+`entropy_invariant` (`log_512(n_i)/√d`, n_i the keys query i sees; kexue.fm/archives/
+8823), one run per seed, then scored at lengths 64 … 1024 (`eval.lengths` of the lm
+task): every length predicts the same held-out bytes (windows of 1024 cut into shorter
+ones), over whole windows (`bits_per_byte_<L>`) and over the tail, the last quarter of
+the positions of each window (`bits_per_byte_tail_<L>`), where a model trained at 64
+has to use contexts longer than it ever saw. SPEC §3, §7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments.studies.common import flag_value, summary, train_command, train_run
+
+LM_CONFIG = "configs/lm_stdlib.py"
+TRAIN_LENGTH = 64
+LENGTHS = (64, 128, 256, 512, 1024)
+#: (name, model.attention_scale)
+VARIANTS = (("standard", "standard"), ("entropy-invariant", "entropy_invariant"))
+#: Study presets: (the config file's preset, overrides, default steps). The config
+#: file's "full" model (width 256, 4 layers, length 128) is shrunk so that the 6 runs
+#: of 600 steps take 13.9 CPU-minutes in all (37.6 min wall on the shared 2-core
+#: development machine; about 10-15 min alone on two idle cores).
+PRESETS: dict[str, tuple[str, dict[str, Any], int]] = {
+    "default": ("full", {
+        "model.width": 128, "model.num_layers": 2, "model.num_heads": 4,
+        "model.mlp_dim": 512, "data.batch_size": 32, "data.eval_batches": 4,
+    }, 600),
+    "smoke": ("smoke", {
+        "model.width": 16, "model.num_layers": 1, "model.num_heads": 2,
+        "model.mlp_dim": 32, "data.batch_size": 8, "data.eval_batches": 1,
+        "train.tensorboard": False,
+    }, 2),
+}
+
+
+def _overrides(preset: str, steps: int, seed: int, scale: str) -> dict[str, Any]:
+    _, overrides, _ = PRESETS[preset]
+    return {
+        **overrides,
+        "model.attention_scale": scale,
+        "data.seq_len": TRAIN_LENGTH,
+        "eval.lengths": LENGTHS,
+        "eval.sample_tokens": 0,
+        "seed": seed, "train.seed": seed, "data.seed": seed,
+        "train.num_steps": steps,
+        "train.log_every": max(steps // 10, 1),
+        "train.eval_every": steps,
+        "train.checkpoint_every": steps,
+        "train.keep_checkpoints": 1,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Trains the 2 variants × seeds; returns the results record."""
+    config_preset, preset_overrides, default_steps = PRESETS[args.preset]
+    steps = args.steps or default_steps
+    runs_root = Path(args.runs) / "lm_extrapolation" / f"{args.preset}-{steps}steps"
+    variants: dict[str, Any] = {}
+    tokens: dict[str, dict[str, float]] = {}
+    started = time.perf_counter()
+    for name, scale in VARIANTS:
+        whole: dict[str, dict[str, float]] = {}
+        tail: dict[str, dict[str, float]] = {}
+        commands, seconds, reused, at_train = {}, {}, [], {}
+        for seed in args.seeds:
+            overrides = _overrides(args.preset, steps, seed, scale)
+            workdir = runs_root / f"{scale}-seed{seed}"
+            print(f"[reproduce] {name}, seed {seed}: {workdir}", flush=True)
+            run_started = time.perf_counter()
+            final = train_run(LM_CONFIG, config_preset, overrides, workdir)
+            seconds[str(seed)] = round(time.perf_counter() - run_started, 1)
+            if final.get("reused"):
+                reused.append(seed)
+            metrics = final["eval"]
+            whole[str(seed)] = {str(n): float(metrics[f"bits_per_byte_{n}"]) for n in LENGTHS}
+            tail[str(seed)] = {str(n): float(metrics[f"bits_per_byte_tail_{n}"])
+                               for n in LENGTHS}
+            at_train[str(seed)] = float(metrics["bits_per_byte"])
+            tokens = {"whole": {str(n): float(metrics[f"tokens_{n}"]) for n in LENGTHS},
+                      "tail": {str(n): float(metrics[f"tokens_tail_{n}"]) for n in LENGTHS}}
+            commands[str(seed)] = train_command(LM_CONFIG, workdir, config_preset, overrides)
+            print("[reproduce]   bits/byte (tail) " + "  ".join(
+                f"{n}: {whole[str(seed)][str(n)]:.3f} ({tail[str(seed)][str(n)]:.3f})"
+                for n in LENGTHS) + f"  ({seconds[str(seed)]:.0f} s)", flush=True)
+        variants[name] = {
+            "attention_scale": scale, "bits_per_byte": whole, "bits_per_byte_tail": tail,
+            "mean": {}, "std": {}, "tail_mean": {}, "tail_std": {},
+            "eval_bits_per_byte": at_train, "run_seconds": seconds, "reused_seeds": reused,
+            "train_commands": commands}
+        for n in LENGTHS:
+            key = str(n)
+            variants[name]["mean"][key], variants[name]["std"][key] = summary(
+                [values[key] for values in whole.values()])
+            variants[name]["tail_mean"][key], variants[name]["tail_std"][key] = summary(
+                [values[key] for values in tail.values()])
+    return {
+        "study": "lm_extrapolation",
+        "title": "Entropy-invariant attention and length extrapolation (causal LM bits/byte)",
+        "spec": "SPEC §3, §7; kexue.fm archive 8823",
+        "config": LM_CONFIG, "preset": args.preset, "config_preset": config_preset,
+        "model_and_data": preset_overrides, "steps": steps, "seeds": list(args.seeds),
+        "train_length": TRAIN_LENGTH, "lengths": list(LENGTHS), "entropy_base": 512.0,
+        "metric": "bits per byte (log2 loss per held-out byte), whole windows and tail "
+                  "(target positions >= 3L/4 of each window)",
+        "tokens_scored": tokens, "variants": variants,
+        "runtime_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def _cell(mean: float, spread: float | None) -> str:
+    return f"{mean:.3f}" + ("" if spread is None else f" ± {spread:.3f}")
+
+
+def _table(record: Mapping[str, Any]) -> str:
+    lengths = record["lengths"]
+    lines = ["| variant | positions | " + " | ".join(str(n) for n in lengths) + " |",
+             "|---|---|" + "---|" * len(lengths)]
+    for part, mean, std in (("whole window", "mean", "std"),
+                            ("tail (last quarter)", "tail_mean", "tail_std")):
+        for name, variant in record["variants"].items():
+            cells = [_cell(variant[mean][str(n)], variant[std][str(n)]) for n in lengths]
+            lines.append(f"| {name} | {part} | " + " | ".join(cells) + " |")
+    scored = record["tokens_scored"]
+    if scored:
+        lines.append("| bytes scored | whole / tail | " + " | ".join(
+            f"{scored['whole'][str(n)]:.0f} / {scored['tail'][str(n)]:.0f}"
+            for n in lengths) + " |")
+    return "\n".join(lines)
+
+
+def plot(record: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = record["lengths"]
+    colors = {"standard": "tab:blue", "entropy_invariant": "tab:red"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for index, (name, variant) in enumerate(record["variants"].items()):
+        color = colors[variant["attention_scale"]]
+        x = np.array(lengths) * 2.0 ** (0.03 * (index - 0.5))  # apart, so bars show
+        for key, line, label in (("tail", "-", f"{name}, tail (last quarter)"),
+                                 ("", ":", f"{name}, whole window")):
+            mean = np.array([variant[f"{key}_mean" if key else "mean"][str(n)]
+                             for n in lengths])
+            std = np.array([variant[f"{key}_std" if key else "std"][str(n)] or 0.0
+                            for n in lengths])
+            ax.errorbar(x, mean, yerr=std if std.any() else None, color=color,
+                        linestyle=line, marker="o" if key else ".", markersize=4,
+                        capsize=3, label=label, alpha=1.0 if key else 0.6)
+    ax.axvline(record["train_length"], color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel(f"evaluation length (bytes); trained at {record['train_length']}")
+    ax.set_ylabel("held-out bits per byte (lower is better)")
+    seeds = len(record["seeds"])
+    ax.set_title(f"Byte-level causal LM, {record['steps']} steps, {seeds} "
+                 f"seed{'s' * (seeds > 1)}" + (" (mean ± std)" if seeds > 1 else ""),
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(record: Mapping[str, Any], png_name: str) -> str:
+    seeds = record["seeds"]
+    reused = sum(len(v.get("reused_seeds", ())) for v in record["variants"].values())
+    total = len(seeds) * len(record["variants"])
+    runtime = f"total {record['runtime_s'] / 60:.1f} min" + (
+        f"; {reused} of {total} runs read back from an earlier invocation" if reused else "")
+    spread = ("mean ± sample standard deviation over seeds " + ", ".join(map(str, seeds))
+              if len(seeds) > 1 else f"one seed ({seeds[0]}), no spread")
+    model = ", ".join(f"`{k}={flag_value(v)}`" for k, v in record["model_and_data"].items())
+    return "\n".join([
+        f"# {record['title']}",
+        "",
+        f"- Date: {record['date']}; machine: {record['machine']}",
+        f"- Command: `{record['command']}` ({runtime})",
+        f"- `{record['config']}` (preset `{record['preset']}`: {model}, "
+        f"`data.seq_len={record['train_length']}`), {record['steps']} steps at length "
+        f"{record['train_length']}; entropy-invariant scale `log_{record['entropy_base']:g}"
+        f"(n_i)/√d`. Held-out bits per byte at each evaluation length, on the same bytes "
+        f"for every length (windows of {max(record['lengths'])} cut into shorter ones); "
+        f"tail: target positions ≥ ⌊3L/4⌋ of each window; {spread}.",
+        "",
+        _table(record),
+        "",
+        f"![bits per byte vs evaluation length]({png_name})",
+        "",
+    ])

@@ -1,0 +1,93 @@
+"""`python -m experiments.reproduce globalpointer|rdrop` end to end on the smoke preset.
+
+Subprocesses, as a user runs them; tiny models trained for two steps on the first 32
+CLUENER sentences check the plumbing (runs, table, JSON, plot, train commands), not
+the numbers. XLA's backend optimisation is off in the subprocess: compiling dominates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.studies import globalpointer, rdrop
+from tests.conftest import CLUENER_MISSING, HAVE_CLUENER
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not HAVE_CLUENER, reason=CLUENER_MISSING)
+
+
+def run_study(tmp: Path, study: str) -> tuple[Path, subprocess.CompletedProcess]:
+    out, runs = tmp / "results", tmp / "runs"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce", study, "--preset", "smoke",
+         "--seeds", "0", "--out", str(out), "--runs", str(runs)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out, result
+
+
+def check_png(path: Path) -> None:
+    png = path.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_globalpointer_smoke_study(tmp_path):
+    out, result = run_study(tmp_path, "globalpointer")
+    record = json.loads((out / "globalpointer.json").read_text())
+    names = [name for name, _, _ in globalpointer.GP_VARIANTS] + [globalpointer.SPARSE_VARIANT[0]]
+    assert record["study"] == "globalpointer" and record["seeds"] == [0]
+    assert list(record["variants"]) == names
+    for name, variant in record["variants"].items():
+        assert list(variant["scores"]) == ["0"] and variant["f1_std"] is None
+        assert 0.0 <= variant["f1_mean"] <= 1.0
+        command = variant["train_commands"]["0"]
+        assert command.startswith("python -m experiments.train --config configs/cluener_")
+        assert "--config.seed=0" in command, command
+        assert variant["head_params"] > 0, name
+    # The BIO task trains and is scored by the same span counts, against every gold span.
+    bio = record["variants"]["BIO softmax tagger"]["scores"]["0"]
+    assert bio["gold_spans"] > 0 and bio["bio_unrepresentable"] >= 0
+    assert bio["tp"] + bio["fn"] == bio["gold_spans"] and 0.0 <= bio["f1"] <= 1.0
+    assert "--config.model.gp_rope=False" in \
+        record["variants"]["GlobalPointer, no RoPE"]["train_commands"]["0"]
+    # Efficient GlobalPointer has the smaller head.
+    heads = {name: v["head_params"] for name, v in record["variants"].items()}
+    assert heads["Efficient GlobalPointer"] < heads["GlobalPointer (RoPE)"]
+    (row,) = record["zlpr_memory"]
+    # Dense and sparse ZLPR are one loss: the same value on the same batch.
+    assert row["dense"]["loss"] == pytest.approx(row["sparse"]["loss"], rel=1e-5)
+    assert row["dense"]["peak_bytes"] > 0 and row["sparse"]["step_ms"] > 0
+    table = (out / "globalpointer.md").read_text()
+    for name in names:
+        assert re.search(rf"^\| {re.escape(name)} \| \d+\.\d\d \|", table, re.MULTILINE), name
+    assert "| [8, 10, 16, 16] | dense |" in table and "| [8, 10, 16, 16] | sparse |" in table
+    assert "![dev F1 per head](globalpointer.png)" in table
+    check_png(out / "globalpointer.png")
+    assert "updated" not in result.stdout  # docs/results.md is left alone for other --out
+
+
+def test_rdrop_smoke_study(tmp_path):
+    out, _ = run_study(tmp_path, "rdrop")
+    record = json.loads((out / "rdrop.json").read_text())
+    assert record["study"] == "rdrop" and record["steps"] == 2
+    assert [v["rdrop_alpha"] for v in record["variants"].values()] == [0.0, rdrop.ALPHA]
+    for variant in record["variants"].values():
+        assert list(variant["f1_curve"]["0"]) == ["1", "2"]  # eval every steps / 4 (≥ 1)
+        assert f"--config.objective.rdrop_alpha={variant['rdrop_alpha']}" in \
+            variant["train_commands"]["0"]
+    with_rdrop = record["variants"][rdrop.RDROP_VARIANTS[1][0]]
+    assert all(kl >= 0 for kl in with_rdrop["train_gp_kl"]["0"].values())
+    assert with_rdrop["train_gp_kl"]["0"]  # the divergence is logged as it trains
+    table = (out / "rdrop.md").read_text()
+    assert "| objective | F1 @ 1 | F1 @ 2 | precision | recall | s / run |" in table
+    assert "![dev F1 vs steps](rdrop.png)" in table
+    check_png(out / "rdrop.png")
