@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 CONFIG  ?= configs/lm_stdlib.py
 WORKDIR ?= runs/lm_stdlib
 
-.PHONY: run demo test lint bench clean
+.PHONY: run demo test lint bench bench-peers clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -29,8 +29,16 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
+# The tables of benchmarks/RESULTS.md (each script prints its own; minutes on a 2-core CPU).
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.ops
+	$(PY) -m benchmarks.optim
+	$(PY) -m benchmarks.lm
+
+# kexue vs Hugging Face's PyTorch RoFormer (installs the `peers` extra: torch, transformers).
+bench-peers: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[peers]'
+	$(PY) -m benchmarks.peers
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis
