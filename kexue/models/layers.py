@@ -305,15 +305,26 @@ class Transformer(nnx.Module):
             x = self.norm(x)
         x = self.dropout(x.astype(self.config.compute_dtype), deterministic=deterministic)
         x = with_logical_constraint(x, HIDDEN_AXES)
-        if cache is None and self.config.remat != "none":
+        evaluating = deterministic if deterministic is not None else self.dropout.deterministic
+        # Remat only matters when gradients are taken: not when decoding, not in eval mode.
+        if cache is None and self.config.remat != "none" and not evaluating:
             # Each block under `jax.checkpoint`; the advanced dropout RNG counters flow
             # back out, so the masks are those of the plain call.
-            def block_output(block, x, positions, mask):
-                return block(x, positions=positions, mask=mask, deterministic=deterministic)[0]
-
-            block_output = nnx.remat(block_output, policy=REMAT_POLICIES[self.config.remat])
+            # A pure function of the block's state under `jax.checkpoint` (rather than
+            # `nnx.remat`, which refuses modules merged inside `lax.scan`/`eval_shape`,
+            # as the evaluation loops do).
+            policy = REMAT_POLICIES[self.config.remat]
             for block in self.blocks:
-                x = block_output(block, x, positions, mask)
+                graphdef, state = nnx.split(block)
+
+                def block_output(state, x, positions, mask, graphdef=graphdef):
+                    block = nnx.merge(graphdef, state)
+                    y = block(x, positions=positions, mask=mask, deterministic=deterministic)[0]
+                    return y, nnx.state(block, nnx.Not(nnx.Param))  # e.g. RNG counters
+
+                x, changed = jax.checkpoint(block_output, policy=policy)(
+                    state, x, positions, mask)
+                nnx.update(block, changed)
             return self._final_norm(x), None
         new_cache = None if cache is None else []
         for i, block in enumerate(self.blocks):

@@ -125,3 +125,58 @@ def test_train_step_compiles_remat_for_memory_without_being_told():
     """`make_train_step` adds the CPU scheduler option itself when a block uses remat."""
     none, full = train_step_temp_bytes("none"), train_step_temp_bytes("full")
     assert full < 0.7 * none, (full, none)
+
+
+def test_remat_model_evaluates_when_merged_inside_scan_and_eval_shape(rng):
+    """The trainer's evaluation merges the model inside `eval_shape` and `lax.scan`
+    (`experiments._build._scan_sums`); a remat model in eval mode runs there (remat is
+    skipped: no gradient is taken) and gives the plain model's numbers."""
+    tokens = jnp.asarray(rng.integers(0, 64, (3, 2, 16)), jnp.int32)
+    totals = []
+    for remat in ("none", "full"):
+        model = models.build_model(model_config("causal_lm", num_layers=2, remat=remat,
+                                                dropout_rate=0.1), rngs=nnx.Rngs(0))
+        model.eval()
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def total(state, tokens, graphdef=graphdef):
+            jax.eval_shape(lambda: nnx.merge(graphdef, state)(tokens[0]))
+
+            def body(carry, chunk):
+                return carry + jnp.sum(nnx.merge(graphdef, state)(chunk)), None
+
+            return jax.lax.scan(body, jnp.zeros((), jnp.float32), tokens)[0]
+
+        totals.append(total(state, tokens))
+    np.testing.assert_allclose(totals[0], totals[1], rtol=1e-5)
+
+
+def test_remat_train_step_with_gradient_accumulation_matches_plain(rng):
+    """`make_train_step(grad_accum_steps=2)` runs the model inside `lax.scan`."""
+    import optax
+
+    from kexue import parallel, train
+
+    tokens = jnp.asarray(rng.integers(0, 64, (4, 16)), jnp.int32)
+    mesh = parallel.make_mesh(data=1, devices=jax.devices()[:1])
+
+    def loss_fn(model, batch, rng):
+        del rng
+        return models.cross_entropy(model(batch), batch), {}
+
+    losses = []
+    for remat in ("none", "full"):
+        config = model_config("causal_lm", num_layers=2, remat=remat, dropout_rate=0.1)
+
+        def factory(config=config):
+            return models.build_model(config, rngs=nnx.Rngs(0))
+
+        tx = optax.sgd(0.1)
+        state = train.create_train_state(factory, tx, mesh)
+        step = train.make_train_step(loss_fn, tx, train.abstract_train_state(factory, tx, mesh),
+                                     mesh, grad_accum_steps=2)
+        for _ in range(2):
+            state, metrics = step(state, tokens)
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
