@@ -187,7 +187,9 @@ def test_apply_if_finite_skips_a_nan_step(rng):
     for g in good:
         u, s2 = plain.update(g, s2, p2)
         p2 = optax.apply_updates(p2, u)
-    np.testing.assert_allclose(p1["w"], p2["w"], rtol=1e-6)
+    # The guarded step runs under a `where`, so float32 rounding may differ in the last
+    # bit: compare at float32 resolution of the O(1) parameters, also near zero.
+    np.testing.assert_allclose(p1["w"], p2["w"], rtol=1e-6, atol=1e-7)
     assert int(s1.inner_state.count) == 2 and int(s1.total_notfinite) == 1
 
 
