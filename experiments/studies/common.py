@@ -92,3 +92,22 @@ def summary(values: Sequence[float]) -> tuple[float, float | None]:
 
 def cell(mean: float, spread: float | None) -> str:
     return f"{100 * mean:.2f}" + ("" if spread is None else f" ± {100 * spread:.2f}")
+
+
+def runtime_text(runtime_s: float, reused: int, total: int) -> str:
+    """"total 9.7 min; 5 of 13 runs read back from an earlier invocation"."""
+    return f"total {runtime_s / 60:.1f} min" + (
+        f"; {reused} of {total} runs read back from an earlier invocation" if reused else "")
+
+
+def spread_text(seeds: Sequence[int]) -> str:
+    """How the tables' ± reads for these seeds."""
+    if len(seeds) > 1:
+        return "mean ± sample standard deviation over seeds " + ", ".join(map(str, seeds))
+    return f"one seed ({seeds[0]}), no spread"
+
+
+def overrides_text(overrides: Mapping[str, Any]) -> str:
+    """`key=value` flags of a preset's overrides, as the tables list them."""
+    return ", ".join(f"`{key}={flag_value(value)}`" for key, value in overrides.items())
+

@@ -21,7 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from experiments.studies.common import cell, flag_value, summary, train_command, train_run
+from experiments.studies.common import (
+    cell,
+    overrides_text,
+    runtime_text,
+    spread_text,
+    summary,
+    train_command,
+    train_run,
+)
 
 ML_CONFIG = "configs/cluener_multilabel.py"
 LOSSES = ("zlpr", "sigmoid_bce")
@@ -234,11 +242,9 @@ def markdown(record: Mapping[str, Any], png_name: str) -> str:
     seeds = record["seeds"]
     reused = sum(len(v.get("reused_seeds", ())) for v in record["variants"].values())
     total = len(seeds) * len(record["variants"])
-    runtime = f"total {record['runtime_s'] / 60:.1f} min" + (
-        f"; {reused} of {total} runs read back from an earlier invocation" if reused else "")
-    spread = ("mean ± sample standard deviation over seeds " + ", ".join(map(str, seeds))
-              if len(seeds) > 1 else f"one seed ({seeds[0]}), no spread")
-    model = ", ".join(f"`{k}={flag_value(v)}`" for k, v in record["model_and_data"].items())
+    runtime = runtime_text(record["runtime_s"], reused, total)
+    spread = spread_text(seeds)
+    model = overrides_text(record["model_and_data"])
     return "\n".join([
         f"# {record['title']}",
         "",

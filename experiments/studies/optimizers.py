@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.studies.common import flag_value, summary, train_command, train_run
+from experiments.studies.common import flag_value, spread_text, summary, train_command, train_run
 
 #: task -> (config file, share of the config's run that is the Amos-style half-life)
 TASKS: dict[str, tuple[str, float]] = {
@@ -316,8 +316,7 @@ def markdown(record: Mapping[str, Any], png_name: str) -> str:
     runtime = f"total {record['runtime_s'] / 60:.1f} min" + (
         f"; {reused} of {len(runs) * len(seeds)} runs read back from an earlier invocation"
         if reused else "")
-    spread = ("mean ± sample standard deviation over seeds " + ", ".join(map(str, seeds))
-              if len(seeds) > 1 else f"one seed ({seeds[0]}), no spread")
+    spread = spread_text(seeds)
     lines = [
         f"# {record['title']}",
         "",
