@@ -111,3 +111,17 @@ def overrides_text(overrides: Mapping[str, Any]) -> str:
     """`key=value` flags of a preset's overrides, as the tables list them."""
     return ", ".join(f"`{key}={flag_value(value)}`" for key, value in overrides.items())
 
+
+def header_lines(record: Mapping[str, Any]) -> list[str]:
+    """Title, date and machine, and the command with its runtime, of a study's table.
+
+    `record["variants"]` maps each variant to a dict whose `reused_seeds` lists the
+    seeds read back from an earlier invocation.
+    """
+    variants = record["variants"]
+    reused = sum(len(v.get("reused_seeds", ())) for v in variants.values())
+    runtime = runtime_text(record["runtime_s"], reused, len(record["seeds"]) * len(variants))
+    return [f"# {record['title']}", "",
+            f"- Date: {record['date']}; machine: {record['machine']}",
+            f"- Command: `{record['command']}` ({runtime})"]
+

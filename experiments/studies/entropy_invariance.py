@@ -19,8 +19,8 @@ import numpy as np
 
 from experiments.studies.common import (
     cell,
+    header_lines,
     overrides_text,
-    runtime_text,
     spread_text,
     summary,
     train_command,
@@ -158,17 +158,10 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
 
 
 def markdown(record: Mapping[str, Any], png_name: str) -> str:
-    seeds = record["seeds"]
-    reused = sum(len(v.get("reused_seeds", ())) for v in record["variants"].values())
-    total = len(seeds) * len(record["variants"])
-    runtime = runtime_text(record["runtime_s"], reused, total)
-    spread = spread_text(seeds)
+    spread = spread_text(record["seeds"])
     model = overrides_text(record["model_and_data"])
     return "\n".join([
-        f"# {record['title']}",
-        "",
-        f"- Date: {record['date']}; machine: {record['machine']}",
-        f"- Command: `{record['command']}` ({runtime})",
+        *header_lines(record),
         f"- `{record['config']}` (preset `{record['preset']}`: {model}), "
         f"{record['steps']} steps at length {record['train_length']}, "
         f"MLM accuracy (%) on held-out stdlib files; {spread}.",

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from experiments.studies.common import (
+    header_lines,
     overrides_text,
-    runtime_text,
     spread_text,
     summary,
     train_command,
@@ -184,17 +184,10 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
 
 
 def markdown(record: Mapping[str, Any], png_name: str) -> str:
-    seeds = record["seeds"]
-    reused = sum(len(v.get("reused_seeds", ())) for v in record["variants"].values())
-    total = len(seeds) * len(record["variants"])
-    runtime = runtime_text(record["runtime_s"], reused, total)
-    spread = spread_text(seeds)
+    spread = spread_text(record["seeds"])
     model = overrides_text(record["model_and_data"])
     return "\n".join([
-        f"# {record['title']}",
-        "",
-        f"- Date: {record['date']}; machine: {record['machine']}",
-        f"- Command: `{record['command']}` ({runtime})",
+        *header_lines(record),
         f"- `{record['config']}` (preset `{record['preset']}`: {model}, "
         f"`data.seq_len={record['train_length']}`), {record['steps']} steps at length "
         f"{record['train_length']}; entropy-invariant scale `log_{record['entropy_base']:g}"
