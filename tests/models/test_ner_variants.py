@@ -172,7 +172,7 @@ def test_bio_tagger_decode_reads_the_argmax_tags():
 
 def spans_array(rows, width=4):
     out = np.full((1, width, 3), -1, np.int32)
-    out[0, :len(rows)] = rows
+    out[0, :len(rows)] = np.asarray(rows, np.int32).reshape(-1, 3)  # rows may be empty
     return jnp.asarray(out)
 
 
