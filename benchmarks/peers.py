@@ -23,15 +23,24 @@ backward, AdamW update, all float32 — of the same architecture on both sides:
   `torch.compile` (Inductor), when it compiles.
 
 Dropout is 0 on both sides (kexue has no attention-probability dropout; HF's is set
-to 0 too). Both compute the vocabulary logits at every position and the loss at the
-masked ones (15% of the tokens, `[MASK]` = id 1); token ids are uniform over
-`[2, vocab)`, one fixed batch, vocabulary 21128 (the BERT-Chinese / RoFormer-Chinese
-vocabulary size). Trainable parameters are equal except HF's token-type embedding
-(`type_vocab_size × width`, here one row: a learned vector added to every token),
-which kexue does not have; the table prints both counts and checks the difference is
-exactly that row.
+to 0 too). The loss is at the masked positions (15% of the tokens, `[MASK]` = id 1);
+token ids are uniform over `[2, vocab)`, one fixed batch, vocabulary 21128 (the
+BERT-Chinese / RoFormer-Chinese vocabulary size). Each side runs its MLM head two ways:
 
-Timings interleave the three steps in one loop (kexue, torch eager, torch.compile, …)
+* "all positions": the vocabulary logits at every position (what
+  `RoFormerForMaskedLM(labels=...)` does, and kexue without `data.mlm_max_predictions`);
+* "masked positions": the head (transform, LayerNorm, vocabulary projection) at the
+  masked positions only — kexue's `RoFormerMLM(..., predict_positions=...)`, which
+  training uses with `data.mlm_max_predictions`; on the PyTorch side the same gather
+  written by hand around HF's modules (`model.roformer`, then `model.cls` on the
+  gathered hidden states), since `RoFormerForMaskedLM` has no such option. The two ways
+  give the same loss and gradients (the losses are printed side by side).
+
+Trainable parameters are equal except HF's token-type embedding (`type_vocab_size ×
+width`, here one row: a learned vector added to every token), which kexue does not
+have; the table prints both counts and checks the difference is exactly that row.
+
+Timings interleave all the steps in one loop (kexue, torch eager, torch.compile, …)
 and report medians, so machine load hits all alike; PyTorch gets as many intra-op
 threads as the cores JAX's XLA:CPU thread pool uses (the process's CPU affinity).
 """
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import os
 import platform
@@ -132,11 +142,34 @@ def mlm_loss(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array):
     return models.cross_entropy(logits, batch["labels"], batch["weights"]), {}
 
 
+def mlm_loss_masked_positions(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array):
+    """The same loss with the head at the listed masked positions only (as `experiments`)."""
+    del rng
+    where = batch["predict_positions"]
+    logits = model(batch["tokens"], predict_positions=where)
+    labels = jnp.take_along_axis(batch["labels"], where, axis=1)
+    return models.cross_entropy(logits, labels, batch["predict_weights"]), {}
+
+
+def with_predict_positions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`batch` plus `predict_positions` / `predict_weights` (every row has as many masks)."""
+    chosen = batch["weights"] > 0
+    count = int(chosen.sum(-1).max())
+    order = np.argsort(~chosen, axis=-1, kind="stable")[:, :count]
+    real = np.take_along_axis(chosen, order, axis=-1)
+    return {**batch, "predict_positions": np.where(real, order, 0).astype(np.int32),
+            "predict_weights": real.astype(np.float32)}
+
+
 class KexueSide:
     """kexue's RoFormer MLM and its jitted, donating AdamW training step on one device."""
 
-    def __init__(self, cfg: PeerConfig, batch: dict[str, np.ndarray], *, seed: int = 0):
+    def __init__(self, cfg: PeerConfig, batch: dict[str, np.ndarray], *, seed: int = 0,
+                 masked_only: bool = False):
         section = kexue_model_config(cfg)
+        loss_fn = mlm_loss_masked_positions if masked_only else mlm_loss
+        if masked_only:
+            batch = with_predict_positions(batch)
         mesh = parallel.make_mesh(devices=jax.devices()[:1])
         tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
@@ -146,7 +179,7 @@ class KexueSide:
         self.state = train.create_train_state(build, tx, mesh, seed=seed)
         self.params = models.count_params(self.state.model())
         abstract = train.abstract_train_state(build, tx, mesh, seed=seed)
-        self.step_fn = train.make_train_step(mlm_loss, tx, abstract, mesh)
+        self.step_fn = train.make_train_step(loss_fn, tx, abstract, mesh)
         self.batch = parallel.shard_batch(
             {k: jnp.asarray(v) for k, v in batch.items()}, mesh)
 
@@ -252,7 +285,7 @@ class TorchSide:
     """HF `RoFormerForMaskedLM` + `torch.optim.AdamW`, eager or under `torch.compile`."""
 
     def __init__(self, cfg: PeerConfig, batch: dict[str, np.ndarray], *, compiled: bool,
-                 seed: int = 0):
+                 seed: int = 0, masked_only: bool = False):
         import torch
 
         self.model = hf_roformer(cfg, seed=seed)
@@ -267,14 +300,29 @@ class TorchSide:
             self.optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE,
                                                weight_decay=WEIGHT_DECAY)
             self.optimizer_kind = "default"
-        self.forward = torch.compile(self.model) if compiled else self.model
         self.input_ids = torch.from_numpy(batch["tokens"].astype(np.int64))
         self.labels = torch.from_numpy(
             np.where(batch["weights"] > 0, batch["labels"], -100).astype(np.int64))
+        rows, cols = np.nonzero(batch["weights"] > 0)
+        self.rows, self.cols = torch.from_numpy(rows), torch.from_numpy(cols)
+        self.targets = torch.from_numpy(batch["labels"][rows, cols].astype(np.int64))
+        loss_fn = self._masked_positions_loss if masked_only else self._loss
+        self.loss_fn = torch.compile(loss_fn) if compiled else loss_fn
+
+    def _loss(self):
+        return self.model(input_ids=self.input_ids, labels=self.labels).loss
+
+    def _masked_positions_loss(self):
+        """HF's encoder, then HF's MLM head on the hidden states of the masked tokens."""
+        import torch
+
+        hidden = self.model.roformer(input_ids=self.input_ids).last_hidden_state
+        logits = self.model.cls(hidden[self.rows, self.cols])
+        return torch.nn.functional.cross_entropy(logits, self.targets)
 
     def step(self) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.forward(input_ids=self.input_ids, labels=self.labels).loss
+        loss = self.loss_fn()
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
@@ -283,19 +331,28 @@ class TorchSide:
 # --------------------------------------------------------------------------- driver
 
 
+HEADS = ("all", "masked")  # the MLM head at every position / at the masked ones only
+_HEAD_SUFFIX = {"all": "", "masked": " masked"}
+
+
 @dataclasses.dataclass
 class Result:
+    """One config's numbers; `ms`, `first_step_s` and `losses` are keyed by side name:
+    "kexue", "torch eager", "torch.compile", each with " masked" appended for the head
+    at the masked positions only."""
+
     cfg: PeerConfig
     kexue_params: int
     torch_params: int | None = None
     type_vocab_params: int = 0
-    kexue_ms: float = math.nan
-    eager_ms: float = math.nan
-    compiled_ms: float = math.nan
+    ms: dict[str, float] = dataclasses.field(default_factory=dict)
     compile_note: str = ""
     max_logit_diff: float = math.nan
     first_step_s: dict[str, float] = dataclasses.field(default_factory=dict)
     losses: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    def time(self, side: str, head: str = "all") -> float:
+        return self.ms.get(side + _HEAD_SUFFIX[head], math.nan)
 
 
 def _first_steps(name: str, step: Callable[[], Any], count: int, result: Result) -> None:
@@ -310,40 +367,45 @@ def _first_steps(name: str, step: Callable[[], Any], count: int, result: Result)
 
 
 def run_config(cfg: PeerConfig, *, repeats: int, check_steps: int = 3, use_torch: bool = True,
-               use_compile: bool = True, threads: int | None = None) -> Result:
-    """Builds both sides for `cfg`, checks losses over `check_steps` steps, times the step."""
+               use_compile: bool = True, threads: int | None = None,
+               heads: tuple[str, ...] = HEADS) -> Result:
+    """Builds every side for `cfg`, checks losses over `check_steps` steps, times the steps."""
+    if not heads or any(head not in HEADS for head in heads):
+        raise ValueError(f"heads: expected a non-empty subset of {HEADS}, got {heads!r}")
     batch = make_batch(cfg)
-    kexue_side = KexueSide(cfg, batch)
-    result = Result(cfg, kexue_side.params)
-    _first_steps("kexue", kexue_side.step, check_steps, result)
-    fns = [kexue_side.step]
-    eager = compiled = None
+    steps: dict[str, Callable[[], Any]] = {}
+    result = None
+    for head in heads:
+        side = KexueSide(cfg, batch, masked_only=head == "masked")
+        result = result or Result(cfg, side.params)
+        steps["kexue" + _HEAD_SUFFIX[head]] = side.step
     if use_torch:
         import torch
 
         torch.set_num_threads(threads or cpu_cores())
         result.max_logit_diff = max_logit_difference(cfg, batch)
-        eager = TorchSide(cfg, batch, compiled=False)
-        result.torch_params, result.type_vocab_params = eager.params, eager.type_vocab_params
-        _first_steps("torch eager", eager.step, check_steps, result)
-        fns.append(eager.step)
-        if use_compile:
-            try:
-                compiled = TorchSide(cfg, batch, compiled=True)
-                _first_steps("torch.compile", compiled.step, check_steps, result)
-                fns.append(compiled.step)
-            except Exception as error:
-                compiled = None
-                result.compile_note = f"torch.compile failed: {type(error).__name__}: {error}"
-                result.compile_note = result.compile_note.splitlines()[0][:300]
-        else:
+        kinds = [("torch eager", False)] + ([("torch.compile", True)] if use_compile else [])
+        if not use_compile:
             result.compile_note = "torch.compile not run (--no-compile)"
-    times = interleaved_median_times(fns, repeats=repeats, warmup=1)
-    result.kexue_ms = 1e3 * times[0]
-    if eager is not None:
-        result.eager_ms = 1e3 * times[1]
-    if compiled is not None:
-        result.compiled_ms = 1e3 * times[2]
+        for (name, compiled), head in itertools.product(kinds, heads):
+            key = name + _HEAD_SUFFIX[head]
+            try:
+                side = TorchSide(cfg, batch, compiled=compiled, masked_only=head == "masked")
+                if compiled:  # compilation happens in the first steps: fail here, not later
+                    _first_steps(key, side.step, check_steps, result)
+            except Exception as error:
+                if not compiled:
+                    raise
+                note = f"torch.compile ({head} positions) failed: {type(error).__name__}: {error}"
+                result.compile_note = note.splitlines()[0][:300]
+                continue
+            result.torch_params, result.type_vocab_params = side.params, side.type_vocab_params
+            steps[key] = side.step
+    for key, step in steps.items():
+        if key not in result.losses:
+            _first_steps(key, step, check_steps, result)
+    times = interleaved_median_times(list(steps.values()), repeats=repeats, warmup=1)
+    result.ms = {key: 1e3 * t for key, t in zip(steps, times, strict=True)}
     return result
 
 
@@ -360,18 +422,40 @@ def _tokens(cfg: PeerConfig, ms: float) -> str:
 
 
 def results_table(results: list[Result]) -> str:
-    header = ["config", "params kexue / HF", "kexue ms/step", "torch eager ms/step",
-              "torch.compile ms/step", "eager / kexue", "compile / kexue",
-              "tokens/s kexue / eager / compile"]
+    """Like against like: each row compares the sides running the same head."""
+    header = ["config", "MLM head at", "params kexue / HF", "kexue ms/step",
+              "torch eager ms/step", "torch.compile ms/step", "eager / kexue",
+              "compile / kexue", "tokens/s kexue / eager / compile"]
     rows = []
     for r in results:
         hf = "—" if r.torch_params is None else f"{r.torch_params:,}"
-        rows.append([r.cfg.describe(), f"{r.kexue_params:,} / {hf}", _ms(r.kexue_ms),
-                     _ms(r.eager_ms), _ms(r.compiled_ms), _ratio(r.eager_ms, r.kexue_ms),
-                     _ratio(r.compiled_ms, r.kexue_ms),
-                     " / ".join(_tokens(r.cfg, ms)
-                                for ms in (r.kexue_ms, r.eager_ms, r.compiled_ms))])
+        for head in HEADS:
+            ours, eager, compiled = (r.time(side, head)
+                                     for side in ("kexue", "torch eager", "torch.compile"))
+            if math.isnan(ours):
+                continue
+            rows.append([r.cfg.describe(), f"{head} positions", f"{r.kexue_params:,} / {hf}",
+                         _ms(ours), _ms(eager), _ms(compiled), _ratio(eager, ours),
+                         _ratio(compiled, ours),
+                         " / ".join(_tokens(r.cfg, ms) for ms in (ours, eager, compiled))])
     return markdown_table(header, rows)
+
+
+def product_table(results: list[Result]) -> str:
+    """What a user gets: kexue's masked-LM training step (head at the masked positions,
+    `data.mlm_max_predictions`) against `RoFormerForMaskedLM(labels=...)` as shipped."""
+    header = ["config", "kexue (masked positions) ms/step",
+              "HF RoFormerForMaskedLM eager ms/step", "HF under torch.compile ms/step",
+              "eager / kexue", "compile / kexue"]
+    rows = []
+    for r in results:
+        ours, eager, compiled = (r.time("kexue", "masked"), r.time("torch eager"),
+                                 r.time("torch.compile"))
+        if math.isnan(ours) or math.isnan(eager):
+            continue
+        rows.append([r.cfg.describe(), _ms(ours), _ms(eager), _ms(compiled),
+                     _ratio(eager, ours), _ratio(compiled, ours)])
+    return markdown_table(header, rows) if rows else ""
 
 
 def check_params(result: Result) -> str:
@@ -395,7 +479,7 @@ def loss_lines(result: Result) -> list[str]:
                      f"kexue, max |logit difference| = {result.max_logit_diff:.2e}")
     lines.append(f"{result.cfg.name}: log(V) = {math.log(result.cfg.vocab):.3f}")
     for name, losses in result.losses.items():
-        lines.append(f"  {name:14s} first-step {result.first_step_s[name]:7.2f} s; losses "
+        lines.append(f"  {name:21s} first-step {result.first_step_s[name]:7.2f} s; losses "
                      + " ".join(f"{x:.3f}" for x in losses))
     return lines
 
@@ -420,6 +504,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per side")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--no-torch", action="store_true", help="kexue side only")
+    parser.add_argument("--heads", default=",".join(HEADS),
+                        help="comma-separated MLM head variants: all (logits at every "
+                             "position), masked (at the masked positions only)")
     parser.add_argument("--configs", default=None,
                         help="comma-separated config names to run (default: all)")
     args = parser.parse_args(argv)
@@ -430,6 +517,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
         if not configs:
             raise ValueError(f"`--configs`: expected names among "
                              f"{[c.name for c in QUICK + CONFIGS]}; got {args.configs!r}")
+    heads = tuple(h for h in args.heads.split(",") if h)
+    if not heads or any(h not in HEADS for h in heads):
+        raise ValueError(f"`--heads`: expected a comma-separated subset of {HEADS}; "
+                         f"got {args.heads!r}")
     repeats = args.repeats or (3 if args.quick else 10)
     missing = None if args.no_torch else torch_available()
     threads = cpu_cores()
@@ -451,7 +542,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     results = []
     for cfg in configs:
         result = run_config(cfg, repeats=repeats, use_torch=missing is None and not args.no_torch,
-                            use_compile=not args.no_compile, threads=threads)
+                            use_compile=not args.no_compile, threads=threads, heads=heads)
         results.append(result)
         print(check_params(result))
         print("\n".join(loss_lines(result)))
@@ -459,8 +550,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
             print(result.compile_note)
         print()
         print(results_table([result]) + "\n", flush=True)
-    print("## All configs\n")
+    print("## All configs, like against like\n")
     print(results_table(results))
+    product = product_table(results)
+    if product:
+        print("\n## kexue's MLM step against RoFormerForMaskedLM as shipped\n")
+        print(product)
     return results
 
 

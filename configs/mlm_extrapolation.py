@@ -44,6 +44,9 @@ def get_config(preset: str = "full") -> ml_collections.ConfigDict:
     config.data.batch_size = 64
     config.data.eval_batches = 4  # per evaluation length
     config.data.mlm_probability = 0.15
+    # > 0 (e.g. 20 at length 64): at most that many chosen per window, and the MLM head
+    # runs at those positions only (worth it with a large vocabulary; 0: every position).
+    config.data.mlm_max_predictions = 0
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "roformer_mlm"

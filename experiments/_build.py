@@ -539,10 +539,18 @@ def _mlm(config):
             b, n = batch["tokens"].shape
             span = jax.random.exponential(rng, (b, 1)) * n
             positions = jnp.linspace(0.0, 1.0, n)[None, :] * span
-        logits = forward(model, batch, positions)
-        loss = models.cross_entropy(logits, batch["labels"], batch["weights"])
-        correct = (jnp.argmax(logits, -1) == batch["labels"]) * batch["weights"]
-        return loss, {"accuracy": _ratio(jnp.sum(correct), jnp.sum(batch["weights"]))}
+        if "predict_positions" in batch:  # data.mlm_max_predictions: head at those only
+            where = batch["predict_positions"]
+            logits = model(batch["tokens"], mask=batch["mask"], positions=positions,
+                           predict_positions=where)
+            labels = jnp.take_along_axis(batch["labels"], where, axis=1)
+            weights = batch["predict_weights"]
+        else:
+            logits = forward(model, batch, positions)
+            labels, weights = batch["labels"], batch["weights"]
+        loss = models.cross_entropy(logits, labels, weights)
+        correct = (jnp.argmax(logits, -1) == labels) * weights
+        return loss, {"accuracy": _ratio(jnp.sum(correct), jnp.sum(weights))}
 
     def stats(model, batch):
         logits = forward(model, batch)

@@ -24,7 +24,10 @@ Batches by `data.task` (B = `data.batch_size // process_count`, n = `seq_len`):
   chosen with probability `mlm_probability`; a chosen token becomes `<mask>` (80%),
   a uniformly random regular token (10%) or stays (10%). `tokens` int32 [B, n] (the
   corrupted input), `labels` int32 [B, n] (the original tokens), `weights` float32
-  [B, n] (1 at chosen positions), `mask` bool [B, n] (real tokens).
+  [B, n] (1 at chosen positions), `mask` bool [B, n] (real tokens). With
+  `mlm_max_predictions = P > 0` (training split only; evaluation keeps every chosen
+  token), at most P tokens per window are chosen, and `predict_positions` int32
+  [B, P] and `predict_weights` float32 [B, P] list them (see `mlm_mask`).
 * "ner" and "multilabel" (character-level): `tokens` int32 [B, n], `mask` bool [B, n],
   `span_indices` int32 [B, max_spans]: the gold spans as `type * n * n + start * n +
   end` (end inclusive), ascending, padded with -1; `type_labels` int32 [B, num_types]:
@@ -100,6 +103,8 @@ _FIELD_DOCS: dict[str, tuple[Any, str]] = {
     "mlm_probability": (0.15, "mlm: share of tokens chosen"),
     "mlm_mask_fraction": (0.8, "mlm: chosen tokens replaced by <mask>"),
     "mlm_random_fraction": (0.1, "mlm: chosen tokens replaced by a random token"),
+    "mlm_max_predictions": (0, "mlm train split: at most this many chosen tokens per "
+                               "window, also listed as predict_positions (0: no cap)"),
     "max_spans": (32, "ner: capacity of span_indices per example"),
     "dense_labels": (False, "ner: also emit span_labels [types, n, n]"),
     "num_threads": (2, "Grain reader threads per process (0: read in the caller)"),
@@ -116,9 +121,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     data_dir, manual_dir, pattern, exclude, eval_fraction, skip_bad_records,
     text_key, tokenizer, char_min_count, seq_len, batch_size, seed, shuffle,
     train_split, eval_split, max_examples, rare_types, type_keep_fraction,
-    eval_batches, mlm_probability, mlm_mask_fraction, mlm_random_fraction, max_spans,
-    dense_labels, num_threads, prefetch, download. Optional strings are
-    `placeholder(str)` so that `--config.data.manual_dir=...` works on the command line.
+    eval_batches, mlm_probability, mlm_mask_fraction, mlm_random_fraction,
+    mlm_max_predictions, max_spans, dense_labels, num_threads, prefetch, download.
+    Optional strings are `placeholder(str)` so that `--config.data.manual_dir=...` works
+    on the command line.
     """
     fields = {}
     for key, (default, _) in _FIELD_DOCS.items():
@@ -155,6 +161,7 @@ class _Settings:
     mlm_probability: float
     mlm_mask_fraction: float
     mlm_random_fraction: float
+    mlm_max_predictions: int
     max_spans: int
     dense_labels: bool
     num_threads: int
@@ -184,7 +191,8 @@ def _settings(config: Any, seq_len: int | None) -> _Settings:
     for key in ("seq_len", "batch_size", "char_min_count", "max_spans"):
         if not isinstance(getattr(s, key), int) or getattr(s, key) < 1:
             problems.append(f"{key} must be a positive integer, got {getattr(s, key)!r}")
-    for key in ("max_examples", "eval_batches", "num_threads", "prefetch"):
+    for key in ("max_examples", "eval_batches", "num_threads", "prefetch",
+                "mlm_max_predictions"):
         if not isinstance(getattr(s, key), int) or getattr(s, key) < 0:
             problems.append(f"{key} must be a non-negative integer, got {getattr(s, key)!r}")
     problems += _imbalance_problems(s)
@@ -413,6 +421,7 @@ class _TokenWindowsIterator(grain.DatasetIterator):
 def mlm_mask(
     tokens: np.ndarray, valid: np.ndarray, rng: np.random.Generator, *, tokenizer: Tokenizer,
     probability: float = 0.15, mask_fraction: float = 0.8, random_fraction: float = 0.1,
+    max_predictions: int = 0,
 ) -> dict[str, np.ndarray]:
     """BERT masking of int `tokens` [..., n] where `valid` (bool, same shape).
 
@@ -420,21 +429,48 @@ def mlm_mask(
     `probability`; of the chosen, `mask_fraction` become `<mask>`, `random_fraction` a
     uniform random regular token, the rest stay.
 
+    With `max_predictions = P > 0`, at most P tokens per window are chosen (when more
+    are drawn, a uniformly random P of them are kept and the others are left as they
+    were, as BERT's `max_predictions_per_seq`), and the chosen positions are also
+    returned as a list, so that the masked-LM head can run at those P positions only
+    (`RoFormerMLM(..., predict_positions=...)`) instead of at all n.
+
     Returns:
       `tokens` (corrupted, int32), `labels` (the input tokens, int32), `weights`
-      (float32, 1 at chosen positions), `mask` (bool, = valid).
+      (float32, 1 at chosen positions), `mask` (bool, = valid); with `max_predictions`
+      also `predict_positions` (int32 [..., P]: the chosen positions, ascending, then
+      0 as padding) and `predict_weights` (float32 [..., P]: 1 on real entries).
     """
+    if isinstance(max_predictions, bool) or not isinstance(max_predictions, int | np.integer) \
+            or max_predictions < 0:
+        raise ValueError(f"max_predictions must be a non-negative int, got {max_predictions!r}")
     tokens = np.asarray(tokens, dtype=np.int32)
     low, high = tokenizer.regular_ids
     regular = valid & (tokens >= low) & (tokens < high)
     chosen = regular & (rng.random(tokens.shape) < probability)
     action = rng.random(tokens.shape)
+    if max_predictions:
+        # Keep a uniformly random `max_predictions` of the chosen: rank them by a key.
+        keys = np.where(chosen, rng.random(tokens.shape), np.inf)
+        ranks = np.argsort(np.argsort(keys, axis=-1, kind="stable"), axis=-1, kind="stable")
+        chosen &= ranks < max_predictions
     to_mask = chosen & (action < mask_fraction)
     to_random = chosen & (action >= mask_fraction) & (action < mask_fraction + random_fraction)
     corrupted = np.where(to_mask, tokenizer.mask_id, tokens)
     corrupted = np.where(to_random, rng.integers(low, high, tokens.shape), corrupted)
-    return {"tokens": corrupted.astype(np.int32), "labels": tokens,
-            "weights": chosen.astype(np.float32), "mask": np.asarray(valid, dtype=bool)}
+    out = {"tokens": corrupted.astype(np.int32), "labels": tokens,
+           "weights": chosen.astype(np.float32), "mask": np.asarray(valid, dtype=bool)}
+    if max_predictions:
+        n = tokens.shape[-1]
+        # Chosen positions first, in ascending order (a stable sort of "not chosen").
+        order = np.argsort(~chosen, axis=-1, kind="stable")[..., :max_predictions]
+        real = np.take_along_axis(chosen, order, axis=-1)
+        if max_predictions > n:  # fewer positions than slots: pad the list
+            pad = [(0, 0)] * (tokens.ndim - 1) + [(0, max_predictions - n)]
+            order, real = np.pad(order, pad), np.pad(real, pad)
+        out["predict_positions"] = np.where(real, order, 0).astype(np.int32)
+        out["predict_weights"] = real.astype(np.float32)
+    return out
 
 
 def ner_example(
@@ -658,7 +694,8 @@ def make_dataset(
                 return mlm_mask(batch["tokens"], batch["valid"], rng, tokenizer=tokenizer,
                                 probability=s.mlm_probability,
                                 mask_fraction=s.mlm_mask_fraction,
-                                random_fraction=s.mlm_random_fraction)
+                                random_fraction=s.mlm_random_fraction,
+                                max_predictions=s.mlm_max_predictions if training else 0)
     else:
         num_types = len(type_names)
         if num_types * s.seq_len * s.seq_len >= 2**31:

@@ -98,10 +98,23 @@ class RoFormerMLM(nnx.Module):
                                       ("vocab",), c.weight_dtype)
 
     def __call__(self, tokens, *, mask=None, positions=None, attention_mask=None,
-                 deterministic: bool | None = None) -> jax.Array:
-        """float32 vocabulary logits `[b, n, V]` (arguments as `RoFormerEncoder`)."""
+                 predict_positions=None, deterministic: bool | None = None) -> jax.Array:
+        """float32 vocabulary logits `[b, n, V]` (arguments as `RoFormerEncoder`).
+
+        With int `predict_positions` `[b, P]` (indices into the n tokens), the head runs
+        at those positions only and the logits are `[b, P, V]`: the masked-LM loss needs
+        the masked positions alone, and the vocabulary projection is most of a small
+        model's step (`data.mlm_max_predictions` lists them).
+        """
         h = self.encoder(tokens, mask=mask, positions=positions, attention_mask=attention_mask,
                          deterministic=deterministic)
+        if predict_positions is not None:
+            predict_positions = jnp.asarray(predict_positions)
+            if (predict_positions.ndim != 2 or predict_positions.shape[0] != h.shape[0]
+                    or not jnp.issubdtype(predict_positions.dtype, jnp.integer)):
+                raise ValueError(f"predict_positions: expected int [batch={h.shape[0]}, P], "
+                                 f"got {predict_positions.dtype} {predict_positions.shape}")
+            h = jnp.take_along_axis(h, predict_positions[..., None], axis=1)
         h = self.transform_norm(jax.nn.gelu(self.transform(h)))
         logits = self.encoder.embed.attend(h) if self.decoder is None else self.decoder(h)
         return logits.astype(jnp.float32) + self.output_bias[...].astype(jnp.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -32,12 +33,24 @@ def test_quick_kexue_only_prints_losses_and_table(capsys):
     assert abs(losses[0] - math.log(TINY.vocab)) < 0.2, losses
     # ... and AdamW on one fixed batch lowers it step after step.
     assert all(b < a for a, b in itertools.pairwise(losses)), losses
-    assert result.kexue_ms > 0 and math.isnan(result.eager_ms)
-    # One table after each config, then all of them: here one config, so twice one row.
-    rows = [row for row in _table_rows(out) if TINY.describe() in row]
-    assert len(rows) == 2 and rows[0] == rows[1], out
-    assert f"{result.kexue_params:,} / —" in rows[0] and f"| {result.kexue_ms:.1f} |" in rows[0]
-    assert "torch not run" in out
+    # The head at the masked positions only: the same losses (same init, same gradients).
+    np.testing.assert_allclose(result.losses["kexue masked"], losses, rtol=1e-5)
+    assert result.time("kexue") > 0 and result.time("kexue", "masked") > 0
+    assert math.isnan(result.time("torch eager"))
+    # One table after each config, then all of them: here one config, so each head's
+    # row twice; no product table without the torch side.
+    for head in peers.HEADS:
+        rows = [row for row in _table_rows(out) if TINY.describe() in row
+                and f"| {head} positions |" in row]
+        assert len(rows) == 2 and rows[0] == rows[1], out
+        assert f"{result.kexue_params:,} / —" in rows[0]
+        assert f"| {result.time('kexue', head):.1f} |" in rows[0]
+    assert "torch not run" in out and "as shipped" not in out
+
+
+def test_heads_argument_is_checked():
+    with pytest.raises(ValueError, match="`--heads`: expected a comma-separated subset"):
+        peers.main(["--quick", "--no-torch", "--heads", "all,everywhere"])
 
 
 def test_torch_side_matches_parameters_and_logits():
@@ -62,10 +75,15 @@ def test_torch_side_matches_parameters_and_logits():
     losses = [side.step() for _ in range(3)]
     assert abs(losses[0] - math.log(TINY.vocab)) < 0.2, losses
     assert losses[2] < losses[1] < losses[0], losses
-    (result.eager_ms,) = (1e3 * t for t in interleaved_median_times([side.step], repeats=1,
-                                                                     warmup=0))
-    assert result.eager_ms > 0
-    row = next(line for line in peers.results_table([result]).splitlines()
-               if line.startswith("| tiny"))
+    # The hand-written gather around HF's modules: the same losses step by step.
+    masked = peers.TorchSide(TINY, batch, compiled=False, masked_only=True)
+    np.testing.assert_allclose([masked.step() for _ in range(3)], losses, rtol=1e-5)
+    (eager,) = (1e3 * t for t in interleaved_median_times([side.step], repeats=1, warmup=0))
+    result.ms = {"kexue masked": 1.0, "torch eager": eager}
+    lines = peers.results_table([result]).splitlines()
+    row = next(line for line in lines if line.startswith("| tiny"))
     assert f"{result.kexue_params:,} / {result.torch_params:,}" in row
-    assert f"| {result.eager_ms:.1f} |" in row  # kexue's step is timed in the other test
+    assert f"| masked positions | {result.kexue_params:,}" in row
+    product = next(line for line in peers.product_table([result]).splitlines()
+                   if line.startswith("| tiny"))
+    assert f"| 1.0 | {eager:.1f} | — | {eager:.2f}x | — |" in product

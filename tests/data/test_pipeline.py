@@ -123,6 +123,57 @@ def test_mlm_mask_statistics(rng):
     assert ((randoms >= 0) & (randoms < 256)).all()
 
 
+def test_mlm_mask_max_predictions(rng):
+    tokenizer = ByteTokenizer()
+    tokens = rng.integers(0, 256, size=(200, 40)).astype(np.int32)
+    valid = np.ones_like(tokens, bool)
+    cap = 6  # ~0.15 · 40 = 6 chosen on average: the cap binds in about half the rows
+    seed = int(rng.integers(2**32))
+    uncapped = mlm_mask(tokens, valid, np.random.default_rng(seed), tokenizer=tokenizer)
+    out = mlm_mask(tokens, valid, np.random.default_rng(seed), tokenizer=tokenizer,
+                   max_predictions=cap)
+    chosen, before = out["weights"] > 0, uncapped["weights"] > 0
+    counts = chosen.sum(-1)
+    np.testing.assert_array_equal(counts, np.minimum(before.sum(-1), cap))
+    assert not (chosen & ~before).any()  # the kept ones are a subset of the drawn ones
+    assert (before.sum(-1) > cap).sum() > 20  # the cap was exercised
+    assert not (out["tokens"] != tokens)[~chosen].any()  # dropped choices stay unchanged
+    # The list: the chosen positions in ascending order, then (0, weight 0) padding.
+    assert out["predict_positions"].shape == out["predict_weights"].shape == (200, cap)
+    for row in range(200):
+        real = out["predict_weights"][row] > 0
+        np.testing.assert_array_equal(out["predict_positions"][row][real],
+                                      np.flatnonzero(chosen[row]))
+        assert real.sum() == counts[row] and not out["predict_positions"][row][~real].any()
+    # Which of a row's drawn tokens survive does not depend on position: the first and
+    # the second half keep the same share (~0.8 each, ± 0.02; keeping the first 6 drawn
+    # would give ~0.95 against ~0.65).
+    first, second = (chosen[:, half].sum() / before[:, half].sum()
+                     for half in (slice(0, 20), slice(20, 40)))
+    assert abs(first - second) < 0.1, (first, second)
+    # A list longer than the window is padded.
+    wide = mlm_mask(tokens[:3, :4], valid[:3, :4], rng, tokenizer=tokenizer, probability=1.0,
+                    max_predictions=6)
+    np.testing.assert_array_equal(wide["predict_weights"], [[1, 1, 1, 1, 0, 0]] * 3)
+    np.testing.assert_array_equal(wide["predict_positions"], [[0, 1, 2, 3, 0, 0]] * 3)
+    with pytest.raises(ValueError, match="max_predictions must be a non-negative int"):
+        mlm_mask(tokens, valid, rng, tokenizer=tokenizer, max_predictions=-1)
+
+
+def test_mlm_max_predictions_batches_train_split_only(data_dir, text_corpus):
+    config = _lm_config(data_dir, text_corpus, task="mlm", seq_len=32, batch_size=8,
+                        mlm_max_predictions=8)
+    batch = next(make_dataset(config, "train", process_index=0, process_count=1))
+    assert batch["predict_positions"].shape == batch["predict_weights"].shape == (8, 8)
+    assert (batch["weights"].sum(-1) <= 8).all()
+    np.testing.assert_array_equal(batch["predict_weights"].sum(-1), batch["weights"].sum(-1))
+    eval_batch = next(make_dataset(config, "eval", process_index=0, process_count=1))
+    assert "predict_positions" not in eval_batch  # evaluation scores every chosen token
+    config["mlm_max_predictions"] = -2
+    with pytest.raises(ValueError, match="mlm_max_predictions must be a non-negative integer"):
+        make_dataset(config, "train", process_index=0, process_count=1)
+
+
 def test_mlm_batches(data_dir, text_corpus):
     config = _lm_config(data_dir, text_corpus, task="mlm", seq_len=32, batch_size=8)
     batch = next(make_dataset(config, "train", process_index=0, process_count=1))

@@ -141,11 +141,15 @@ def test_incompatible_combinations_fail_before_compiling(tmp_path, overrides, me
 
 def test_mlm_smoke_reports_accuracy_per_length(tmp_path, data_dir):
     workdir = tmp_path / "mlm"
+    # The head at the chosen positions only (data.mlm_max_predictions) in training.
     train("configs/mlm_extrapolation.py", workdir, data_dir,
-          "--config.objective.positions=random_equal_mean")
+          "--config.objective.positions=random_equal_mean",
+          "--config.data.mlm_max_predictions=16")
     final = records(workdir, "eval")[-1]
     for length in (64, 128):
         assert 0.0 <= final[f"accuracy_{length}"] <= 1.0 and final[f"loss_{length}"] > 0
+    logged = records(workdir, "train")[-1]
+    assert 0.0 <= logged["accuracy"] <= 1.0 and np.isfinite(logged["loss"])
 
 
 @needs_cluener

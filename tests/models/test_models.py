@@ -294,3 +294,53 @@ def test_shardings_follow_the_logical_axes():
     assert shardings["embed"]["embedding"].get_value().spec == P("tensor", "fsdp")
     assert shardings["lm_head"]["kernel"].get_value().spec == P("fsdp", "tensor")
     assert block["ffn_norm"]["scale"].get_value().spec == P(None)
+
+
+# ------------------------------------------------------- masked-LM head at chosen positions
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_mlm_head_at_predict_positions_matches_the_dense_head(rng, tie):
+    """Logits, masked-LM loss and its gradient equal those of the head at every position."""
+    model = build(model_config("roformer_mlm", tie_embeddings=tie), seed=int(rng.integers(99)))
+    b, n, p = 3, 12, 5
+    tokens = jnp.asarray(rng.integers(0, 64, (b, n)))
+    labels = jnp.asarray(rng.integers(0, 64, (b, n)))
+    chosen = np.zeros((b, n), bool)
+    where = np.zeros((b, p), np.int32)
+    real = np.zeros((b, p), np.float32)
+    for row, count in enumerate((5, 2, 0)):  # full, partly padded, empty rows
+        picked = np.sort(rng.choice(n, count, replace=False))
+        chosen[row, picked], where[row, :count], real[row, :count] = True, picked, 1.0
+
+    dense = forward(model, tokens)
+    sparse = forward(model, tokens, predict_positions=jnp.asarray(where))
+    assert sparse.shape == (b, p, 64) and sparse.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(sparse),
+                               np.take_along_axis(np.asarray(dense), where[..., None], 1),
+                               rtol=1e-5, atol=1e-5)
+
+    def dense_loss(model):
+        return models.cross_entropy(model(tokens), labels, jnp.asarray(chosen, jnp.float32))
+
+    def sparse_loss(model):
+        logits = model(tokens, predict_positions=jnp.asarray(where))
+        return models.cross_entropy(logits, jnp.take_along_axis(labels, jnp.asarray(where), 1),
+                                    jnp.asarray(real))
+
+    (l_dense, g_dense), (l_sparse, g_sparse) = (
+        nnx.jit(nnx.value_and_grad(f))(model) for f in (dense_loss, sparse_loss))
+    np.testing.assert_allclose(float(l_sparse), float(l_dense), rtol=1e-6)
+    for path, a in nnx.to_flat_state(g_dense):
+        s = dict(nnx.to_flat_state(g_sparse))[path]
+        np.testing.assert_allclose(np.asarray(s[...]), np.asarray(a[...]), rtol=2e-4, atol=1e-6,
+                                   err_msg=str(path))
+
+
+def test_mlm_predict_positions_must_be_int_batch_by_count():
+    model = build(model_config("roformer_mlm"))
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    for bad in (jnp.zeros((2,), jnp.int32), jnp.zeros((3, 4), jnp.int32),
+                jnp.zeros((2, 4), jnp.float32)):
+        with pytest.raises(ValueError, match=r"predict_positions: expected int \[batch=2, P\]"):
+            model(tokens, predict_positions=bad)
