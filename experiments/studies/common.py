@@ -125,3 +125,18 @@ def header_lines(record: Mapping[str, Any]) -> list[str]:
             f"- Date: {record['date']}; machine: {record['machine']}",
             f"- Command: `{record['command']}` ({runtime})"]
 
+
+
+def seeds_label(seeds: Sequence[int], several: str = "") -> str:
+    """"3 seeds" + `several` (e.g. " (mean ± std)"), or "1 seed": for plot titles."""
+    count = len(seeds)
+    return f"{count} seed{'s' * (count > 1)}" + (several if count > 1 else "")
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """Lays out `fig`, writes it to `path` and closes it (matplotlib keeps figures)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

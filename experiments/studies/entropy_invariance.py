@@ -21,6 +21,8 @@ from experiments.studies.common import (
     cell,
     header_lines,
     overrides_text,
+    save_figure,
+    seeds_label,
     spread_text,
     summary,
     train_command,
@@ -147,14 +149,11 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.set_xlabel("evaluation length (tokens); trained at 64")
     ax.set_ylabel("MLM accuracy (%)")
-    seeds = len(record["seeds"])
-    ax.set_title(f"RoFormer MLM, {record['steps']} steps, {seeds} seed{'s' * (seeds > 1)}"
-                 + (" (mean ± std)" if seeds > 1 else ""), fontsize=10)
+    ax.set_title(f"RoFormer MLM, {record['steps']} steps, "
+                 f"{seeds_label(record['seeds'], ' (mean ± std)')}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(record: Mapping[str, Any], png_name: str) -> str:

@@ -27,6 +27,8 @@ from experiments.studies.common import (
     cell,
     overrides_text,
     runtime_text,
+    save_figure,
+    seeds_label,
     spread_text,
     summary,
     train_command,
@@ -281,13 +283,10 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
                 va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), [textwrap.fill(n, 16) for n in names], fontsize=7)
     ax.set_ylabel("dev span F1 (%)")
-    seeds = len(record["seeds"])
     ax.set_title(f"CLUENER, char encoder from scratch, {record['steps']} steps; bars: mean "
-                 f"± std over {seeds} seed{'s' * (seeds > 1)}, dots: runs", fontsize=9)
+                 f"± std over {seeds_label(record['seeds'])}, dots: runs", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _dev_set(record: Mapping[str, Any]) -> str:

@@ -23,6 +23,8 @@ import numpy as np
 from experiments.studies.common import (
     header_lines,
     overrides_text,
+    save_figure,
+    seeds_label,
     spread_text,
     summary,
     train_command,
@@ -172,15 +174,11 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.set_xlabel(f"evaluation length (bytes); trained at {record['train_length']}")
     ax.set_ylabel("held-out bits per byte (lower is better)")
-    seeds = len(record["seeds"])
-    ax.set_title(f"Byte-level causal LM, {record['steps']} steps, {seeds} "
-                 f"seed{'s' * (seeds > 1)}" + (" (mean ± std)" if seeds > 1 else ""),
-                 fontsize=10)
+    ax.set_title(f"Byte-level causal LM, {record['steps']} steps, "
+                 f"{seeds_label(record['seeds'], ' (mean ± std)')}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(record: Mapping[str, Any], png_name: str) -> str:

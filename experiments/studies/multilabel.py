@@ -25,6 +25,8 @@ from experiments.studies.common import (
     cell,
     overrides_text,
     runtime_text,
+    save_figure,
+    seeds_label,
     spread_text,
     summary,
     train_command,
@@ -227,15 +229,12 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
     ax.set_xticks(x, [METRIC_NAMES[m].replace(" (mean of 5)", "\n(mean of 5)")
                       for m in metrics])
     ax.set_ylabel("dev F1 (%)")
-    seeds = len(record["seeds"])
-    ax.set_title(f"CLUENER type multi-label, {record['steps']} steps, {seeds} "
-                 f"seed{'s' * (seeds > 1)}" + (" (mean ± std)" if seeds > 1 else "")
-                 + "; r: share of rare-type sentences kept", fontsize=9)
+    ax.set_title(f"CLUENER type multi-label, {record['steps']} steps, "
+                 f"{seeds_label(record['seeds'], ' (mean ± std)')}"
+                 "; r: share of rare-type sentences kept", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(record: Mapping[str, Any], png_name: str) -> str:

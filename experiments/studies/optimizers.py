@@ -27,7 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from experiments.studies.common import flag_value, spread_text, summary, train_command, train_run
+from experiments.studies.common import (
+    flag_value,
+    save_figure,
+    seeds_label,
+    spread_text,
+    summary,
+    train_command,
+    train_run,
+)
 
 #: task -> (config file, share of the config's run that is the Amos-style half-life)
 TASKS: dict[str, tuple[str, float]] = {
@@ -301,12 +309,10 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
         ax.set_ylabel("loss")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    seeds = len(record["seeds"])
-    fig.suptitle(f"{record['steps']} steps, {seeds} seed{'s' * (seeds > 1)}: mean"
-                 + (", shaded min–max over seeds" if seeds > 1 else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    fig.suptitle(f"{record['steps']} steps, {seeds_label(record['seeds'])}: mean"
+                 + (", shaded min–max over seeds" if len(record["seeds"]) > 1 else ""),
+                 fontsize=9)
+    save_figure(fig, path)
 
 
 def markdown(record: Mapping[str, Any], png_name: str) -> str:

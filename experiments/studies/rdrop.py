@@ -25,6 +25,8 @@ from experiments.studies.common import (
     cell,
     header_lines,
     overrides_text,
+    save_figure,
+    seeds_label,
     spread_text,
     summary,
     train_command,
@@ -172,14 +174,11 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
         ax.plot(steps, mean, color=color, marker="o", label=name)
     ax.set_xlabel("training step")
     ax.set_ylabel("dev span F1 (%)")
-    seeds = len(record["seeds"])
-    ax.set_title(f"GlobalPointer on CLUENER, {seeds} seed{'s' * (seeds > 1)} "
+    ax.set_title(f"GlobalPointer on CLUENER, {seeds_label(record['seeds'])} "
                  "(thin: runs, thick: mean)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(record: Mapping[str, Any], png_name: str) -> str:
