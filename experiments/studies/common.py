@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,12 @@ def save_figure(fig: Any, path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def timed_train_run(label: str, config_file: str, preset: str, overrides: Mapping[str, Any],
+                    workdir: Path) -> tuple[dict[str, Any], float]:
+    """`train_run` announced as `[reproduce] label: workdir`, with its wall seconds."""
+    print(f"[reproduce] {label}: {workdir}", flush=True)
+    started = time.perf_counter()
+    final = train_run(config_file, preset, overrides, workdir)
+    return final, round(time.perf_counter() - started, 1)

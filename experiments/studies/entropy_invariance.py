@@ -25,8 +25,8 @@ from experiments.studies.common import (
     seeds_label,
     spread_text,
     summary,
+    timed_train_run,
     train_command,
-    train_run,
 )
 
 MLM_CONFIG = "configs/mlm_extrapolation.py"
@@ -86,10 +86,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for seed in args.seeds:
             overrides = _ei_overrides(args.preset, steps, seed, scale, positions)
             workdir = runs_root / f"{scale}-{positions}-seed{seed}"
-            print(f"[reproduce] {name}, seed {seed}: {workdir}", flush=True)
-            run_started = time.perf_counter()
-            final = train_run(MLM_CONFIG, config_preset, overrides, workdir)
-            seconds[str(seed)] = round(time.perf_counter() - run_started, 1)
+            final, seconds[str(seed)] = timed_train_run(
+                f"{name}, seed {seed}", MLM_CONFIG, config_preset, overrides, workdir)
             if final.get("reused"):
                 reused.append(seed)
             per_seed[str(seed)] = {str(n): float(final["eval"][f"accuracy_{n}"])

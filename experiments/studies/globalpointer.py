@@ -31,8 +31,8 @@ from experiments.studies.common import (
     seeds_label,
     spread_text,
     summary,
+    timed_train_run,
     train_command,
-    train_run,
 )
 
 GP_CONFIG = "configs/cluener_globalpointer.py"
@@ -97,10 +97,8 @@ def _train(runs_root: Path, name: str, config_file: str, variant: Mapping[str, A
     for seed in seeds:
         overrides = _overrides(preset, steps, seed, config_file, variant)
         workdir = runs_root / f"{slug}-seed{seed}"
-        print(f"[reproduce] {name}, seed {seed}: {workdir}", flush=True)
-        started = time.perf_counter()
-        final = train_run(config_file, config_preset, overrides, workdir)
-        seconds[str(seed)] = round(time.perf_counter() - started, 1)
+        final, seconds[str(seed)] = timed_train_run(
+            f"{name}, seed {seed}", config_file, config_preset, overrides, workdir)
         if final.get("reused"):
             reused.append(seed)
         metrics = final["eval"]

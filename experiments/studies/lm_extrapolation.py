@@ -27,8 +27,8 @@ from experiments.studies.common import (
     seeds_label,
     spread_text,
     summary,
+    timed_train_run,
     train_command,
-    train_run,
 )
 
 LM_CONFIG = "configs/lm_stdlib.py"
@@ -85,10 +85,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for seed in args.seeds:
             overrides = _overrides(args.preset, steps, seed, scale)
             workdir = runs_root / f"{scale}-seed{seed}"
-            print(f"[reproduce] {name}, seed {seed}: {workdir}", flush=True)
-            run_started = time.perf_counter()
-            final = train_run(LM_CONFIG, config_preset, overrides, workdir)
-            seconds[str(seed)] = round(time.perf_counter() - run_started, 1)
+            final, seconds[str(seed)] = timed_train_run(
+                f"{name}, seed {seed}", LM_CONFIG, config_preset, overrides, workdir)
             if final.get("reused"):
                 reused.append(seed)
             metrics = final["eval"]

@@ -29,8 +29,8 @@ from experiments.studies.common import (
     seeds_label,
     spread_text,
     summary,
+    timed_train_run,
     train_command,
-    train_run,
 )
 
 ML_CONFIG = "configs/cluener_multilabel.py"
@@ -127,11 +127,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             c = (keep, loss)
             overrides = _overrides(args.preset, steps, seed, loss, keep)
             workdir = runs_root / f"{loss}-keep{keep:g}-seed{seed}"
-            print(f"[reproduce] {LOSS_NAMES[loss]}, r = {keep:g}, seed {seed}: {workdir}",
-                  flush=True)
-            run_started = time.perf_counter()
-            final = train_run(ML_CONFIG, config_preset, overrides, workdir)
-            seconds[c][str(seed)] = round(time.perf_counter() - run_started, 1)
+            final, seconds[c][str(seed)] = timed_train_run(
+                f"{LOSS_NAMES[loss]}, r = {keep:g}, seed {seed}", ML_CONFIG, config_preset,
+                overrides, workdir)
             if final.get("reused"):
                 reused[c].append(seed)
             evaluated = final["eval"]

@@ -33,8 +33,8 @@ from experiments.studies.common import (
     seeds_label,
     spread_text,
     summary,
+    timed_train_run,
     train_command,
-    train_run,
 )
 
 #: task -> (config file, share of the config's run that is the Amos-style half-life)
@@ -166,10 +166,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 entry = entries[task][opt]
                 overrides = _overrides(args.preset, task, steps, seed, opt)
                 workdir = runs_root / f"{task}-{opt}-seed{seed}"
-                print(f"[reproduce] {task}, {opt}, seed {seed}: {workdir}", flush=True)
-                run_started = time.perf_counter()
-                final = train_run(config_file, config_preset, overrides, workdir)
-                entry["run_seconds"][str(seed)] = round(time.perf_counter() - run_started, 1)
+                final, entry["run_seconds"][str(seed)] = timed_train_run(
+                    f"{task}, {opt}, seed {seed}", config_file, config_preset, overrides, workdir)
                 if final.get("reused"):
                     entry["reused_seeds"].append(seed)
                 curves = read_curves(workdir)

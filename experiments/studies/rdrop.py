@@ -29,8 +29,8 @@ from experiments.studies.common import (
     seeds_label,
     spread_text,
     summary,
+    timed_train_run,
     train_command,
-    train_run,
 )
 
 GP_CONFIG = "configs/cluener_globalpointer.py"
@@ -103,10 +103,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for seed in seeds:
             overrides = _overrides(args.preset, steps, seed, alpha)
             workdir = runs_root / f"alpha{alpha:g}-seed{seed}"
-            print(f"[reproduce] {name}, seed {seed}: {workdir}", flush=True)
-            run_started = time.perf_counter()
-            final = train_run(GP_CONFIG, config_preset, overrides, workdir)
-            seconds[str(seed)] = round(time.perf_counter() - run_started, 1)
+            final, seconds[str(seed)] = timed_train_run(
+                f"{name}, seed {seed}", GP_CONFIG, config_preset, overrides, workdir)
             if final.get("reused"):
                 reused.append(seed)
             metrics = final["eval"]
