@@ -8,33 +8,23 @@ in the subprocess: compiling dominates here.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from experiments.studies import lm_extrapolation
+from tests.experiments._smoke import check_png, run_smoke_study
 
-ROOT = Path(__file__).resolve().parents[2]
 LENGTHS = ["64", "128", "256", "512", "1024"]
 VARIANTS = [name for name, _ in lm_extrapolation.VARIANTS]
 
 
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    tmp = tmp_path_factory.mktemp("lm_extrapolation")
-    out, runs = tmp / "results", tmp / "runs"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.reproduce", "lm_extrapolation",
-         "--preset", "smoke", "--seeds", "0", "--out", str(out), "--runs", str(runs)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return out, result
+    return run_smoke_study(tmp_path_factory.mktemp("lm_extrapolation"), "lm_extrapolation",
+                           timeout=300)
 
 
 def test_smoke_study_writes_json_with_both_scales_and_every_length(smoke_study):
@@ -74,8 +64,7 @@ def test_smoke_study_writes_table_and_plot(smoke_study):
             assert len(cells) == 5 and all(re.fullmatch(r"\d+\.\d{3}", c) for c in cells)
     assert "| bytes scored | whole / tail | 8192 / 2048 |" in table
     assert "![bits per byte vs evaluation length](lm_extrapolation.png)" in table
-    png = (out / "lm_extrapolation.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    check_png(out / "lm_extrapolation.png")
     runs = out.parent / "runs" / "lm_extrapolation" / "smoke-2steps"
     assert sorted(p.name for p in runs.iterdir()) == ["entropy_invariant-seed0",
                                                       "standard-seed0"]

@@ -8,34 +8,24 @@ backend optimisation is turned off in the subprocess: compiling dominates here.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from experiments import reproduce
 from experiments.studies import entropy_invariance
+from tests.experiments._smoke import check_png, run_smoke_study
 
-ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = [name for name, _, _ in entropy_invariance.EI_VARIANTS]
 LENGTHS = ["64", "128", "256", "512", "1024"]
 
 
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    tmp = tmp_path_factory.mktemp("reproduce")
-    out, runs = tmp / "results", tmp / "runs"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.reproduce", "entropy_invariance",
-         "--preset", "smoke", "--seeds", "0", "--out", str(out), "--runs", str(runs)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return out, result
+    return run_smoke_study(tmp_path_factory.mktemp("reproduce"), "entropy_invariance",
+                           timeout=300)
 
 
 def test_smoke_study_writes_json_with_every_variant_and_length(smoke_study):
@@ -66,8 +56,7 @@ def test_smoke_study_writes_table_and_plot(smoke_study):
         cells = [cell.strip() for cell in row.group(1).split("|")]
         assert len(cells) == 5 and all(re.fullmatch(r"\d+\.\d\d", c) for c in cells), cells
     assert "![accuracy vs evaluation length](entropy_invariance.png)" in table
-    png = (out / "entropy_invariance.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    check_png(out / "entropy_invariance.png")
     runs = sorted(p.name for p in (out.parent / "runs" / "entropy_invariance" /
                                    "smoke-2steps").iterdir())
     assert len(runs) == 4 and all((out.parent / "runs" / "entropy_invariance" /

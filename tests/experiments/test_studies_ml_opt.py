@@ -9,34 +9,22 @@ curve-reading helper of the optimizer study is checked on its own.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from experiments import reproduce
 from experiments.studies import multilabel, optimizers
+from tests.experiments._smoke import check_png, run_smoke_study
 
-ROOT = Path(__file__).resolve().parents[2]
 NUMBER = r"\d+\.\d\d"
 
 
 def _smoke(tmp_path_factory, study: str) -> Path:
-    tmp = tmp_path_factory.mktemp(study)
-    out, runs = tmp / "results", tmp / "runs"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.reproduce", study, "--preset", "smoke",
-         "--seeds", "0", "--out", str(out), "--runs", str(runs)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    out, result = run_smoke_study(tmp_path_factory.mktemp(study), study, timeout=900)
     assert "updated" not in result.stdout  # docs/results.md is left alone for other --out
-    png = (out / f"{study}.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    check_png(out / f"{study}.png")
     return out
 
 

@@ -8,40 +8,19 @@ the numbers. XLA's backend optimisation is off in the subprocess: compiling domi
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from experiments.studies import globalpointer, rdrop
 from tests.conftest import CLUENER_MISSING, HAVE_CLUENER
+from tests.experiments._smoke import check_png, run_smoke_study
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not HAVE_CLUENER, reason=CLUENER_MISSING)
 
 
-def run_study(tmp: Path, study: str) -> tuple[Path, subprocess.CompletedProcess]:
-    out, runs = tmp / "results", tmp / "runs"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.reproduce", study, "--preset", "smoke",
-         "--seeds", "0", "--out", str(out), "--runs", str(runs)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return out, result
-
-
-def check_png(path: Path) -> None:
-    png = path.read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
-
-
 def test_globalpointer_smoke_study(tmp_path):
-    out, result = run_study(tmp_path, "globalpointer")
+    out, result = run_smoke_study(tmp_path, "globalpointer")
     record = json.loads((out / "globalpointer.json").read_text())
     names = [name for name, _, _ in globalpointer.GP_VARIANTS] + [globalpointer.SPARSE_VARIANT[0]]
     assert record["study"] == "globalpointer" and record["seeds"] == [0]
@@ -76,7 +55,7 @@ def test_globalpointer_smoke_study(tmp_path):
 
 
 def test_rdrop_smoke_study(tmp_path):
-    out, _ = run_study(tmp_path, "rdrop")
+    out, _ = run_smoke_study(tmp_path, "rdrop")
     record = json.loads((out / "rdrop.json").read_text())
     assert record["study"] == "rdrop" and record["steps"] == 2
     assert [v["rdrop_alpha"] for v in record["variants"].values()] == [0.0, rdrop.ALPHA]
