@@ -150,3 +150,19 @@ def timed_train_run(label: str, config_file: str, preset: str, overrides: Mappin
     started = time.perf_counter()
     final = train_run(config_file, preset, overrides, workdir)
     return final, round(time.perf_counter() - started, 1)
+
+
+def run_schedule(seed: int, steps: int, *, log_points: int, eval_every: int | None = None,
+                 checkpoint_every: int | None = None) -> dict[str, Any]:
+    """The overrides every study run shares: one seed for model, training and data;
+    `steps` steps, logged about `log_points` times; evaluated every `eval_every` steps
+    and checkpointed every `checkpoint_every` (both default: at the end only); one
+    checkpoint kept."""
+    return {
+        "seed": seed, "train.seed": seed, "data.seed": seed,
+        "train.num_steps": steps,
+        "train.log_every": max(steps // log_points, 1),
+        "train.eval_every": eval_every or steps,
+        "train.checkpoint_every": checkpoint_every or steps,
+        "train.keep_checkpoints": 1,
+    }

@@ -26,6 +26,7 @@ import numpy as np
 from experiments.studies.common import (
     cell,
     overrides_text,
+    run_schedule,
     runtime_text,
     save_figure,
     seeds_label,
@@ -77,12 +78,7 @@ def _overrides(preset: str, steps: int, seed: int, config_file: str,
     _, overrides, _, _, _ = PRESETS[preset]
     return {
         **overrides, **variant,
-        "seed": seed, "train.seed": seed, "data.seed": seed,
-        "train.num_steps": steps,
-        "train.log_every": max(steps // 10, 1),
-        "train.eval_every": steps,
-        "train.checkpoint_every": steps,
-        "train.keep_checkpoints": 1,
+        **run_schedule(seed, steps, log_points=10),
         # The config's Amos-style decay (half-life 1500 of 3000 steps), at this length.
         "optimizer.amos_style.half_life": max(steps // 2, 1),
     }

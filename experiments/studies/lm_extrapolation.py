@@ -23,6 +23,7 @@ import numpy as np
 from experiments.studies.common import (
     header_lines,
     overrides_text,
+    run_schedule,
     save_figure,
     seeds_label,
     spread_text,
@@ -61,12 +62,7 @@ def _overrides(preset: str, steps: int, seed: int, scale: str) -> dict[str, Any]
         "data.seq_len": TRAIN_LENGTH,
         "eval.lengths": LENGTHS,
         "eval.sample_tokens": 0,
-        "seed": seed, "train.seed": seed, "data.seed": seed,
-        "train.num_steps": steps,
-        "train.log_every": max(steps // 10, 1),
-        "train.eval_every": steps,
-        "train.checkpoint_every": steps,
-        "train.keep_checkpoints": 1,
+        **run_schedule(seed, steps, log_points=10),
     }
 
 

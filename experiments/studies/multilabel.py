@@ -24,6 +24,7 @@ import numpy as np
 from experiments.studies.common import (
     cell,
     overrides_text,
+    run_schedule,
     runtime_text,
     save_figure,
     seeds_label,
@@ -64,12 +65,7 @@ def _overrides(preset: str, steps: int, seed: int, loss: str,
         **overrides,
         **imbalance,
         "objective.loss": loss,
-        "seed": seed, "train.seed": seed, "data.seed": seed,
-        "train.num_steps": steps,
-        "train.log_every": max(steps // 20, 1),
-        "train.eval_every": steps,
-        "train.checkpoint_every": steps,
-        "train.keep_checkpoints": 1,
+        **run_schedule(seed, steps, log_points=20),
         # The config's schedule shape: half-life 1500 of 3000 steps.
         "optimizer.amos_style.half_life": max(round(0.5 * steps), 1),
     }

@@ -29,6 +29,7 @@ import numpy as np
 
 from experiments.studies.common import (
     flag_value,
+    run_schedule,
     save_figure,
     seeds_label,
     spread_text,
@@ -75,12 +76,8 @@ def _overrides(preset: str, task: str, steps: int, seed: int,
     return {
         **overrides,
         "optimizer.name": optimizer,
-        "seed": seed, "train.seed": seed, "data.seed": seed,
-        "train.num_steps": steps,
-        "train.log_every": max(steps // 20, 1),
-        "train.eval_every": eval_every,
-        "train.checkpoint_every": steps if steps % eval_every == 0 else eval_every,
-        "train.keep_checkpoints": 1,
+        **run_schedule(seed, steps, log_points=20, eval_every=eval_every,
+                       checkpoint_every=steps if steps % eval_every == 0 else eval_every),
         "optimizer.amos_style.half_life": max(round(TASKS[task][1] * steps), 1),
     }
 

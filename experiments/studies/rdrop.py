@@ -25,6 +25,7 @@ from experiments.studies.common import (
     cell,
     header_lines,
     overrides_text,
+    run_schedule,
     save_figure,
     seeds_label,
     spread_text,
@@ -66,12 +67,8 @@ def _overrides(preset: str, steps: int, seed: int, alpha: float) -> dict[str, An
     return {
         **overrides,
         "objective.rdrop_alpha": alpha,
-        "seed": seed, "train.seed": seed, "data.seed": seed,
-        "train.num_steps": steps,
-        "train.log_every": max(steps // 10, 1),
-        "train.eval_every": every,
-        "train.checkpoint_every": steps if steps % every == 0 else every * EVALS,
-        "train.keep_checkpoints": 1,
+        **run_schedule(seed, steps, log_points=10, eval_every=every,
+                       checkpoint_every=steps if steps % every == 0 else every * EVALS),
         # The config's Amos-style decay (half-life 1500 of 3000 steps), at this length.
         "optimizer.amos_style.half_life": max(steps // 2, 1),
     }
