@@ -64,7 +64,7 @@ import optax
 from flax import nnx
 
 from benchmarks.common import interleaved_median_times, machine_description, markdown_table, today
-from kexue import models, parallel, train
+from kexue import data, models, parallel, train
 
 MASK_ID = 1
 LEARNING_RATE = 1e-3
@@ -154,11 +154,7 @@ def mlm_loss_masked_positions(model: nnx.Module, batch: dict[str, jax.Array], rn
 def with_predict_positions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`batch` plus `predict_positions` / `predict_weights` (every row has as many masks)."""
     chosen = batch["weights"] > 0
-    count = int(chosen.sum(-1).max())
-    order = np.argsort(~chosen, axis=-1, kind="stable")[:, :count]
-    real = np.take_along_axis(chosen, order, axis=-1)
-    return {**batch, "predict_positions": np.where(real, order, 0).astype(np.int32),
-            "predict_weights": real.astype(np.float32)}
+    return {**batch, **data.prediction_list(chosen, int(chosen.sum(-1).max()))}
 
 
 class KexueSide:

@@ -32,6 +32,7 @@ from kexue.data.pipeline import (
     make_tokenizer,
     mlm_mask,
     ner_example,
+    prediction_list,
 )
 from kexue.data.sources import default_cluener_dir, load_catalog, make_builder, prepare
 from kexue.data.text_files import TextFiles, default_text_glob, list_text_files, text_files_config
@@ -61,6 +62,7 @@ __all__ = [
     "mlm_mask",
     "ner_example",
     "parse_cluener_line",
+    "prediction_list",
     "prepare",
     "read_cluener_file",
     "text_files_config",

@@ -70,6 +70,7 @@ __all__ = [
     "make_tokenizer",
     "mlm_mask",
     "ner_example",
+    "prediction_list",
 ]
 
 TASKS = ("lm", "mlm", "ner", "multilabel")
@@ -461,16 +462,27 @@ def mlm_mask(
     out = {"tokens": corrupted.astype(np.int32), "labels": tokens,
            "weights": chosen.astype(np.float32), "mask": np.asarray(valid, dtype=bool)}
     if max_predictions:
-        n = tokens.shape[-1]
-        # Chosen positions first, in ascending order (a stable sort of "not chosen").
-        order = np.argsort(~chosen, axis=-1, kind="stable")[..., :max_predictions]
-        real = np.take_along_axis(chosen, order, axis=-1)
-        if max_predictions > n:  # fewer positions than slots: pad the list
-            pad = [(0, 0)] * (tokens.ndim - 1) + [(0, max_predictions - n)]
-            order, real = np.pad(order, pad), np.pad(real, pad)
-        out["predict_positions"] = np.where(real, order, 0).astype(np.int32)
-        out["predict_weights"] = real.astype(np.float32)
+        out.update(prediction_list(chosen, max_predictions))
     return out
+
+
+def prediction_list(chosen: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    """The True positions of bool `chosen` [..., n] as a fixed-size list per row.
+
+    Returns `predict_positions` (int32 [..., size]: the chosen positions in ascending
+    order, then 0 as padding) and `predict_weights` (float32 [..., size]: 1 on real
+    entries). Rows with more than `size` chosen positions keep the first `size`.
+    """
+    chosen = np.asarray(chosen, dtype=bool)
+    n = chosen.shape[-1]
+    # Chosen positions first, in ascending order (a stable sort of "not chosen").
+    order = np.argsort(~chosen, axis=-1, kind="stable")[..., :size]
+    real = np.take_along_axis(chosen, order, axis=-1)
+    if size > n:  # fewer positions than slots: pad the list
+        pad = [(0, 0)] * (chosen.ndim - 1) + [(0, size - n)]
+        order, real = np.pad(order, pad), np.pad(real, pad)
+    return {"predict_positions": np.where(real, order, 0).astype(np.int32),
+            "predict_weights": real.astype(np.float32)}
 
 
 def ner_example(

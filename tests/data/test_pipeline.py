@@ -16,6 +16,7 @@ from kexue.data import (
     make_builder,
     make_dataset,
     mlm_mask,
+    prediction_list,
     prepare,
 )
 
@@ -158,6 +159,16 @@ def test_mlm_mask_max_predictions(rng):
     np.testing.assert_array_equal(wide["predict_positions"], [[0, 1, 2, 3, 0, 0]] * 3)
     with pytest.raises(ValueError, match="max_predictions must be a non-negative int"):
         mlm_mask(tokens, valid, rng, tokenizer=tokenizer, max_predictions=-1)
+
+
+def test_prediction_list_pads_and_truncates():
+    chosen = np.array([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
+    out = prediction_list(chosen, 3)
+    np.testing.assert_array_equal(out["predict_positions"], [[1, 3, 4], [0, 0, 0], [0, 1, 2]])
+    np.testing.assert_array_equal(out["predict_weights"], [[1, 1, 1], [0, 0, 0], [1, 1, 1]])
+    wide = prediction_list(chosen[:1], 7)
+    np.testing.assert_array_equal(wide["predict_positions"], [[1, 3, 4, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(wide["predict_weights"], [[1, 1, 1, 0, 0, 0, 0]])
 
 
 def test_mlm_max_predictions_batches_train_split_only(data_dir, text_corpus):
