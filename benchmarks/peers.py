@@ -3,6 +3,9 @@
     python -m benchmarks.peers                 # the two configs below, 10 repeats
     python -m benchmarks.peers --quick         # a tiny config (torch.compile alone takes minutes)
     python -m benchmarks.peers --repeats 20 --no-compile
+    python -m benchmarks.peers --no-torch --heads masked --configs a   # kexue alone
+    python -m benchmarks.peers --dots          # also each config's matmul shapes alone
+    python -m benchmarks.peers --kexue-dtype bfloat16   # kexue's matmuls in bf16
 
 Needs the `peers` extra (`pip install -e '.[peers]'`: torch and transformers).
 
@@ -161,8 +164,8 @@ class KexueSide:
     """kexue's RoFormer MLM and its jitted, donating AdamW training step on one device."""
 
     def __init__(self, cfg: PeerConfig, batch: dict[str, np.ndarray], *, seed: int = 0,
-                 masked_only: bool = False):
-        section = kexue_model_config(cfg)
+                 masked_only: bool = False, dtype: str = "float32"):
+        section = {**kexue_model_config(cfg), "dtype": dtype}
         loss_fn = mlm_loss_masked_positions if masked_only else mlm_loss
         if masked_only:
             batch = with_predict_positions(batch)
@@ -364,15 +367,18 @@ def _first_steps(name: str, step: Callable[[], Any], count: int, result: Result)
 
 def run_config(cfg: PeerConfig, *, repeats: int, check_steps: int = 3, use_torch: bool = True,
                use_compile: bool = True, threads: int | None = None,
-               heads: tuple[str, ...] = HEADS) -> Result:
-    """Builds every side for `cfg`, checks losses over `check_steps` steps, times the steps."""
+               heads: tuple[str, ...] = HEADS, kexue_dtype: str = "float32") -> Result:
+    """Builds every side for `cfg`, checks losses over `check_steps` steps, times the steps.
+
+    `kexue_dtype` is kexue's `model.dtype` (matmul compute dtype; parameters, norms and
+    logits stay float32); the PyTorch side is always float32."""
     if not heads or any(head not in HEADS for head in heads):
         raise ValueError(f"heads: expected a non-empty subset of {HEADS}, got {heads!r}")
     batch = make_batch(cfg)
     steps: dict[str, Callable[[], Any]] = {}
     result = None
     for head in heads:
-        side = KexueSide(cfg, batch, masked_only=head == "masked")
+        side = KexueSide(cfg, batch, masked_only=head == "masked", dtype=kexue_dtype)
         result = result or Result(cfg, side.params)
         steps["kexue" + _HEAD_SUFFIX[head]] = side.step
     if use_torch:
@@ -480,6 +486,35 @@ def loss_lines(result: Result) -> list[str]:
     return lines
 
 
+def dot_shapes(cfg: PeerConfig) -> list[tuple[str, int, int, int]]:
+    """`(name, M, K, N)` of the step's float32 matmuls: the FFN's, and the vocabulary
+    projection at the masked positions (forward shapes; the gradients reuse them)."""
+    tokens, masked = cfg.tokens, cfg.batch * max(1, round(cfg.mask_rate * cfg.seq))
+    return [("FFN in", tokens, cfg.width, cfg.mlp), ("FFN out", tokens, cfg.mlp, cfg.width),
+            ("vocab (masked)", masked, cfg.width, cfg.vocab)]
+
+
+def dots_table(cfg: PeerConfig, *, repeats: int, use_torch: bool) -> str:
+    """GFLOP/s of each matmul of `dot_shapes(cfg)` alone: XLA (`jnp.dot`, jitted) and,
+    when `use_torch`, PyTorch (`torch.matmul`, MKL), interleaved. Compares the kernels
+    outside the training step."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for name, m, k, n in dot_shapes(cfg):
+        a, b = (rng.standard_normal(shape, dtype=np.float32) for shape in ((m, k), (k, n)))
+        dot, xa, xb = jax.jit(jnp.dot), jnp.asarray(a), jnp.asarray(b)
+        fns = [lambda dot=dot, xa=xa, xb=xb: dot(xa, xb).block_until_ready()]
+        if use_torch:
+            import torch
+
+            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+            fns.append(lambda ta=ta, tb=tb: torch.matmul(ta, tb))
+        times = interleaved_median_times(fns, repeats=repeats, warmup=2)
+        rates = [f"{2 * m * k * n / t / 1e9:.3g}" for t in times] + ["—"] * (2 - len(times))
+        rows.append([name, f"{m} x {k} x {n}", *rates])
+    return markdown_table(["matmul", "M x K x N", "XLA GFLOP/s", "torch GFLOP/s"], rows)
+
+
 def versions() -> str:
     import flax
 
@@ -500,6 +535,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per side")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--no-torch", action="store_true", help="kexue side only")
+    parser.add_argument("--dots", action="store_true",
+                        help="also time each config's matmul shapes alone (XLA vs torch)")
+    parser.add_argument("--kexue-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="kexue's model.dtype (matmul compute dtype)")
     parser.add_argument("--heads", default=",".join(HEADS),
                         help="comma-separated MLM head variants: all (logits at every "
                              "position), masked (at the masked positions only)")
@@ -533,12 +572,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
           f"{torch_threads}")
     if missing:
         print(f"torch side skipped: {missing}")
-    print(f"timing: medians of {repeats} interleaved steps; float32; AdamW lr {LEARNING_RATE}, "
-          f"weight decay {WEIGHT_DECAY}; dropout 0\n")
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}")
+    print(f"timing: medians of {repeats} interleaved steps; kexue compute {args.kexue_dtype}, "
+          f"torch float32; AdamW lr {LEARNING_RATE}, weight decay {WEIGHT_DECAY}; dropout 0\n")
     results = []
     for cfg in configs:
         result = run_config(cfg, repeats=repeats, use_torch=missing is None and not args.no_torch,
-                            use_compile=not args.no_compile, threads=threads, heads=heads)
+                            use_compile=not args.no_compile, threads=threads, heads=heads,
+                            kexue_dtype=args.kexue_dtype)
         results.append(result)
         print(check_params(result))
         print("\n".join(loss_lines(result)))
@@ -546,6 +587,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
             print(result.compile_note)
         print()
         print(results_table([result]) + "\n", flush=True)
+        if args.dots:
+            print(f"{cfg.name}: the step's matmuls alone, medians of {repeats} interleaved "
+                  "calls\n")
+            print(dots_table(cfg, repeats=repeats, use_torch=missing is None
+                             and not args.no_torch) + "\n", flush=True)
     print("## All configs, like against like\n")
     print(results_table(results))
     product = product_table(results)

@@ -87,3 +87,12 @@ def test_torch_side_matches_parameters_and_logits():
     product = next(line for line in peers.product_table([result]).splitlines()
                    if line.startswith("| tiny"))
     assert f"| 1.0 | {eager:.1f} | — | {eager:.2f}x | — |" in product
+
+
+def test_dots_table_rates_every_matmul_shape():
+    table = peers.dots_table(TINY, repeats=1, use_torch=False)
+    rows = _table_rows(table)[1:]  # after the header
+    assert [row.split("|")[1].strip() for row in rows] == [n for n, *_ in peers.dot_shapes(TINY)]
+    for row in rows:
+        xla, torch_rate = (cell.strip() for cell in row.split("|")[3:5])
+        assert float(xla) > 0 and torch_rate == "—"
