@@ -39,17 +39,21 @@ import flax
 import jax
 import jax.numpy as jnp
 import jaxlib
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 from benchmarks import heads
 from benchmarks.common import interleaved_median_times, machine_description, markdown_table, today
-from kexue import models, optim
-from kexue.models.layers import REMAT_CPU_COMPILER_OPTIONS, REMAT_POLICIES
+from kexue import models, optim, tasks
+from kexue.models import REMAT_POLICIES
 from kexue.parallel import make_mesh
-from kexue.train import abstract_train_state, create_train_state, make_train_step
+from kexue.train import (
+    abstract_train_state,
+    cpu_compiler_options,
+    create_train_state,
+    make_train_step,
+)
 
 GIB = 2**30
 
@@ -63,9 +67,13 @@ class LMCase:
     batch: int
     seq_len: int
 
-    def config(self, **overrides: Any) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({"model": {"name": "causal_lm", **self.model,
-                                                    **overrides}})
+    def spec(self, **overrides: Any) -> models.ModelSpec:
+        return causal_lm_spec(self.model, **overrides)
+
+
+def causal_lm_spec(model: dict[str, Any], **overrides: Any) -> models.ModelSpec:
+    """The `ModelSpec` of a causal LM with the settings `model` (and `overrides`)."""
+    return models.ModelSpec.from_settings({"name": "causal_lm", **model, **overrides})
 
 
 def lm_stdlib_model() -> tuple[dict[str, Any], int, int]:
@@ -156,38 +164,35 @@ def matmul_peak(sizes: Sequence[int], *, repeats: int = 5,
 # ----------------------------------------------------------------------------- throughput
 
 
-def lm_loss(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array):
-    """Next-token cross-entropy of `batch["tokens"] [b, n + 1]`."""
-    del rng
-    tokens = batch["tokens"]
-    return models.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]), {}
+#: The causal-LM objective of `kexue.tasks` (next-token cross-entropy).
+LM_TASK = tasks.LMTask()
 
 
 def optimizer(name: str, model_factory: Callable[[], nnx.Module]) -> optax.GradientTransformation:
-    """AdamW (optax) or Amos (kexue.optim, η read off the initial parameters)."""
-    if name == "adamw":
-        return optax.adamw(1e-3, weight_decay=0.01)
-    with nnx.use_eager_sharding(False):
-        params = nnx.as_pure(nnx.split(model_factory(), nnx.Param, ...)[1])
-    return optim.amos(0.01, optim.eta_fn_from_init(params))
+    """`kexue.optim.make_optimizer(name)` at its defaults (η / σ read off the init)."""
+    initial = None if name == "adamw" else models.initial_params(model_factory)
+    return optim.make_optimizer(name, num_steps=10_000, initial_params=initial)
 
 
 def random_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, jax.Array]:
+    """An LM batch of uniform random tokens `[batch, seq_len + 1]`, every target real."""
     tokens = np.random.default_rng(seed).integers(0, vocab, (batch, seq_len + 1))
-    return {"tokens": jnp.asarray(tokens, jnp.int32)}
+    return {"tokens": jnp.asarray(tokens, jnp.int32),
+            "weights": jnp.ones((batch, seq_len), jnp.float32)}
 
 
 def train_stepper(case: LMCase, optimizer_name: str) -> Callable[[], jax.Array]:
     """A zero-argument function doing one product train step (state donated, kept)."""
-    config = case.config()
+    spec = case.spec()
 
     def factory() -> nnx.Module:
-        return models.build_model(config, rngs=nnx.Rngs(0))
+        return models.build_model(spec, rngs=nnx.Rngs(0))
 
     mesh = make_mesh(devices=jax.devices()[:1])
     tx = optimizer(optimizer_name, factory)
     state = create_train_state(factory, tx, mesh)
-    step = make_train_step(lm_loss, tx, abstract_train_state(factory, tx, mesh), mesh)
+    step = make_train_step(LM_TASK.loss, tx, abstract_train_state(factory, tx, mesh), mesh,
+                           compiler_options=cpu_compiler_options(mesh))
     batch = random_batch(case.batch, case.seq_len, case.model["vocab_size"])
     box = [state]
 
@@ -199,13 +204,13 @@ def train_stepper(case: LMCase, optimizer_name: str) -> Callable[[], jax.Array]:
 
 
 def num_params(case: LMCase) -> int:
-    abstract = nnx.eval_shape(lambda: models.build_model(case.config(), rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: models.build_model(case.spec(), rngs=nnx.Rngs(0)))
     return models.count_params(abstract)
 
 
 def step_flops(case: LMCase) -> int:
     """Model FLOPs of one training step: `flops_per_token · batch · length`."""
-    return models.flops_per_token(case.config(), seq_len=case.seq_len) * case.batch * case.seq_len
+    return models.flops_per_token(case.spec(), seq_len=case.seq_len) * case.batch * case.seq_len
 
 
 def throughput_rows(cases: Sequence[LMCase], optimizers: Sequence[str], peak: float,
@@ -237,14 +242,13 @@ def breakdown_rows(case: LMCase, peak: float, peak_size: int, *,
     """Forward loss, forward + backward, and the full AdamW step of one case, jitted,
     interleaved with the `peak_size` matmul; the last column divides by the larger of
     `peak` and that matmul's in-loop rate (as `throughput_rows`)."""
-    config = case.config()
-    model = models.build_model(config, rngs=nnx.Rngs(0))
+    model = models.build_model(case.spec(), rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     batch = random_batch(case.batch, case.seq_len, case.model["vocab_size"])
 
     def loss(params, batch):
-        return lm_loss(nnx.merge(graphdef, params, rest), batch, None)[0]
+        return LM_TASK.loss(nnx.merge(graphdef, params, rest), batch, None)[0]
 
     forward = jax.jit(loss)
     backward = jax.jit(jax.value_and_grad(loss))
@@ -264,19 +268,19 @@ def breakdown_rows(case: LMCase, peak: float, peak_size: int, *,
 # ----------------------------------------------------------------------------- remat / length
 
 
-def grad_step(config: ml_collections.ConfigDict, batch: int, seq_len: int,
+def grad_step(spec: models.ModelSpec, batch: int, seq_len: int,
               compiler_options: dict[str, Any] | None):
     """`(jitted AdamW step, params, opt state, batch)`: value_and_grad + update, donated."""
-    model = models.build_model(config, rngs=nnx.Rngs(0))
+    model = models.build_model(spec, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     tx = optax.adamw(1e-3)
     opt_state = tx.init(params)
-    tokens = random_batch(batch, seq_len, config.model.vocab_size)
+    tokens = random_batch(batch, seq_len, spec.transformer.vocab_size)
 
     def step(params, opt_state, batch):
         def loss(params):
-            return lm_loss(nnx.merge(graphdef, params, rest), batch, None)[0]
+            return LM_TASK.loss(nnx.merge(graphdef, params, rest), batch, None)[0]
         value, grads = jax.value_and_grad(loss)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
@@ -285,10 +289,10 @@ def grad_step(config: ml_collections.ConfigDict, batch: int, seq_len: int,
     return jitted, params, opt_state, tokens
 
 
-def compiled_peak_bytes(config: ml_collections.ConfigDict, batch: int, seq_len: int,
+def compiled_peak_bytes(spec: models.ModelSpec, batch: int, seq_len: int,
                         compiler_options: dict[str, Any] | None) -> int:
     """temp + argument bytes of the compiled step (nothing is run)."""
-    step, params, opt_state, tokens = grad_step(config, batch, seq_len, compiler_options)
+    step, params, opt_state, tokens = grad_step(spec, batch, seq_len, compiler_options)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           (params, opt_state, tokens))
     memory = step.lower(*shapes).compile().memory_analysis()
@@ -297,12 +301,10 @@ def compiled_peak_bytes(config: ml_collections.ConfigDict, batch: int, seq_len: 
 
 def remat_options() -> dict[str, Any] | None:
     """Compiler options of the remat study: CPU copy insertion + the memory scheduler."""
-    if jax.default_backend() != "cpu":
-        return None
-    return {**optim.CPU_COMPILER_OPTIONS, **REMAT_CPU_COMPILER_OPTIONS}
+    return cpu_compiler_options(make_mesh(devices=jax.devices()[:1]), remat=True)
 
 
-def max_length(config: ml_collections.ConfigDict, batch: int, start: int, limit: int,
+def max_length(spec: models.ModelSpec, batch: int, start: int, limit: int,
                budget: int, options: dict[str, Any] | None) -> tuple[int, int, list[int]]:
     """Longest power-of-two multiple of `start` (≤ `limit`) whose compiled step fits.
 
@@ -312,7 +314,7 @@ def max_length(config: ml_collections.ConfigDict, batch: int, start: int, limit:
     best, best_bytes, tried = 0, 0, []
     length = start
     while length <= limit:
-        peak = compiled_peak_bytes(config, batch, length, options)
+        peak = compiled_peak_bytes(spec, batch, length, options)
         tried.append(peak)
         if peak > budget:
             break
@@ -321,10 +323,10 @@ def max_length(config: ml_collections.ConfigDict, batch: int, start: int, limit:
     return best, best_bytes, tried
 
 
-def run_one_step(config: ml_collections.ConfigDict, batch: int, seq_len: int,
+def run_one_step(spec: models.ModelSpec, batch: int, seq_len: int,
                  options: dict[str, Any] | None) -> tuple[float, float]:
     """Runs one step (after compiling); returns `(seconds, loss)`."""
-    step, params, opt_state, tokens = grad_step(config, batch, seq_len, options)
+    step, params, opt_state, tokens = grad_step(spec, batch, seq_len, options)
     compiled = step.lower(params, opt_state, tokens).compile()
     start = time.perf_counter()
     _, _, loss = compiled(params, opt_state, tokens)
@@ -342,14 +344,12 @@ def remat_rows(model: dict[str, Any], *, batch: int, start: int, limit: int, bud
     options = remat_options()
     found = {}
     for policy in policies:
-        config = ml_collections.ConfigDict({"model": {"name": "causal_lm", **model,
-                                                      "remat": policy}})
-        found[policy] = max_length(config, batch, start, limit, budget, options)
+        found[policy] = max_length(causal_lm_spec(model, remat=policy), batch, start, limit,
+                                   budget, options)
     runners, common_bytes = [], []
     for policy in policies:
-        config = ml_collections.ConfigDict({"model": {"name": "causal_lm", **model,
-                                                      "remat": policy}})
-        step, params, opt_state, tokens = grad_step(config, batch, common_len, options)
+        step, params, opt_state, tokens = grad_step(causal_lm_spec(model, remat=policy), batch,
+                                                    common_len, options)
         compiled = step.lower(params, opt_state, tokens).compile()
         memory = compiled.memory_analysis()
         common_bytes.append(memory.temp_size_in_bytes + memory.argument_size_in_bytes)
@@ -369,9 +369,8 @@ def remat_rows(model: dict[str, Any], *, batch: int, start: int, limit: int, bud
                      f"{seconds * 1e3:.0f}", f"{seconds / times[0]:.2f}x"])
     first = policies[0]
     proof_len = found[first][0]
-    config = ml_collections.ConfigDict({"model": {"name": "causal_lm", **model,
-                                                  "remat": first}})
-    seconds, loss = (run_one_step(config, batch, proof_len, options) if proof_len
+    seconds, loss = (run_one_step(causal_lm_spec(model, remat=first), batch, proof_len, options)
+                     if proof_len
                      else (float("nan"), float("nan")))
     return rows, (first, proof_len, seconds, loss)
 

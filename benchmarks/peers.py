@@ -67,7 +67,7 @@ import optax
 from flax import nnx
 
 from benchmarks.common import interleaved_median_times, machine_description, markdown_table, today
-from kexue import data, models, parallel, train
+from kexue import data, models, parallel, tasks, train
 
 MASK_ID = 1
 LEARNING_RATE = 1e-3
@@ -120,38 +120,23 @@ def make_batch(cfg: PeerConfig, seed: int = 0) -> dict[str, np.ndarray]:
     for row in weights:
         row[rng.choice(cfg.seq, masked, replace=False)] = 1.0
     tokens = np.where(weights > 0, MASK_ID, original).astype(np.int32)
-    return {"tokens": tokens, "labels": original, "weights": weights}
+    return {"tokens": tokens, "labels": original, "weights": weights,
+            "valid": np.ones(tokens.shape, bool)}
 
 
 # --------------------------------------------------------------------------- kexue
 
 
-def kexue_model_config(cfg: PeerConfig) -> dict[str, Any]:
-    """The `config.model` section of the kexue side."""
-    return {
+def kexue_model_spec(cfg: PeerConfig, **overrides: Any) -> models.ModelSpec:
+    """The kexue side's model."""
+    return models.ModelSpec.from_settings({
         "name": "roformer_mlm", "width": cfg.width, "num_layers": cfg.layers,
         "num_heads": cfg.heads, "mlp_dim": cfg.mlp, "vocab_size": cfg.vocab,
         "activation": "gelu", "norm": "layernorm", "norm_position": "post",
         "norm_epsilon": 1e-12, "use_bias": True, "rope_layout": "interleaved",
         "attention_scale": "standard", "dropout_rate": 0.0, "init_std": 0.02,
-        "tie_embeddings": True, "seq_len": cfg.seq,
-    }
-
-
-def mlm_loss(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array):
-    """Masked-LM cross-entropy, the mean over masked positions (`weights`)."""
-    del rng
-    logits = model(batch["tokens"])
-    return models.cross_entropy(logits, batch["labels"], batch["weights"]), {}
-
-
-def mlm_loss_masked_positions(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array):
-    """The same loss with the head at the listed masked positions only (as `experiments`)."""
-    del rng
-    where = batch["predict_positions"]
-    logits = model(batch["tokens"], predict_positions=where)
-    labels = jnp.take_along_axis(batch["labels"], where, axis=1)
-    return models.cross_entropy(logits, labels, batch["predict_weights"]), {}
+        "tie_embeddings": True, **overrides,
+    })
 
 
 def with_predict_positions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -165,20 +150,23 @@ class KexueSide:
 
     def __init__(self, cfg: PeerConfig, batch: dict[str, np.ndarray], *, seed: int = 0,
                  masked_only: bool = False, dtype: str = "float32"):
-        section = {**kexue_model_config(cfg), "dtype": dtype}
-        loss_fn = mlm_loss_masked_positions if masked_only else mlm_loss
+        spec = kexue_model_spec(cfg, dtype=dtype)
+        # The MLM objective of `kexue.tasks`: the head runs at every position, or at the
+        # listed masked ones only when the batch carries `predict_positions`.
+        loss_fn = tasks.MLMTask(eval_lengths=(cfg.seq,)).loss
         if masked_only:
             batch = with_predict_positions(batch)
         mesh = parallel.make_mesh(devices=jax.devices()[:1])
         tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
         def build() -> nnx.Module:
-            return models.build_model({"model": section}, rngs=nnx.Rngs(seed))
+            return models.build_model(spec, rngs=nnx.Rngs(seed))
 
         self.state = train.create_train_state(build, tx, mesh, seed=seed)
         self.params = models.count_params(self.state.model())
         abstract = train.abstract_train_state(build, tx, mesh, seed=seed)
-        self.step_fn = train.make_train_step(loss_fn, tx, abstract, mesh)
+        self.step_fn = train.make_train_step(loss_fn, tx, abstract, mesh,
+                                             compiler_options=train.cpu_compiler_options(mesh))
         self.batch = parallel.shard_batch(
             {k: jnp.asarray(v) for k, v in batch.items()}, mesh)
 
@@ -201,7 +189,7 @@ def torch_available() -> str | None:
 
 
 def hf_roformer(cfg: PeerConfig, *, seed: int = 0):
-    """`transformers.RoFormerForMaskedLM` of the same architecture as `kexue_model_config`."""
+    """`transformers.RoFormerForMaskedLM` of the same architecture as `kexue_model_spec`."""
     import torch
     import transformers
 
@@ -274,7 +262,7 @@ def max_logit_difference(cfg: PeerConfig, batch: dict[str, np.ndarray]) -> float
         hf_model.roformer.embeddings.token_type_embeddings.weight.zero_()
         hf_logits = hf_model(input_ids=torch.from_numpy(batch["tokens"].astype(np.int64))
                              ).logits.numpy()
-    kexue_model = models.build_model({"model": kexue_model_config(cfg)}, rngs=nnx.Rngs(0))
+    kexue_model = models.build_model(kexue_model_spec(cfg), rngs=nnx.Rngs(0))
     copy_hf_weights(kexue_model, hf_model)
     kexue_logits = np.asarray(jax.jit(lambda m, t: m(t))(kexue_model, batch["tokens"]))
     return float(np.max(np.abs(kexue_logits - hf_logits)))

@@ -14,13 +14,15 @@ how many gold spans the tags could not hold (kexue.fm/archives/8373 compares
 GlobalPointer against CRF tagging).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-_GP_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cluener_globalpointer.py")
-_GP_ONLY_KEYS = ("gp_head_dim", "efficient", "gp_loss")
+from configs.common import (
+    cluener_data_config,
+    mesh_config,
+    optimizer_config,
+    train_config,
+    with_preset,
+)
 
 PRESETS = {
     "smoke": {
@@ -33,13 +35,23 @@ PRESETS = {
 
 
 def get_config(preset: str = "full") -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("_cluener_globalpointer_config", _GP_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(preset)
-    model = config.model.to_dict()
-    for key in _GP_ONLY_KEYS:
-        model.pop(key, None)
-    model["name"] = "bio_tagger"
-    config.model = ml_collections.ConfigDict(model)
-    return config
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = cluener_data_config(task="ner", max_spans=32)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "bio_tagger"
+    config.model.width = 256
+    config.model.num_layers = 4
+    config.model.num_heads = 4
+    config.model.mlp_dim = 1024
+    config.model.norm_position = "post"
+    config.model.dropout_rate = 0.1
+
+    config.optimizer = optimizer_config("amos_style", learning_rate=0.01, half_life=1500)
+    config.train = train_config(3000, log_every=50, eval_every=500, checkpoint_every=500,
+                                keep_checkpoints=2, best_metric="f1", best_mode="max")
+    config.mesh = mesh_config()
+    config.objective = ml_collections.ConfigDict()
+    config.eval = ml_collections.ConfigDict()
+    return with_preset(config, PRESETS, preset)

@@ -12,8 +12,13 @@ configs/cluener_globalpointer.py.
 
 import ml_collections
 
-from experiments._build import optimizer_config
-from kexue.data import default_cluener_dir, default_data_config
+from configs.common import (
+    cluener_data_config,
+    mesh_config,
+    optimizer_config,
+    train_config,
+    with_preset,
+)
 
 PRESETS = {
     "smoke": {
@@ -27,16 +32,8 @@ PRESETS = {
 
 def get_config(preset: str = "full") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.preset = preset
     config.seed = 0
-
-    config.data = default_data_config()
-    config.data.name = "cluener"
-    config.data.task = "multilabel"
-    config.data.tokenizer = "char"
-    config.data.manual_dir = default_cluener_dir()
-    config.data.seq_len = 64
-    config.data.batch_size = 32
+    config.data = cluener_data_config(task="multilabel")
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "multilabel_classifier"
@@ -49,19 +46,10 @@ def get_config(preset: str = "full") -> ml_collections.ConfigDict:
     config.model.dropout_rate = 0.1
 
     config.optimizer = optimizer_config("amos_style", learning_rate=0.01, half_life=1500)
-
-    config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 3000
-    config.train.log_every = 50
-    config.train.eval_every = 500
-    config.train.checkpoint_every = 500
-    config.train.keep_checkpoints = 2
-    config.train.best_metric = "micro_f1"
-    config.train.best_mode = "max"
-    config.train.seed = 0
-
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.train = train_config(3000, log_every=50, eval_every=500, checkpoint_every=500,
+                                keep_checkpoints=2, best_metric="micro_f1", best_mode="max")
+    config.mesh = mesh_config()
     config.objective = ml_collections.ConfigDict()
     config.objective.loss = "zlpr"  # or "sigmoid_bce"
     config.eval = ml_collections.ConfigDict()
-    return config
+    return with_preset(config, PRESETS, preset)

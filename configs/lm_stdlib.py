@@ -18,8 +18,7 @@ accelerator.
 
 import ml_collections
 
-from experiments._build import optimizer_config
-from kexue.data import default_data_config
+from configs.common import data_config, mesh_config, optimizer_config, train_config, with_preset
 
 PRESETS = {
     # A few seconds on CPU: for tests and for checking a setup.
@@ -34,16 +33,11 @@ PRESETS = {
 
 def get_config(preset: str = "full") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.preset = preset
     config.seed = 0
-
-    config.data = default_data_config()
-    config.data.name = "text_files"
-    config.data.task = "lm"
-    config.data.tokenizer = "byte"
-    config.data.seq_len = 128
-    config.data.batch_size = 16
-    config.data.eval_batches = 8  # 8 x 16 windows of 128 bytes of held-out files
+    # Every .py file of the standard library; 8 x 16 windows of 128 bytes of the
+    # held-out files per evaluation.
+    config.data = data_config(name="text_files", task="lm", tokenizer="byte", seq_len=128,
+                              batch_size=16, eval_batches=8)
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "causal_lm"
@@ -63,20 +57,9 @@ def get_config(preset: str = "full") -> ml_collections.ConfigDict:
     config.model.attention_implementation = ml_collections.config_dict.placeholder(str)
 
     config.optimizer = optimizer_config("amos", learning_rate=0.1)
-
-    config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 400
-    config.train.log_every = 20
-    config.train.eval_every = 100
-    config.train.checkpoint_every = 100
-    config.train.keep_checkpoints = 2
-    config.train.best_metric = "loss"
-    config.train.best_mode = "min"
-    config.train.seed = 0
-
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.train = train_config(400, log_every=20, eval_every=100, checkpoint_every=100,
+                                keep_checkpoints=2, best_metric="loss", best_mode="min")
+    config.mesh = mesh_config()
     config.objective = ml_collections.ConfigDict()
-    config.eval = ml_collections.ConfigDict()
-    config.eval.sample_prompt = "def "
-    config.eval.sample_tokens = 160
-    return config
+    config.eval = ml_collections.ConfigDict({"sample_prompt": "def ", "sample_tokens": 160})
+    return with_preset(config, PRESETS, preset)

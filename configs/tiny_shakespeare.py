@@ -2,7 +2,7 @@
 
     python -m experiments.train --config configs/tiny_shakespeare.py --workdir runs/shakespeare
 
-The same code path and model as configs/lm_stdlib.py with `data.name =
+The model and schedule of configs/lm_stdlib.py with `data.name =
 "tiny_shakespeare"`: the builder comes from the TFDS catalog
 (`kexue.data.make_builder`), is prepared once in `array_record` format under
 `data.data_dir` and is read without TensorFlow. It needs a network connection the
@@ -13,16 +13,43 @@ one example holding the whole text in the feature `text`.
 
 import ml_collections
 
-from configs import lm_stdlib
+from configs.common import data_config, mesh_config, optimizer_config, train_config, with_preset
 
-PRESETS = lm_stdlib.PRESETS
+PRESETS = {
+    # A few seconds on CPU (after the first download): for checking a setup.
+    "smoke": {
+        "model.width": 32, "model.num_layers": 2, "model.num_heads": 2, "model.mlp_dim": 64,
+        "data.seq_len": 32, "data.batch_size": 8, "data.eval_batches": 2,
+        "train.num_steps": 8, "train.log_every": 2, "train.eval_every": 4,
+        "train.checkpoint_every": 4, "eval.sample_tokens": 16,
+    },
+}
 
 
 def get_config(preset: str = "full") -> ml_collections.ConfigDict:
-    config = lm_stdlib.get_config(preset)
-    config.data.name = "tiny_shakespeare"
-    config.data.text_key = "text"
-    config.data.pattern = None
-    config.data.eval_batches = 8
-    config.eval.sample_prompt = "ROMEO:"
-    return config
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = data_config(name="tiny_shakespeare", task="lm", tokenizer="byte",
+                              text_key="text", seq_len=128, batch_size=16, eval_batches=8)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "causal_lm"
+    config.model.width = 256
+    config.model.num_layers = 4
+    config.model.num_heads = 4
+    config.model.mlp_dim = 1024
+    config.model.activation = "gelu"
+    config.model.norm = "rmsnorm"
+    config.model.attention_scale = "entropy_invariant"
+    config.model.entropy_base = 512.0
+    config.model.rope_layout = "half"
+    config.model.tie_embeddings = True
+    config.model.dtype = "float32"  # "bfloat16" on GPU/TPU
+
+    config.optimizer = optimizer_config("amos", learning_rate=0.1)
+    config.train = train_config(400, log_every=20, eval_every=100, checkpoint_every=100,
+                                keep_checkpoints=2, best_metric="loss", best_mode="min")
+    config.mesh = mesh_config()
+    config.objective = ml_collections.ConfigDict()
+    config.eval = ml_collections.ConfigDict({"sample_prompt": "ROMEO:", "sample_tokens": 160})
+    return with_preset(config, PRESETS, preset)

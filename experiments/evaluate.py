@@ -3,11 +3,11 @@
     python -m experiments.evaluate --workdir runs/lm_stdlib
 
 Reads `<workdir>/config.json` (written by `experiments.train`), rebuilds the mesh,
-data, model and optimizer state layout from it, restores the newest readable
-checkpoint, runs the same evaluation as training does, prints the metrics and writes
-them to `<workdir>/evaluate.json`. For a language model it also prints the greedy
-sample. `--mesh=data,fsdp,tensor` evaluates on another mesh shape (checkpoints
-restore onto any shape).
+data, model, task and optimizer state layout from it (`experiments.run`), restores
+the newest readable checkpoint, runs the same evaluation as training does, prints
+the metrics and writes them to `<workdir>/evaluate.json`. For a language model it
+also prints the greedy sample. `--mesh=data,fsdp,tensor` evaluates on another mesh
+shape (checkpoints restore onto any shape).
 """
 
 from __future__ import annotations
@@ -32,30 +32,20 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     info = initialize_distributed()
 
-    from experiments import _build
-    from kexue.parallel import mesh_from_config
-    from kexue.train import (
-        Checkpointer,
-        LoopConfig,
-        abstract_train_state,
-        evaluate,
-        make_eval_step,
-    )
+    from experiments import config as experiment_config
+    from experiments import run as experiment_run
+    from kexue.train import Checkpointer, abstract_train_state, evaluate, make_eval_step
 
     workdir = os.path.abspath(_WORKDIR.value)
-    config = _build.load_saved_config(workdir)
+    config = experiment_config.load_saved(workdir)
     if _MESH.value:
         sizes = [int(size) for size in _MESH.value]
         if len(sizes) != 3:
             raise app.UsageError(f"--mesh takes three sizes data,fsdp,tensor; got {sizes}")
         config.mesh.update(dict(zip(("data", "fsdp", "tensor"), sizes, strict=True)))
-    _build.check_config(config)
-    mesh = mesh_from_config(config)
-    _build.check_against_mesh(config, mesh)
-    task = _build.build_task(config, mesh)
-    tx = _build.build_optimizer(task.config, task.model_factory)
-    loop = LoopConfig.from_config(config.train)
-    abstract = abstract_train_state(task.model_factory, tx, mesh, seed=loop.seed)
+    experiment_config.check(config)
+    run = experiment_run.build(config)
+    abstract = abstract_train_state(run.model_factory, run.tx, run.mesh, seed=run.loop.seed)
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
         restored = checkpoints.restore_latest(abstract)
@@ -64,15 +54,15 @@ def main(argv: list[str]) -> None:
     if restored is None:
         print(f"no checkpoint in {workdir}/checkpoints", file=sys.stderr)
         sys.exit(1)
-    eval_step = make_eval_step(task.eval_fn, abstract, mesh)
-    metrics = evaluate(eval_step, restored.state, task.eval_data(), mesh)
+    eval_step = make_eval_step(run.task.eval_stats, abstract, run.mesh)
+    metrics = evaluate(eval_step, restored.state, run.eval_data(), run.mesh, run.task.finalize)
     if info.process_index != 0:
         return
     print(f"step {restored.step} eval: " + json.dumps(metrics, sort_keys=True), flush=True)
     with open(os.path.join(workdir, "evaluate.json"), "w", encoding="utf-8") as file:
         json.dump({"step": restored.step, "eval": metrics}, file, indent=2, sort_keys=True)
         file.write("\n")
-    _build.print_sample(config, restored.state.model(), task.train_data.tokenizer)
+    experiment_run.print_sample(config, restored.state.model(), run.train_data.tokenizer)
 
 
 if __name__ == "__main__":

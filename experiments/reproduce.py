@@ -5,7 +5,7 @@
 
 Each study lives in `experiments/studies/<module>.py` (see `STUDIES`) and says what it
 trains and measures in its docstring. Runs go through the same building blocks as
-`python -m experiments.train` (`experiments._build` and `kexue.train.train_loop`), in
+`python -m experiments.train` (`experiments.run` and `kexue.train.train_loop`), in
 this one process, each into its own workdir under `--runs` (kept out of git); the
 equivalent `experiments.train` command of each run is recorded in the JSON. A run whose
 workdir already holds the finished run with the same resolved config is read back
@@ -92,7 +92,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from benchmarks.common import machine_description, today
+    from kexue.train import machine_description, today
 
     study = load_study(args.study)
     record = study.run(args)

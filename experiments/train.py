@@ -1,16 +1,17 @@
 """Train a kexue model from a config file: the one command behind every experiment.
 
     python -m experiments.train --config configs/lm_stdlib.py --workdir runs/lm_stdlib \\
-        [--config.preset=smoke] [--config.train.num_steps=2000] [--config.mesh.fsdp=8]
+        [--config.train.num_steps=2000] [--config.mesh.fsdp=8]
+    python -m experiments.train --config configs/lm_stdlib.py:smoke --workdir /tmp/s
 
-Prints the resolved config (file defaults < `preset` < command-line overrides), builds
-the mesh, data, model and optimizer from it, trains with `kexue.train.train_loop`
-(progress bar, evaluation every `train.eval_every` steps, `metrics.jsonl`,
-TensorBoard events, Orbax checkpoints, `final_metrics.json`) and, for a language
-model, prints a greedy sample. The resolved config is saved as `<workdir>/config.json`
-(read back by `python -m experiments.evaluate --workdir DIR`). Running the command
-again on the same workdir resumes from the newest checkpoint. A preset can also be
-named in the config argument: `--config configs/lm_stdlib.py:smoke`.
+Prints the resolved config (the file's `get_config(preset)`, then the command-line
+overrides), builds the mesh, data, model, task and optimizer from it
+(`experiments.run`), trains with `kexue.train.train_loop` (progress bar, evaluation
+every `train.eval_every` steps, `metrics.jsonl`, TensorBoard events, Orbax
+checkpoints, `final_metrics.json`) and, for a language model, prints a greedy sample.
+The resolved config is saved as `<workdir>/config.json` (read back by `python -m
+experiments.evaluate --workdir DIR`). Running the command again on the same workdir
+resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from ml_collections import config_flags
 
 from kexue.parallel import initialize_distributed
 
-# Unknown override keys are accepted here and rejected by `check_config`, which names
-# the nearest valid key.
+# Unknown override keys are accepted here and rejected by `experiments.config.check`,
+# which names the nearest valid key.
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py, optionally `:preset`).",
     lock_config=False, accept_new_attributes=True)
@@ -55,43 +56,39 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     info = initialize_distributed()  # before any other JAX call
 
-    from experiments import _build
-    from kexue.parallel import mesh_from_config
-    from kexue.train import train_loop
+    from experiments import config as experiment_config
+    from experiments import run as experiment_run
 
     try:
         flag = flags.FLAGS["config"]
-        config = _build.resolve_config(
-            _CONFIG.value, _build.load_presets(config_flags.get_config_filename(flag)),
-            config_flags.get_override_values(flag))
-        _build.check_config(config)
-        mesh = mesh_from_config(config)
-        _build.check_against_mesh(config, mesh)
-        task = _build.build_task(config, mesh)
-        tx = _build.build_optimizer(task.config, task.model_factory)
+        overrides = config_flags.get_override_values(flag)
+        if "preset" in overrides:
+            raise ValueError("config key `preset`: name the preset in the config argument, "
+                             "e.g. `--config configs/lm_stdlib.py:smoke`; got "
+                             f"--config.preset={overrides['preset']}")
+        config = _CONFIG.value
+        experiment_config.check(config)
+        run = experiment_run.build(config)
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         _config_error(error)
-    config = task.config
+    mesh = run.mesh
     workdir = _WORKDIR.value
     if info.process_index == 0:
         print("resolved config:\n" + config.to_json_best_effort(indent=2, sort_keys=True),
               flush=True)
         print(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} "
               f"device(s), {info.process_count} process(es)", flush=True)
-    changed = _build.save_config(config, workdir)
+    changed = experiment_config.save(config, workdir)
     if changed and info.process_index == 0:
         print("config differs from the saved one in this workdir (resuming anyway): "
               + "; ".join(f"{k}: {v}" for k, v in changed.items()), flush=True)
-    result = train_loop(model_factory=task.model_factory, loss_fn=task.loss_fn, tx=tx,
-                        train_data=task.train_data, mesh=mesh, config=config.train,
-                        workdir=workdir, eval_data=task.eval_data, eval_fn=task.eval_fn,
-                        tokens_in=task.tokens_in)
+    result = experiment_run.train(run, workdir)
     if result.preempted:
         sys.exit(0)
     if info.process_index != 0:
         return
     print("final eval: " + json.dumps(result.eval_metrics, sort_keys=True), flush=True)
-    _build.print_sample(config, result.state.model(), task.train_data.tokenizer)
+    experiment_run.print_sample(config, result.state.model(), run.train_data.tokenizer)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,47 +38,36 @@ def train_command(config_file: str, workdir: str | os.PathLike, preset: str,
     return shlex.join(args)
 
 
-def _load_config_module(config_file: str):
-    import importlib.util
+def study_config(config_file: str, preset: str,
+                 overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """`config_file`'s `get_config(preset)` with `overrides`, checked (as `train` would)."""
+    from experiments import config as experiment_config
 
-    spec = importlib.util.spec_from_file_location("_kexue_reproduce_config",
-                                                  ROOT / config_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    config = experiment_config.load(os.fspath(ROOT / config_file), preset=preset,
+                                    overrides=overrides)
+    experiment_config.check(config)
+    return config
 
 
 def train_run(config_file: str, preset: str, overrides: Mapping[str, Any],
               workdir: Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Trains one run as `experiments.train` would (or reads it back); `final_metrics.json`."""
-    from experiments import _build
-    from kexue.parallel import mesh_from_config
-    from kexue.train import train_loop
+    from experiments import config as experiment_config
+    from experiments import run as experiment_run
 
-    config = _load_config_module(config_file).get_config()
-    config.preset = preset
-    config.update_from_flattened_dict(dict(overrides))  # file < command line …
-    config = _build.resolve_config(config, _build.load_presets(str(ROOT / config_file)),
-                                   overrides)           # … < preset < command line
-    _build.check_config(config)
-    mesh = mesh_from_config(config)
-    _build.check_against_mesh(config, mesh)
-    task = _build.build_task(config, mesh)
+    config = study_config(config_file, preset, overrides)
     final_path = workdir / "final_metrics.json"
-    saved_path = workdir / _build.CONFIG_FILE
+    saved_path = workdir / experiment_config.CONFIG_FILE
     if final_path.exists() and saved_path.exists():
         saved = json.loads(saved_path.read_text())
         final = json.loads(final_path.read_text())
-        wanted = json.loads(task.config.to_json_best_effort(sort_keys=True))
+        wanted = json.loads(config.to_json_best_effort(sort_keys=True))
         if saved == wanted and final.get("step") == int(config.train.num_steps):
             log(f"[reproduce]   finished run found in {workdir}: reusing it")
             return {**final, "reused": True}
-    tx = _build.build_optimizer(task.config, task.model_factory)
-    _build.save_config(task.config, os.fspath(workdir))
-    train_loop(model_factory=task.model_factory, loss_fn=task.loss_fn, tx=tx,
-               train_data=task.train_data, mesh=mesh, config=task.config.train,
-               workdir=os.fspath(workdir), eval_data=task.eval_data, eval_fn=task.eval_fn,
-               tokens_in=task.tokens_in, log=lambda message: None)
+    run = experiment_run.build(config)
+    experiment_config.save(config, os.fspath(workdir))
+    experiment_run.train(run, workdir, log=lambda message: None)
     if not final_path.exists():  # stopped by SIGTERM/SIGINT: checkpoint saved, not finished
         raise RuntimeError(f"the run in {workdir} stopped before its last step (a "
                            "preemption signal); its checkpoint is saved: rerun the same "

@@ -1,4 +1,4 @@
-"""Study 1: entropy-invariant attention and length extrapolation (SPEC §3, §7).
+"""Study 1: entropy-invariant attention and length extrapolation (kexue.fm/archives/8823, 9444).
 
 RoFormer MLM trained at length 64 on the byte-level stdlib corpus
 (`configs/mlm_extrapolation.py`) for the four variants attention scale ∈ {standard,
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "study": "entropy_invariance",
         "title": "Entropy-invariant attention and length extrapolation (MLM accuracy)",
-        "spec": "SPEC §3, §7; kexue.fm archives 8823, 9444",
+        "spec": "kexue.fm archives 8823, 9444",
         "config": MLM_CONFIG, "preset": args.preset, "config_preset": config_preset,
         "model_and_data": preset_overrides, "steps": steps, "seeds": list(args.seeds),
         "train_length": 64, "lengths": list(LENGTHS), "metric": "masked-token accuracy",

@@ -1,4 +1,6 @@
-"""Study 2: GlobalPointer on CLUENER against its ablations and a BIO tagger (SPEC §5, §6).
+"""Study 2: GlobalPointer on CLUENER against its ablations and a BIO tagger.
+
+kexue.fm/archives/8373 (GlobalPointer), 8877 (Efficient GlobalPointer).
 
 A character-level RoFormer encoder trained from scratch on CLUENER 2020
 (`configs/cluener_globalpointer.py`, `configs/cluener_bio.py`), one run per seed of
@@ -116,17 +118,14 @@ def _train(runs_root: Path, name: str, config_file: str, variant: Mapping[str, A
 def _model_params(config_file: str, preset: str, variant: Mapping[str, Any]) -> int:
     from flax import nnx
 
-    from experiments._build import load_presets, resolve_config
-    from experiments.studies.common import ROOT, _load_config_module
+    from experiments.studies.common import study_config
     from kexue import models
 
     overrides = _overrides(preset, 1, 0, config_file, variant)
-    config = _load_config_module(config_file).get_config()
-    config.preset = PRESETS[preset][0]
-    config.update_from_flattened_dict(dict(overrides))
-    config = resolve_config(config, load_presets(str(ROOT / config_file)), overrides)
-    config.model.vocab_size, config.model.num_types = 1, NUM_TYPES
-    abstract = nnx.eval_shape(lambda: models.build_model(config, rngs=nnx.Rngs(0)))
+    config = study_config(config_file, PRESETS[preset][0], overrides)
+    spec = models.ModelSpec.from_settings({**config.model.to_dict(), "vocab_size": 1,
+                                           "num_types": NUM_TYPES})
+    abstract = nnx.eval_shape(lambda: models.build_model(spec, rngs=nnx.Rngs(0)))
     return models.count_params(abstract) - models.count_params(abstract.encoder)
 
 
@@ -137,10 +136,9 @@ def _loss_memory_and_time(preset: str, lengths: tuple[int, ...], repeats: int,
     import jax.numpy as jnp
     from flax import nnx
 
-    from benchmarks.common import interleaved_median_times
-    from experiments import _build
-    from experiments.studies.common import ROOT, _load_config_module
-    from kexue import models
+    from experiments.studies.common import study_config
+    from kexue import models, tasks
+    from kexue.train import interleaved_median_times
 
     rows = []
     for n in lengths:
@@ -148,28 +146,25 @@ def _loss_memory_and_time(preset: str, lengths: tuple[int, ...], repeats: int,
         for kind in ("dense", "sparse"):
             overrides = _overrides(preset, 1, 0, GP_CONFIG, {**SPARSE_VARIANT[2],
                                                              "model.gp_loss": kind})
-            config = _load_config_module(GP_CONFIG).get_config()
-            config.preset = PRESETS[preset][0]
-            config.update_from_flattened_dict(dict(overrides))
-            config = _build.resolve_config(config, _build.load_presets(str(ROOT / GP_CONFIG)),
-                                           overrides)
-            config.model.vocab_size, config.model.num_types = vocab_size, NUM_TYPES
-            config.model.seq_len = config.data.seq_len = n
+            config = study_config(GP_CONFIG, PRESETS[preset][0], overrides)
+            spec = models.ModelSpec.from_settings({**config.model.to_dict(),
+                                                   "vocab_size": vocab_size,
+                                                   "num_types": NUM_TYPES})
             b, spans = int(config.data.batch_size), int(config.data.max_spans)
-            loss_fn = _build._ner(config)[0]
-            model = models.build_model(config, rngs=nnx.Rngs(0))
+            loss_fn = tasks.NERTask(num_types=NUM_TYPES).loss
+            model = models.build_model(spec, rngs=nnx.Rngs(0))
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
             params, rest = nnx.as_pure(params), nnx.as_pure(rest)
             rng = np.random.default_rng(n)
             lengths_b = rng.integers(n // 2, n + 1, b)
             starts = rng.integers(0, n // 2, (b, spans // 2))
             ends = starts + rng.integers(0, 4, (b, spans // 2))
-            flat = rng.integers(0, NUM_TYPES, (b, spans // 2)) * n * n + starts * n + ends
-            span_indices = np.full((b, spans), -1, np.int32)
-            span_indices[:, : spans // 2] = flat
+            rows = np.full((b, spans, 3), -1, np.int32)
+            rows[:, : spans // 2] = np.stack(
+                [rng.integers(0, NUM_TYPES, (b, spans // 2)), starts, ends], axis=-1)
             batch = {"tokens": jnp.asarray(rng.integers(4, vocab_size, (b, n)), jnp.int32),
-                     "mask": jnp.asarray(np.arange(n)[None, :] < lengths_b[:, None]),
-                     "span_indices": jnp.asarray(span_indices),
+                     "valid": jnp.asarray(np.arange(n)[None, :] < lengths_b[:, None]),
+                     "spans": jnp.asarray(rows),
                      "example_weights": jnp.ones((b,), jnp.float32)}
 
             def loss_and_grad(params, rest, batch, graphdef=graphdef, loss_fn=loss_fn):
@@ -217,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "study": "globalpointer",
         "title": "GlobalPointer vs its ablations and BIO tagging on CLUENER (span F1)",
-        "spec": "SPEC §5, §6; kexue.fm archives 8373, 8877, 7359",
+        "spec": "kexue.fm archives 8373, 8877, 7359",
         "configs": [GP_CONFIG, BIO_CONFIG], "preset": args.preset,
         "config_preset": config_preset, "model_and_data": preset_overrides, "steps": steps,
         "seeds": seeds, "optimizer": _optimizer_text(preset_overrides),

@@ -7,7 +7,7 @@ length 64 on the stdlib corpus with attention scale `standard` (`1/√d`) or
 task): every length predicts the same held-out bytes (windows of 1024 cut into shorter
 ones), over whole windows (`bits_per_byte_<L>`) and over the tail, the last quarter of
 the positions of each window (`bits_per_byte_tail_<L>`), where a model trained at 64
-has to use contexts longer than it ever saw. SPEC §3, §7.
+has to use contexts longer than it ever saw. kexue.fm/archives/8823, 9444.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "study": "lm_extrapolation",
         "title": "Entropy-invariant attention and length extrapolation (causal LM bits/byte)",
-        "spec": "SPEC §3, §7; kexue.fm archive 8823",
+        "spec": "kexue.fm archive 8823",
         "config": LM_CONFIG, "preset": args.preset, "config_preset": config_preset,
         "model_and_data": preset_overrides, "steps": steps, "seeds": list(args.seeds),
         "train_length": TRAIN_LENGTH, "lengths": list(LENGTHS), "entropy_base": 512.0,

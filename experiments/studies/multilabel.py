@@ -1,7 +1,7 @@
 """Study 3: ZLPR vs sigmoid BCE for multi-label classification, balanced and imbalanced.
 
 Which of the 10 CLUENER entity types occur in a sentence (`configs/cluener_multilabel.py`),
-trained with `objective.loss` ∈ {zlpr, sigmoid_bce} (SPEC §6; kexue.fm archive 7359).
+trained with `objective.loss` ∈ {zlpr, sigmoid_bce} (kexue.fm archive 7359).
 The class imbalance is controlled with the data options `data.rare_types` and
 `data.type_keep_fraction = r`: of the training sentences holding any of the five
 rarest types (`RARE_TYPES`), only the fraction r is kept (chosen by `data.seed`), so
@@ -73,17 +73,11 @@ def _overrides(preset: str, steps: int, seed: int, loss: str,
 
 def _train_type_counts(preset: str, overrides: Mapping[str, Any]) -> dict[str, int]:
     """Training sentences per type (and in all) after the imbalance filter."""
-    from experiments import _build
-    from experiments.studies.common import ROOT, _load_config_module
-    from kexue.data import make_builder, prepare
-    from kexue.data.pipeline import _imbalanced_indices, _rare_type_names, _settings
+    from experiments.studies.common import study_config
+    from kexue.data import DataConfig, make_builder, prepare
+    from kexue.data.pipeline import _imbalanced_indices, _rare_type_names
 
-    config = _load_config_module(ML_CONFIG).get_config()
-    config.preset = preset
-    config.update_from_flattened_dict(dict(overrides))
-    config = _build.resolve_config(config, _build.load_presets(str(ROOT / ML_CONFIG)),
-                                   overrides)
-    s = _settings(config, None)
+    s = DataConfig.from_settings(study_config(ML_CONFIG, preset, overrides).data)
     builder = make_builder(s.name, s.data_dir, skip_bad_records=s.skip_bad_records)
     prepare(builder, manual_dir=s.manual_dir, download=s.download)
     source = builder.as_data_source(split=s.train_split)
@@ -159,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "study": "multilabel",
         "title": "ZLPR vs sigmoid BCE on CLUENER multi-label, balanced and imbalanced",
-        "spec": "SPEC §6; kexue.fm archive 7359",
+        "spec": "kexue.fm archive 7359",
         "config": ML_CONFIG, "preset": args.preset, "config_preset": config_preset,
         "model_and_data": preset_overrides, "steps": steps, "seeds": list(args.seeds),
         "rare_types": list(RARE_TYPES), "keep_fractions": list(keeps),

@@ -1,10 +1,12 @@
-"""Study 5: Amos and the Amos-style Adam chain against AdamW (SPEC §9, §10).
+"""Study 5: Amos and the Amos-style Adam chain against AdamW.
+
+ArXiv 2210.11693 (Amos) and kexue.fm/archives/9344 (Amos-style schedules).
 
 Two tasks: the byte-level causal LM on the Python standard library
 (`configs/lm_stdlib.py`, eval loss in nats per byte on held-out files) and GlobalPointer
 NER on CLUENER (`configs/cluener_globalpointer.py`, eval loss the dense ZLPR loss over
 the whole dev set, plus span F1). Each is trained with `optimizer.name` ∈ {adamw,
-amos, amos_style} at the settings of `experiments._build.optimizer_config` and the
+amos, amos_style} at the settings of `configs/common.py:optimizer_config` and the
 config file (learning rates as given there; the Amos-style half-life is the config's
 share of the run, as the run is shortened). Measured per run from `metrics.jsonl`:
 the train loss curve (logged every 1/20 of the run, each record the mean over its
@@ -82,39 +84,25 @@ def _overrides(preset: str, task: str, steps: int, seed: int,
     }
 
 
-def _resolved(config_file: str, preset: str, overrides: Mapping[str, Any]):
-    from experiments import _build
-    from experiments.studies.common import ROOT, _load_config_module
-
-    config = _load_config_module(config_file).get_config()
-    config.preset = preset
-    config.update_from_flattened_dict(dict(overrides))
-    config = _build.resolve_config(config, _build.load_presets(str(ROOT / config_file)),
-                                   overrides)
-    _build.check_config(config)
-    return config
-
-
 def optimizer_memory(config_file: str, preset: str,
                      overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Bytes of the model's parameters and of `tx.init(params)` (shapes only), and settings."""
     import jax
 
-    from experiments import _build
-    from kexue.parallel import mesh_from_config
+    from experiments import run as experiment_run
+    from experiments.studies.common import study_config
+    from kexue import models
 
-    config = _resolved(config_file, preset, overrides)
-    task = _build.build_task(config, mesh_from_config(config))
-    tx = _build.build_optimizer(task.config, task.model_factory)
-    params = _build._initial_params(task.model_factory)
-    state = jax.eval_shape(tx.init, params)
+    run = experiment_run.build(study_config(config_file, preset, overrides))
+    params = models.initial_params(run.model_factory)
+    state = jax.eval_shape(run.tx.init, params)
 
     def nbytes(tree: Any) -> int:
         return int(sum(np.prod(leaf.shape, dtype=np.int64) * np.dtype(leaf.dtype).itemsize
                        for leaf in jax.tree.leaves(tree)))
 
-    name = config.optimizer.name
-    section = config.optimizer["amos" if name == "amos_factored" else name].to_dict()
+    name = run.config.optimizer.name
+    section = run.config.optimizer["amos" if name == "amos_factored" else name].to_dict()
     return {"param_bytes": nbytes(params), "state_bytes": nbytes(state),
             "settings": section}
 
@@ -188,7 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "study": "optimizers",
         "title": "Amos and Amos-style Adam vs AdamW: loss against steps, optimizer memory",
-        "spec": "SPEC §9, §10; arXiv 2210.11693; kexue.fm archive 9344",
+        "spec": "arXiv 2210.11693; kexue.fm archive 9344",
         "preset": args.preset, "steps": steps, "seeds": list(args.seeds),
         "trained": list(trained), "memory_only": list(MEMORY_ONLY), "tasks": results,
         "runtime_s": round(time.perf_counter() - started, 1),

@@ -1,4 +1,4 @@
-"""Study 4: R-Drop with the GlobalPointer symmetric KL on CLUENER (SPEC §8).
+"""Study 4: R-Drop with the GlobalPointer symmetric KL on CLUENER (kexue.fm/archives/8496, 9039).
 
 The GlobalPointer (RoPE) model of study 2 (`configs/cluener_globalpointer.py`, the
 same small character-level encoder from scratch, dropout 0.1) trained with and
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "study": "rdrop",
         "title": "R-Drop with the GlobalPointer symmetric KL on CLUENER (span F1)",
-        "spec": "SPEC §8; kexue.fm archives 8496, 9039",
+        "spec": "kexue.fm archives 8496, 9039",
         "config": GP_CONFIG, "preset": args.preset, "config_preset": config_preset,
         "model_and_data": preset_overrides, "steps": steps, "seeds": seeds,
         "optimizer": _optimizer_text(preset_overrides),

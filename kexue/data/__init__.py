@@ -1,7 +1,7 @@
 """TFDS builders in `array_record` format (read without TensorFlow) and Grain pipelines.
 
     from kexue.data import make_dataset
-    train = make_dataset(config, "train")    # config.data: see default_data_config()
+    train = make_dataset(DataConfig(name="cluener", task="ner", tokenizer="char"), "train")
     batch = next(train)                      # dict of NumPy arrays, this process's rows
     train.metadata.vocab_size                # what the model needs to know
     state = train.get_state()                # JSON; train.set_state(state) resumes
@@ -11,7 +11,7 @@
 * `text_files`: the `TextFiles` builder (a glob of local files; default the stdlib).
 * `cluener`: the `Cluener` builder and its checked line parser.
 * `tokenizers`: `ByteTokenizer`, `CharTokenizer`.
-* `pipeline`: `make_dataset`, `DataIterator`, `DatasetMetadata`, LM windows, MLM
+* `pipeline`: `DataConfig`, `make_dataset`, `DataIterator`, `DatasetMetadata`, LM windows, MLM
   masking, GlobalPointer labels.
 """
 
@@ -24,10 +24,11 @@ from kexue.data.cluener import (
     read_cluener_file,
 )
 from kexue.data.pipeline import (
+    DATA_FIELDS,
     TASKS,
+    DataConfig,
     DataIterator,
     DatasetMetadata,
-    default_data_config,
     make_dataset,
     make_tokenizer,
     mlm_mask,
@@ -41,18 +42,19 @@ from kexue.data.tokenizers import SPECIAL_TOKENS, ByteTokenizer, CharTokenizer, 
 __all__ = [
     "CLUENER_TYPES",
     "CLUENER_URL",
+    "DATA_FIELDS",
     "SPECIAL_TOKENS",
     "TASKS",
     "ByteTokenizer",
     "CharTokenizer",
     "Cluener",
+    "DataConfig",
     "DataIterator",
     "DatasetMetadata",
     "MalformedRecordError",
     "TextFiles",
     "Tokenizer",
     "default_cluener_dir",
-    "default_data_config",
     "default_text_glob",
     "list_text_files",
     "load_catalog",

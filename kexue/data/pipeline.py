@@ -1,6 +1,6 @@
-"""Grain pipelines from a `config.data` block to batches of NumPy arrays.
+"""Grain pipelines from a `DataConfig` to batches of NumPy arrays.
 
-    it = make_dataset(config, "train")          # this process's share of each batch
+    it = make_dataset(DataConfig(task="lm", seq_len=128), "train")   # this process's share
     it.metadata.vocab_size, it.metadata.num_types
     batch = next(it)                            # dict of NumPy arrays
     state = it.get_state()                      # JSON-serialisable; save it per process
@@ -9,12 +9,12 @@
 Every pipeline reads a TFDS `array_record` source (`kexue.data.sources`), keeps this
 process's examples (`examples[process_index::process_count]`, before shuffling, so
 processes never share an example), and then, for the training split, shuffles with
-`data.seed` (a fresh permutation every epoch) and repeats forever. Evaluation splits
+`seed` (a fresh permutation every epoch) and repeats forever. Evaluation splits
 are read once, in order, and padded so that every process yields the same number of
-batches. All randomness derives from `data.seed`, the process index and the
+batches. All randomness derives from `seed`, the process index and the
 position in the stream, so a pipeline restored from `get_state` continues exactly.
 
-Batches by `data.task` (B = `data.batch_size // process_count`, n = `seq_len`):
+Batches by `task` (B = `batch_size // process_count`, n = `seq_len`):
 
 * "lm": documents tokenized, each followed by `<eos>`, concatenated and cut into
   windows of n + 1 tokens that overlap by one (window k starts at token k * n):
@@ -36,9 +36,9 @@ Batches by `data.task` (B = `data.batch_size // process_count`, n = `seq_len`):
   beyond the first n characters are dropped with the truncated text.
 
 A controlled class imbalance for the cluener tasks (training split only): with
-`data.rare_types = "movie,book"` and `data.type_keep_fraction = r`, only
+`rare_types = "movie,book"` and `type_keep_fraction = r`, only
 `round(r · n)` of the n training sentences holding any of those types are kept
-(chosen by `data.seed`, after `data.max_examples`), so the types become rare.
+(chosen by `seed`, after `max_examples`), so the types become rare.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -62,10 +61,11 @@ from kexue.data.text_files import DEFAULT_EXCLUDE
 from kexue.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
 
 __all__ = [
+    "DATA_FIELDS",
     "TASKS",
+    "DataConfig",
     "DataIterator",
     "DatasetMetadata",
-    "default_data_config",
     "make_dataset",
     "make_tokenizer",
     "mlm_mask",
@@ -76,181 +76,185 @@ __all__ = [
 TASKS = ("lm", "mlm", "ner", "multilabel")
 _STATE_VERSION = 1
 
-_FIELD_DOCS: dict[str, tuple[Any, str]] = {
-    "name": ("text_files", '"text_files", "cluener" or a TFDS catalog name'),
-    "task": ("lm", "lm | mlm | ner | multilabel"),
-    "data_dir": (None, "where built datasets (and char vocabularies) live; None: TFDS's "
-                       "default ~/tensorflow_datasets"),
-    "manual_dir": (None, "cluener: directory with train/dev JSON lines; None: download"),
-    "pattern": (None, "text_files: glob of files; None: the Python stdlib's *.py"),
-    "exclude": (DEFAULT_EXCLUDE, "text_files: fnmatch patterns on path components"),
-    "eval_fraction": (0.05, "text_files: share of files held out for validation"),
-    "skip_bad_records": (False, "cluener: skip and count malformed records"),
-    "text_key": (None, 'feature holding the text; None: "content" (text_files) or "text"'),
-    "tokenizer": ("byte", "byte | char"),
-    "char_min_count": (1, "char tokenizer: minimum count in the training split"),
-    "seq_len": (256, "tokens per example (lm windows hold seq_len + 1)"),
-    "batch_size": (32, "global batch size, split evenly over processes"),
-    "seed": (0, "shuffling and masking seed, in [0, 2**32)"),
-    "shuffle": (True, "shuffle the training split"),
-    "train_split": ("train", "TFDS split read for split='train'"),
-    "eval_split": ("validation", "TFDS split read for split='eval'"),
-    "max_examples": (0, "use only the first k examples of a split (0: all)"),
-    "rare_types": ("", "cluener train split: comma-separated entity types made rare "
-                       "by `type_keep_fraction` (empty: off)"),
-    "type_keep_fraction": (1.0, "cluener train split: share of the sentences holding any "
-                                "of `rare_types` that is kept (chosen by `seed`)"),
-    "eval_batches": (0, "eval: batches per process (0: one full pass)"),
-    "mlm_probability": (0.15, "mlm: share of tokens chosen"),
-    "mlm_mask_fraction": (0.8, "mlm: chosen tokens replaced by <mask>"),
-    "mlm_random_fraction": (0.1, "mlm: chosen tokens replaced by a random token"),
-    "mlm_max_predictions": (0, "mlm train split: at most this many chosen tokens per "
-                               "window, also listed as predict_positions (0: no cap)"),
-    "max_spans": (32, "ner: capacity of span_indices per example"),
-    "dense_labels": (False, "ner: also emit span_labels [types, n, n]"),
-    "num_threads": (2, "Grain reader threads per process (0: read in the caller)"),
-    "prefetch": (16, "Grain prefetch buffer (elements)"),
-    "download": (True, "build (or download) the dataset when it is missing"),
-}
-_OPTIONAL_STR = ("data_dir", "manual_dir", "pattern", "text_key")
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """The `config.data` block with every field `make_dataset` reads, at its default.
-
-    Fields (see `_FIELD_DOCS` in this module for one line each): name, task,
-    data_dir, manual_dir, pattern, exclude, eval_fraction, skip_bad_records,
-    text_key, tokenizer, char_min_count, seq_len, batch_size, seed, shuffle,
-    train_split, eval_split, max_examples, rare_types, type_keep_fraction,
-    eval_batches, mlm_probability, mlm_mask_fraction, mlm_random_fraction,
-    mlm_max_predictions, max_spans, dense_labels, num_threads, prefetch, download.
-    Optional strings are `placeholder(str)` so that `--config.data.manual_dir=...` works
-    on the command line.
-    """
-    fields = {}
-    for key, (default, _) in _FIELD_DOCS.items():
-        if key in _OPTIONAL_STR:
-            fields[key] = ml_collections.config_dict.placeholder(str)
-        else:
-            fields[key] = default
-    return ml_collections.ConfigDict(fields)
-
-
 @dataclasses.dataclass(frozen=True)
-class _Settings:
-    name: str
-    task: str
-    data_dir: str | None
-    manual_dir: str | None
-    pattern: str | None
-    exclude: tuple[str, ...]
-    eval_fraction: float
-    skip_bad_records: bool
-    text_key: str | None
-    tokenizer: str
-    char_min_count: int
-    seq_len: int
-    batch_size: int
-    seed: int
-    shuffle: bool
-    train_split: str
-    eval_split: str
-    max_examples: int
-    rare_types: str
-    type_keep_fraction: float
-    eval_batches: int
-    mlm_probability: float
-    mlm_mask_fraction: float
-    mlm_random_fraction: float
-    mlm_max_predictions: int
-    max_spans: int
-    dense_labels: bool
-    num_threads: int
-    prefetch: int
-    download: bool
+class DataConfig:
+    """What `make_dataset` reads; every field has a default and is checked once.
+
+    Attributes:
+      name: "text_files", "cluener" or a TFDS catalog name.
+      task: "lm" | "mlm" | "ner" | "multilabel".
+      data_dir: where built datasets (and char vocabularies) live; None: TFDS's
+        default ~/tensorflow_datasets.
+      manual_dir: cluener: directory with train/dev JSON lines; None: download.
+      pattern: text_files: glob of files; None: the Python stdlib's *.py.
+      exclude: text_files: fnmatch patterns on path components.
+      eval_fraction: text_files: share of files held out for validation.
+      skip_bad_records: cluener: skip and count malformed records.
+      text_key: feature holding the text; None: "content" (text_files) or "text".
+      tokenizer: "byte" | "char".
+      char_min_count: char tokenizer: minimum count in the training split.
+      seq_len: tokens per example (lm windows hold seq_len + 1).
+      batch_size: global batch size, split evenly over processes.
+      seed: shuffling and masking seed, in [0, 2**32).
+      shuffle: shuffle the training split.
+      train_split: TFDS split read for split="train".
+      eval_split: TFDS split read for split="eval".
+      max_examples: use only the first k examples of a split (0: all).
+      rare_types: cluener train split: comma-separated entity types made rare by
+        `type_keep_fraction` (empty: off).
+      type_keep_fraction: cluener train split: share of the sentences holding any of
+        `rare_types` that is kept (chosen by `seed`).
+      eval_batches: eval: batches per process (0: one full pass).
+      mlm_probability: mlm: share of tokens chosen.
+      mlm_mask_fraction: mlm: chosen tokens replaced by <mask>.
+      mlm_random_fraction: mlm: chosen tokens replaced by a random token.
+      mlm_max_predictions: mlm train split: at most this many chosen tokens per window,
+        also listed as predict_positions (0: no cap).
+      max_spans: ner: capacity of the gold-span rows per example.
+      dense_labels: ner: also emit dense span labels [types, n, n].
+      num_threads: Grain reader threads per process (0: read in the caller).
+      prefetch: Grain prefetch buffer (elements).
+      download: build (or download) the dataset when it is missing.
+    """
+
+    name: str = "text_files"
+    task: str = "lm"
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    pattern: str | None = None
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    eval_fraction: float = 0.05
+    skip_bad_records: bool = False
+    text_key: str | None = None
+    tokenizer: str = "byte"
+    char_min_count: int = 1
+    seq_len: int = 256
+    batch_size: int = 32
+    seed: int = 0
+    shuffle: bool = True
+    train_split: str = "train"
+    eval_split: str = "validation"
+    max_examples: int = 0
+    rare_types: str = ""
+    type_keep_fraction: float = 1.0
+    eval_batches: int = 0
+    mlm_probability: float = 0.15
+    mlm_mask_fraction: float = 0.8
+    mlm_random_fraction: float = 0.1
+    mlm_max_predictions: int = 0
+    max_spans: int = 32
+    dense_labels: bool = False
+    num_threads: int = 2
+    prefetch: int = 16
+    download: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        problems = _problems(self)
+        if problems:
+            raise ValueError(problems[0])
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> DataConfig:
+        """From a `DataConfig`, or a mapping (anything with `items()`) of its fields;
+        missing fields take their defaults.
+
+        Raises:
+          ValueError: an unknown field (naming it and the known ones) or a bad value.
+        """
+        if isinstance(settings, DataConfig):
+            return settings
+        given = dict(settings.items())
+        unknown = sorted(set(given) - set(DATA_FIELDS))
+        if unknown:
+            raise ValueError(f"`{unknown[0]}`: not a data field (unknown: {unknown}); "
+                             f"known: {sorted(DATA_FIELDS)}")
+        return cls(**given)
 
 
-def _settings(config: Any, seq_len: int | None) -> _Settings:
-    data = config.data if hasattr(config, "data") else config
-    given = dict(data.items()) if hasattr(data, "items") else dict(vars(data))
-    unknown = sorted(set(given) - set(_FIELD_DOCS))
-    if unknown:
-        raise ValueError(f"unknown config.data fields {unknown}; known: {sorted(_FIELD_DOCS)}")
-    values = {key: given.get(key, default) for key, (default, _) in _FIELD_DOCS.items()}
-    if seq_len is not None:
-        values["seq_len"] = seq_len
-    values["exclude"] = tuple(values["exclude"])
-    s = _Settings(**values)
+#: The fields of `DataConfig`, in order.
+DATA_FIELDS = tuple(field.name for field in dataclasses.fields(DataConfig))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _problems(s: DataConfig) -> list[str]:
+    """One line per bad field of `s`, each "`field`: expected …; got …"."""
     problems = []
     if s.task not in TASKS:
-        problems.append(f"task must be one of {TASKS}, got {s.task!r}")
+        problems.append(f"`task`: expected one of {list(TASKS)}; got {s.task!r}")
     if s.tokenizer not in ("byte", "char"):
-        problems.append(f"tokenizer must be 'byte' or 'char', got {s.tokenizer!r}")
+        problems.append(f"`tokenizer`: expected 'byte' or 'char'; got {s.tokenizer!r}")
     if s.task in ("ner", "multilabel") and (s.tokenizer != "char" or s.name != "cluener"):
-        problems.append(f"task {s.task!r} needs name='cluener' and tokenizer='char', "
+        problems.append(f"`task`: {s.task!r} needs name='cluener' and tokenizer='char'; "
                         f"got name={s.name!r}, tokenizer={s.tokenizer!r}")
     for key in ("seq_len", "batch_size", "char_min_count", "max_spans"):
-        if not isinstance(getattr(s, key), int) or getattr(s, key) < 1:
-            problems.append(f"{key} must be a positive integer, got {getattr(s, key)!r}")
+        if not _is_int(getattr(s, key)) or getattr(s, key) < 1:
+            problems.append(f"`{key}`: expected a positive int; got {getattr(s, key)!r}")
     for key in ("max_examples", "eval_batches", "num_threads", "prefetch",
                 "mlm_max_predictions"):
-        if not isinstance(getattr(s, key), int) or getattr(s, key) < 0:
-            problems.append(f"{key} must be a non-negative integer, got {getattr(s, key)!r}")
+        if not _is_int(getattr(s, key)) or getattr(s, key) < 0:
+            problems.append(f"`{key}`: expected a non-negative int; got {getattr(s, key)!r}")
     problems += _imbalance_problems(s)
-    if not isinstance(s.seed, int) or not 0 <= s.seed < 2**32:
-        problems.append(f"seed must be an integer in [0, 2**32), got {s.seed!r}")
+    if not _is_int(s.seed) or not 0 <= s.seed < 2**32:
+        problems.append(f"`seed`: expected an int in [0, 2**32); got {s.seed!r}")
     if not 0.0 < s.mlm_probability <= 1.0:
-        problems.append(f"mlm_probability must be in (0, 1], got {s.mlm_probability}")
+        problems.append(f"`mlm_probability`: expected a number in (0, 1]; "
+                        f"got {s.mlm_probability!r}")
     if not (0.0 <= s.mlm_mask_fraction and 0.0 <= s.mlm_random_fraction
             and s.mlm_mask_fraction + s.mlm_random_fraction <= 1.0):
-        problems.append("mlm_mask_fraction and mlm_random_fraction must be >= 0 with sum <= 1, "
-                        f"got {s.mlm_mask_fraction} and {s.mlm_random_fraction}")
-    if problems:
-        raise ValueError("bad config.data: " + "; ".join(problems))
-    return s
+        problems.append(f"`mlm_mask_fraction`: expected it and `mlm_random_fraction` >= 0 "
+                        f"with a sum <= 1; got {s.mlm_mask_fraction!r} and "
+                        f"{s.mlm_random_fraction!r}")
+    if not 0.0 <= s.eval_fraction < 1.0:
+        problems.append(f"`eval_fraction`: expected a number in [0, 1); "
+                        f"got {s.eval_fraction!r}")
+    return problems
 
 
 def _rare_type_names(rare_types: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in rare_types.split(",") if name.strip())
 
 
-def _imbalance_problems(s: _Settings) -> list[str]:
-    """Checks `data.rare_types` and `data.type_keep_fraction` (see `_imbalanced_indices`)."""
+def _imbalance_problems(s: DataConfig) -> list[str]:
+    """Checks `rare_types` and `type_keep_fraction` (see `_imbalanced_indices`)."""
     fraction, rare = s.type_keep_fraction, s.rare_types
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not (
             0.0 <= fraction <= 1.0):
-        return [f"data.type_keep_fraction must be a number in [0, 1], got {fraction!r}"]
+        return [f"`type_keep_fraction`: expected a number in [0, 1]; got {fraction!r}"]
     if not isinstance(rare, str):
-        return [f"data.rare_types must be a comma-separated string of entity types "
-                f"(e.g. 'movie,book'), got {rare!r}"]
+        return [f"`rare_types`: expected a comma-separated string of entity types "
+                f"(e.g. 'movie,book'); got {rare!r}"]
     names = _rare_type_names(rare)
     problems = []
     if fraction < 1.0 and not names:
-        problems.append(f"data.type_keep_fraction = {fraction} < 1 needs data.rare_types "
-                        "(the entity types to make rare), got none")
+        problems.append(f"`rare_types`: `type_keep_fraction` = {fraction} < 1 needs the "
+                        "entity types to make rare; got none")
     if names:
         if s.name != "cluener" or s.task not in ("ner", "multilabel"):
-            problems.append(f"data.rare_types needs name='cluener' and task 'ner' or "
-                            f"'multilabel', got name={s.name!r}, task={s.task!r}")
+            problems.append(f"`rare_types`: needs name='cluener' and task 'ner' or "
+                            f"'multilabel'; got name={s.name!r}, task={s.task!r}")
         from kexue.data.cluener import CLUENER_TYPES
 
         unknown = [name for name in names if name not in CLUENER_TYPES]
         if unknown:
-            problems.append(f"data.rare_types: unknown entity types {unknown} "
-                            f"(known: {', '.join(CLUENER_TYPES)})")
+            problems.append(f"`rare_types`: expected entity types among "
+                            f"{', '.join(CLUENER_TYPES)}; got unknown {unknown}")
         if len(set(names)) != len(names):
-            problems.append(f"data.rare_types lists a type twice: {rare!r}")
+            problems.append(f"`rare_types`: expected each type once; got {rare!r}")
     return problems
 
 
-def _imbalanced_indices(source: Any, count: int, s: _Settings,
+def _imbalanced_indices(source: Any, count: int, s: DataConfig,
                         type_names: Sequence[str]) -> list[int]:
     """Indices of the first `count` examples with most sentences of `rare_types` dropped.
 
-    Of the `n` sentences holding at least one span of a type in `data.rare_types`,
+    Of the `n` sentences holding at least one span of a type in `rare_types`,
     exactly `round(type_keep_fraction · n)` (halves rounded up) are kept, chosen
-    without replacement by `numpy.random.default_rng([data.seed, 0x7A7E])`; every other
-    sentence is kept, in the source's order: the result depends on `data.seed` only.
+    without replacement by `numpy.random.default_rng([seed, 0x7A7E])`; every other
+    sentence is kept, in the source's order: the result depends on `seed` only.
     """
     wanted = {type_names.index(name) for name in _rare_type_names(s.rare_types)}
     holding = [i for i in range(count)
@@ -608,30 +612,32 @@ def _process_info(process_index: int | None, process_count: int | None) -> tuple
 
 
 def make_dataset(
-    config: Any,
+    config: DataConfig | Mapping[str, Any],
     split: str,
     *,
     process_index: int | None = None,
     process_count: int | None = None,
     seq_len: int | None = None,
 ) -> DataIterator:
-    """Batches of `config.data` for this process (see the module doc for their fields).
+    """Batches of `config` for this process (see the module doc for their fields).
 
     Args:
-      config: a ConfigDict with a `data` block (fields: `default_data_config()`), or
-        the block itself; missing fields take their defaults, unknown ones are errors.
-      split: "train" (`data.train_split`, shuffled, repeated forever) or "eval"
-        (`data.eval_split`, one ordered pass, or `data.eval_batches` batches).
+      config: a `DataConfig`, or a mapping of its fields (missing fields take their
+        defaults, unknown ones are errors).
+      split: "train" (`train_split`, shuffled, repeated forever) or "eval"
+        (`eval_split`, one ordered pass, or `eval_batches` batches).
       process_index, process_count: this process's place among the data-loading
         processes; default `jax.process_index()` and `jax.process_count()`.
-      seq_len: overrides `data.seq_len` (e.g. evaluating at longer lengths).
+      seq_len: overrides `config.seq_len` (e.g. evaluating at longer lengths).
 
     Returns:
       A `DataIterator`; `metadata.local_batch_size` rows per batch.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    s = _settings(config, seq_len)
+    s = DataConfig.from_settings(config)
+    if seq_len is not None:
+        s = dataclasses.replace(s, seq_len=seq_len)
     process_index, process_count = _process_info(process_index, process_count)
     if s.batch_size % process_count:
         raise ValueError(f"batch_size {s.batch_size} is not divisible by "
@@ -658,8 +664,8 @@ def make_dataset(
     type_names = tuple(metadata_dict.get("types", ()))
 
     if training and _rare_type_names(s.rare_types):
-        # data.rare_types / data.type_keep_fraction: a controlled class imbalance,
-        # applied after data.max_examples and before the process split.
+        # rare_types / type_keep_fraction: a controlled class imbalance, applied after
+        # max_examples and before the process split.
         source = _Subset(source, _imbalanced_indices(
             source, _split_size(source, s.max_examples), s, type_names))
     examples = grain.MapDataset.source(source)
@@ -691,7 +697,7 @@ def make_dataset(
                        "valid": np.zeros(length, bool)}
         if not training and not s.eval_batches and process_count > 1:
             raise ValueError("an lm/mlm evaluation pass over several processes needs "
-                             "data.eval_batches > 0 (processes must agree on the count)")
+                             "eval_batches > 0 (processes must agree on the count)")
         num_batches = (s.eval_batches or None) if not training else None
         num_types = 0
         stream = 1 if training else 2

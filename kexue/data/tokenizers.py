@@ -20,6 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
+from kexue.ops._checks import check_int
+
 __all__ = [
     "SPECIAL_TOKENS",
     "ByteTokenizer",
@@ -107,8 +109,7 @@ class CharTokenizer:
         Order: most frequent first, ties by code point, so the vocabulary depends only on
         the multiset of characters. `max_size` caps the number of characters kept.
         """
-        if min_count < 1:
-            raise ValueError(f"`min_count` must be >= 1, got {min_count}")
+        check_int("min_count", min_count)
         counts: collections.Counter[str] = collections.Counter()
         for text in texts:
             counts.update(text)

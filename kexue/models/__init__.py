@@ -2,8 +2,9 @@
 
     from flax import nnx
     from kexue import models
-    model = models.build_model(config, rngs=nnx.Rngs(0))   # config.model.name selects
-    models.count_params(model), models.flops_per_token(config)
+    spec = models.ModelSpec.from_settings({"name": "causal_lm", "width": 256, ...})
+    model = models.build_model(spec, rngs=nnx.Rngs(0))
+    models.count_params(model), models.flops_per_token(spec, seq_len=128)
 
 * `RoFormerEncoder`, `RoFormerMLM` — RoPE encoder (kexue.fm/archives/8265), MLM head.
 * `CausalLM` — decoder with a `KVCache`, `decode` and `generate`.
@@ -23,10 +24,11 @@ from kexue.models.config import TransformerConfig
 from kexue.models.factory import (
     MODEL_KEYS,
     MODEL_NAMES,
+    ModelSpec,
     build_model,
     count_params,
     flops_per_token,
-    parse_model_config,
+    initial_params,
 )
 from kexue.models.layers import (
     REMAT_CPU_COMPILER_OPTIONS,
@@ -69,6 +71,7 @@ __all__ = [
     "GlobalPointerNER",
     "KVCache",
     "LayerCache",
+    "ModelSpec",
     "MultiLabelClassifier",
     "Norm",
     "RoFormerEncoder",
@@ -84,7 +87,7 @@ __all__ = [
     "count_params",
     "cross_entropy",
     "flops_per_token",
-    "parse_model_config",
+    "initial_params",
     "patch_positions",
     "sample_logits",
     "spans_to_indices",

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kexue import ops
-from kexue.models.config import TransformerConfig
+from kexue.models.config import TransformerConfig, check_positive_int
 from kexue.models.layers import Dense, Embed, LayerCache, Transformer
 
 #: Logical axes of each cached key / value array, for sharding a cache.
@@ -42,9 +42,7 @@ class CausalLM(nnx.Module):
     def __init__(self, config: TransformerConfig, *, tie_embeddings: bool = False,
                  rngs: nnx.Rngs):
         c = config
-        if c.vocab_size < 1:
-            raise ValueError(f"config key `model.vocab_size`: expected a positive int; got "
-                             f"{c.vocab_size!r}.")
+        check_positive_int("vocab_size", c.vocab_size)
         self.config = c
         self.embed = Embed(c.vocab_size, c.width, dtype=c.compute_dtype,
                            param_dtype=c.weight_dtype, init_std=c.init_std, rngs=rngs)

@@ -1,9 +1,8 @@
 """`TransformerConfig`: the hyper-parameters shared by every kexue model, validated once.
 
-Models take this frozen dataclass; `kexue.models.build_model` fills it from the
-`config.model` section of an ml_collections `ConfigDict`. Every check raises a
-`ValueError` that names the config key (`model.<field>`), what was expected and
-what was given, before any parameter is created.
+Models take this frozen dataclass (`kexue.models.ModelSpec` builds it from a flat
+mapping of settings). Every check raises a `ValueError` that names the field, what
+was expected and what was given, before any parameter is created.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+
+from kexue.ops._checks import check_int, check_number
 
 ACTIVATIONS = ("gelu", "relu", "silu", "geglu", "swiglu")
 GATED_ACTIVATIONS = ("geglu", "swiglu")
@@ -26,20 +27,18 @@ ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
-def config_error(key: str, expected: str, got: Any) -> ValueError:
-    """A `ValueError` of the one shape used for every bad config value."""
-    return ValueError(f"config key `model.{key}`: expected {expected}; got {got!r}.")
+def argument_error(name: str, expected: str, got: Any) -> ValueError:
+    """A `ValueError` of the one shape used for every bad setting: "`name`: expected …"."""
+    return ValueError(f"`{name}`: expected {expected}; got {got!r}.")
 
 
 def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise config_error(key, f"one of {list(choices)}", value)
+        raise argument_error(key, f"one of {list(choices)}", value)
 
 
 def check_positive_int(key: str, value: Any, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    if not ok or value < (0 if allow_zero else 1):
-        raise config_error(key, "a non-negative int" if allow_zero else "a positive int", value)
+    check_int(key, value, least=0 if allow_zero else 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,13 +116,13 @@ class TransformerConfig:
             check_positive_int(key, getattr(self, key))
         check_positive_int("vocab_size", self.vocab_size, allow_zero=True)
         if self.width % self.num_heads:
-            raise config_error(
-                "num_heads", f"a divisor of `model.width` = {self.width}", self.num_heads)
+            raise argument_error(
+                "num_heads", f"a divisor of `width` = {self.width}", self.num_heads)
         if self.num_kv_heads is not None:
             check_positive_int("num_kv_heads", self.num_kv_heads)
             if self.num_heads % self.num_kv_heads:
-                raise config_error(
-                    "num_kv_heads", f"a divisor of `model.num_heads` = {self.num_heads}",
+                raise argument_error(
+                    "num_kv_heads", f"a divisor of `num_heads` = {self.num_heads}",
                     self.num_kv_heads)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("norm", self.norm, NORMS)
@@ -136,26 +135,25 @@ class TransformerConfig:
         check_choice("attention_implementation", self.attention_implementation,
                      ATTENTION_IMPLEMENTATIONS)
         if self.attention_implementation == "cudnn" and self.dtype == "float32":
-            raise config_error("attention_implementation", "'cudnn' only with model.dtype "
+            raise argument_error("attention_implementation", "'cudnn' only with `dtype` "
                                "'bfloat16' or 'float16' (cuDNN's fused attention)",
                                f"cudnn with dtype {self.dtype}")
         if self.rotary_dim is not None:
             check_positive_int("rotary_dim", self.rotary_dim)
         step = 2 * self.rope_dims
         if self.rotary_features % step or self.rotary_features > self.head_dim:
-            raise config_error(
+            raise argument_error(
                 "rotary_dim",
                 f"a multiple of 2·rope_dims = {step} that is at most the head dim "
                 f"width / num_heads = {self.head_dim}",
                 self.rotary_dim if self.rotary_dim is not None else self.head_dim)
         if not self.rope_base > 1:
-            raise config_error("rope_base", "a number greater than 1", self.rope_base)
+            raise argument_error("rope_base", "a number greater than 1", self.rope_base)
         if not self.entropy_base > 1:
-            raise config_error("entropy_base", "a number greater than 1", self.entropy_base)
+            raise argument_error("entropy_base", "a number greater than 1", self.entropy_base)
         if not 0.0 <= self.dropout_rate < 1.0:
-            raise config_error("dropout_rate", "a number in [0, 1)", self.dropout_rate)
-        if not self.init_std > 0:
-            raise config_error("init_std", "a positive number", self.init_std)
+            raise argument_error("dropout_rate", "a number in [0, 1)", self.dropout_rate)
+        check_number("init_std", self.init_std)
 
     @property
     def head_dim(self) -> int:

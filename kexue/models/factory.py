@@ -1,19 +1,17 @@
-"""Build any kexue model from the `model` section of an ml_collections config.
+"""Build any kexue model from a `ModelSpec`: its name and flat settings, typed and checked.
 
-    config.model.name = "roformer_mlm"
-    config.model.width, config.model.num_layers, config.model.num_heads = 256, 4, 4
-    ...
-    with nnx.use_eager_sharding(False):
-        model = build_model(config, rngs=nnx.Rngs(0))
-    count_params(model), flops_per_token(config)
+    spec = ModelSpec.from_settings({"name": "roformer_mlm", "width": 256, "num_layers": 4,
+                                    "num_heads": 4, "mlp_dim": 1024, "vocab_size": 259})
+    model = build_model(spec, rngs=nnx.Rngs(0))     # no eager sharding
+    count_params(model), flops_per_token(spec, seq_len=64)
 
-Keys of `config.model`: `name`, every field of `TransformerConfig`, the keys of the
-chosen model (`MODEL_KEYS`), and `seq_len` (tokens per example, read by
-`flops_per_token`). An unknown key is an error, so a typo cannot be silently ignored.
+Settings: `name`, every field of `TransformerConfig` and the keys of the chosen model
+(`MODEL_KEYS`). An unknown key is an error, so a typo cannot be silently ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from kexue.models.causal_lm import CausalLM
-from kexue.models.config import TRANSFORMER_KEYS, TransformerConfig, config_error
+from kexue.models.config import TRANSFORMER_KEYS, TransformerConfig, argument_error
 from kexue.models.layers import Embed
 from kexue.models.roformer import (
     BIOTagger,
@@ -33,7 +31,7 @@ from kexue.models.roformer import (
 )
 from kexue.models.vit import ViT
 
-#: Model-specific keys of `config.model` (name → {key: constructor argument}).
+#: Model-specific settings (name → {setting: constructor argument}).
 MODEL_KEYS: dict[str, dict[str, str]] = {
     "roformer": {},
     "roformer_mlm": {"tie_embeddings": "tie_embeddings"},
@@ -55,66 +53,87 @@ _CONSTRUCTORS: dict[str, Callable[..., nnx.Module]] = {
     "multilabel_classifier": MultiLabelClassifier,
     "vit": ViT,
 }
-_COMMON_KEYS = ("name", "seq_len")
 
 
-def _model_section(config: Any) -> dict[str, Any]:
-    """`config.model` (or `config` itself when it has no `model` key) as a plain dict."""
-    section = config["model"] if "model" in config else config
-    if hasattr(section, "to_dict"):
-        section = section.to_dict()
-    if not isinstance(section, Mapping) or "name" not in section:
-        raise ValueError("config key `model.name`: expected one of "
-                         f"{list(MODEL_NAMES)}; got no `model.name` in the config.")
-    return dict(section)
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Which model, with which settings.
 
-
-def parse_model_config(config: Any) -> tuple[str, TransformerConfig, dict[str, Any]]:
-    """`(name, TransformerConfig, model keyword arguments)` from `config.model`.
-
-    Raises:
-      ValueError: unknown `model.name`, an unknown key, or a bad value (the message
-        names the key, what was expected and what was given).
+    Attributes:
+      name: one of `MODEL_NAMES`.
+      transformer: the transformer stack's `TransformerConfig`.
+      options: the model's own constructor arguments (see `MODEL_KEYS`).
     """
-    section = _model_section(config)
-    name = section["name"]
-    if name not in MODEL_KEYS:
-        raise config_error("name", f"one of {list(MODEL_NAMES)}", name)
-    model_keys = MODEL_KEYS[name]
-    known = set(TRANSFORMER_KEYS) | set(model_keys) | set(_COMMON_KEYS)
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ValueError(f"config key(s) {['model.' + k for k in unknown]} are not used by "
-                         f"model {name!r}; expected keys among {sorted(known)}.")
-    transformer = {k: v for k, v in section.items() if k in TRANSFORMER_KEYS}
-    if name == "vit":
-        transformer.setdefault("rope_dims", 2)
-    missing = [k for k in ("width", "num_layers", "num_heads", "mlp_dim")
-               if k not in transformer]
-    if missing:
-        raise ValueError(f"config key(s) {['model.' + k for k in missing]} are required; "
-                         "got none.")
-    kwargs = {arg: section[key] for key, arg in model_keys.items() if key in section}
-    return name, TransformerConfig(**transformer), kwargs
+
+    name: str
+    transformer: TransformerConfig
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> ModelSpec:
+        """From flat settings: `name`, `TransformerConfig` fields and `MODEL_KEYS[name]`.
+
+        Raises:
+          ValueError: an unknown `name` or setting, a missing required one, or a bad
+            value (naming the setting, what was expected and what was given).
+        """
+        settings = dict(settings)
+        name = settings.pop("name", None)
+        if name not in MODEL_KEYS:
+            raise argument_error("name", f"one of {list(MODEL_NAMES)}", name)
+        model_keys = MODEL_KEYS[name]
+        unknown = sorted(set(settings) - set(TRANSFORMER_KEYS) - set(model_keys))
+        if unknown:
+            raise ValueError(f"`{unknown[0]}`: not a setting of model {name!r} "
+                             f"(unknown: {unknown}); expected keys among "
+                             f"{sorted({*TRANSFORMER_KEYS, *model_keys})}.")
+        transformer = {k: v for k, v in settings.items() if k in TRANSFORMER_KEYS}
+        if name == "vit":
+            transformer.setdefault("rope_dims", 2)
+        missing = [k for k in ("width", "num_layers", "num_heads", "mlp_dim")
+                   if k not in transformer]
+        if missing:
+            raise ValueError(f"`{missing[0]}`: required; got no value for {missing}.")
+        options = {arg: settings[key] for key, arg in model_keys.items() if key in settings}
+        return cls(name, TransformerConfig(**transformer), options)
+
+    def settings(self) -> dict[str, Any]:
+        """The flat settings this spec was made from (`from_settings` inverts it)."""
+        arguments = {arg: key for key, arg in MODEL_KEYS[self.name].items()}
+        return {"name": self.name, **dataclasses.asdict(self.transformer),
+                **{arguments[arg]: value for arg, value in self.options.items()}}
+
+    def setting_of(self, argument: str) -> str:
+        """The setting behind constructor argument `argument` (itself if not renamed)."""
+        return {arg: key for key, arg in MODEL_KEYS[self.name].items()}.get(argument, argument)
 
 
-def build_model(config: Any, *, rngs: nnx.Rngs) -> nnx.Module:
-    """The model `config.model.name` names, built from `config.model`.
+def build_model(spec: ModelSpec, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The model of `spec` (parameters created without eager sharding).
 
     Names: ``"roformer"`` (encoder only), ``"roformer_mlm"``, ``"causal_lm"``,
     ``"global_pointer_ner"``, ``"bio_tagger"``, ``"multilabel_classifier"``, ``"vit"``.
-    Parameters are created with logical-axis metadata and without eager sharding;
-    shard them with `kexue.parallel.init_sharded` (jitted init straight onto the mesh) or
+    Parameters carry logical-axis metadata; shard them with
+    `kexue.parallel.init_sharded` (jitted init straight onto the mesh) or
     `kexue.parallel.nnx_state_shardings`.
 
     Args:
-      config: a `ConfigDict` (or mapping) with a `model` section, or the section itself.
+      spec: the `ModelSpec`.
       rngs: `nnx.Rngs` with a `params` stream (and `dropout` when dropout is used; the
         default stream serves both).
     """
-    name, transformer, kwargs = parse_model_config(config)
+    if not isinstance(spec, ModelSpec):
+        raise argument_error("spec", "a ModelSpec (ModelSpec.from_settings(...))",
+                             type(spec).__name__)
     with nnx.use_eager_sharding(False):
-        return _CONSTRUCTORS[name](transformer, **kwargs, rngs=rngs)
+        return _CONSTRUCTORS[spec.name](spec.transformer, **spec.options, rngs=rngs)
+
+
+def initial_params(model_factory: Callable[[], nnx.Module]) -> Any:
+    """The pure `nnx.State` of the `nnx.Param`s a model factory initialises (unsharded)."""
+    with nnx.use_eager_sharding(False):
+        model = model_factory()
+    return nnx.as_pure(nnx.split(model, nnx.Param, ...)[1])
 
 
 def count_params(model: nnx.Module) -> int:
@@ -132,7 +151,8 @@ def _lookup_only_params(model: nnx.Module) -> int:
     return sum(count_params(node) for _, node in nnx.iter_graph(model) if isinstance(node, Embed))
 
 
-def flops_per_token(config: Any, *, seq_len: int | None = None, training: bool = True) -> int:
+def flops_per_token(spec: ModelSpec, *, seq_len: int | None = None,
+                    training: bool = True) -> int:
     """Estimated FLOPs per token (per patch for the ViT), for MFU.
 
     `training`: `6·N + 12·L·h·d·n` (forward `2·N + 4·L·h·d·n`, backward twice the
@@ -145,24 +165,20 @@ def flops_per_token(config: Any, *, seq_len: int | None = None, training: bool =
     efficient head) to the forward part. Norms, softmax and activations are ignored.
 
     Args:
-      config: as for `build_model`.
-      seq_len: tokens per example; default `config.model.seq_len` (for the ViT, the
-        number of patches).
+      spec: the model.
+      seq_len: tokens per example (ignored for the ViT: its number of patches).
       training: forward + backward (True) or forward only.
     """
-    name, transformer, kwargs = parse_model_config(config)
-    section = _model_section(config)
-    if name == "vit":
-        seq_len = (kwargs["image_size"] // kwargs["patch_size"]) ** 2
-    elif seq_len is None:
-        seq_len = section.get("seq_len")
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise config_error("seq_len", "a positive int (or pass `seq_len=`)", seq_len)
-    abstract = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+    transformer, options = spec.transformer, spec.options
+    if spec.name == "vit":
+        seq_len = (options["image_size"] // options["patch_size"]) ** 2
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise argument_error("seq_len", "a positive int", seq_len)
+    abstract = nnx.eval_shape(lambda: build_model(spec, rngs=nnx.Rngs(0)))
     matmul_params = count_params(abstract) - _lookup_only_params(abstract)
     forward = 2 * matmul_params + 4 * transformer.num_layers * transformer.width * seq_len
-    if name == "global_pointer_ner":
-        head_dim = kwargs.get("head_dim", 64)
-        types = 1 if kwargs.get("efficient", False) else kwargs["num_types"]
+    if spec.name == "global_pointer_ner":
+        head_dim = options.get("head_dim", 64)
+        types = 1 if options.get("efficient", False) else options["num_types"]
         forward += 2 * seq_len * types * head_dim
     return 3 * forward if training else forward

@@ -22,9 +22,9 @@ from flax import nnx
 from kexue import ops
 from kexue.models.config import (
     TransformerConfig,
+    argument_error,
     check_choice,
     check_positive_int,
-    config_error,
 )
 from kexue.models.layers import Dense, Embed, Norm, Transformer, cross_entropy, make_param
 
@@ -46,9 +46,7 @@ class RoFormerEncoder(nnx.Module):
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-        if config.vocab_size < 1:
-            raise ValueError(f"config key `model.vocab_size`: expected a positive int; got "
-                             f"{config.vocab_size!r}.")
+        check_positive_int("vocab_size", config.vocab_size)
         self.config = config
         self.embed = Embed(config.vocab_size, config.width, dtype=config.compute_dtype,
                            param_dtype=config.weight_dtype, init_std=config.init_std, rngs=rngs)
@@ -137,13 +135,13 @@ class GlobalPointerNER(nnx.Module):
                  efficient: bool = False, loss: str = "dense", rope: bool = True,
                  rngs: nnx.Rngs):
         if not isinstance(rope, bool | np.bool_):
-            raise config_error("gp_rope", "a bool", rope)
+            raise argument_error("rope", "a bool", rope)
         check_positive_int("num_types", num_types)
-        check_positive_int("gp_head_dim", head_dim)
+        check_positive_int("head_dim", head_dim)
         if head_dim % 2:
-            raise ValueError(f"config key `model.gp_head_dim`: expected an even int (RoPE "
+            raise ValueError(f"`head_dim`: expected an even int (RoPE "
                              f"rotates pairs); got {head_dim!r}.")
-        check_choice("gp_loss", loss, GP_LOSSES)
+        check_choice("loss", loss, GP_LOSSES)
         c = config
         self.config, self.num_types, self.efficient, self.loss_kind = c, num_types, efficient, loss
         self.rope = bool(rope)

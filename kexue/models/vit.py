@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kexue.models.config import TransformerConfig, check_positive_int, config_error
+from kexue.models.config import TransformerConfig, argument_error, check_positive_int
 from kexue.models.layers import Dense, Transformer
 
 
@@ -34,10 +34,10 @@ class ViT(nnx.Module):
                            ("num_classes", num_classes), ("num_channels", num_channels)):
             check_positive_int(key, value)
         if image_size % patch_size:
-            raise config_error("patch_size", f"a divisor of `model.image_size` = {image_size}",
+            raise argument_error("patch_size", f"a divisor of `image_size` = {image_size}",
                                patch_size)
         if config.rope_dims != 2:
-            raise config_error("rope_dims", "2 for the ViT (row and column)", config.rope_dims)
+            raise argument_error("rope_dims", "2 for the ViT (row and column)", config.rope_dims)
         c = config
         self.config, self.patch_size, self.num_channels = c, patch_size, num_channels
         self.grid = image_size // patch_size

@@ -1,12 +1,16 @@
-"""Boundary checks and dtype helpers shared by every op in `kexue.ops`.
+"""Boundary checks and dtype helpers shared by every op in `kexue.ops`, and the
+number checks every kexue package uses for its settings.
 
 Every check raises a `ValueError` whose message names the argument, what was
-expected and what arrived, so a researcher sees the problem without a stack dive.
-Checks read only static shapes and dtypes, so they are free under `jax.jit`.
+expected and what arrived ("`name`: expected …; got …"), so a researcher sees the
+problem without a stack dive. Checks read only static shapes, dtypes and Python
+numbers, so they are free under `jax.jit`.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -81,6 +85,28 @@ def check_positive(name: str, value) -> None:
     """Raise if a static Python number is not strictly positive."""
     if not value > 0:
         raise ValueError(f"`{name}` must be positive; got {value!r}.")
+
+
+def check_int(name: str, value, *, least: int = 1) -> int:
+    """`value` as an int if it is an integer (not a bool) `>= least`, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"`{name}`: expected an int >= {least}; got {value!r}")
+    return int(value)
+
+
+def check_number(name: str, value, *, least: float = 0.0, strict: bool = True,
+                 below: float | None = None) -> float:
+    """`value` as a float if it is a finite real number (not a bool) above `least`
+    (`> least` when `strict`, else `>=`) and, with `below`, under it; else raise."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
+    ok = ok and math.isfinite(value) and (value > least if strict else value >= least)
+    ok = ok and (below is None or value < below)
+    if not ok:
+        bound = f"{'>' if strict else '>='} {least:g}"
+        if below is not None:
+            bound += f" and < {below:g}"
+        raise ValueError(f"`{name}`: expected a finite number {bound}; got {value!r}")
+    return float(value)
 
 
 def check_floating(name: str, x) -> None:

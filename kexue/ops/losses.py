@@ -118,7 +118,7 @@ def sparse_zlpr_loss(logits, positive_indices, *, mask=None) -> jax.Array:
       pos = log(1 + Σ_{pos} e^{−s}),
       neg = log(1 + Σ_{neg} e^{s}).
 
-    SPEC §6 writes `neg` as `all + log(1 − e^{logsumexp(s_pos) − all})` with
+    The usual sparse form writes `neg` as `all + log(1 − e^{logsumexp(s_pos) − all})` with
     `all = log(1 + Σ_{all} e^{s})`. That subtraction cancels catastrophically once the
     positives dominate, which a trained model reaches (in float32 it returns garbage
     when `logsumexp(s_pos)` exceeds `log(1 + Σ_{neg} e^s)` by about 16, and its clipped

@@ -6,6 +6,10 @@
     tx = optim.amos_style(1e-2, base="adam", sigma_fn=optim.eta_fn_from_init(params),
                           half_life=10_000)
 
+Named optimizers from plain arguments, with their defaults in one place:
+`make_optimizer(name, settings, num_steps=..., initial_params=...)`,
+`optimizer_defaults(name)`.
+
 Per-tensor hyper-parameters (`η`/`σ`, slot shapes) are rules of the parameter path
 and shape: `eta_fn_from_init`, `eta_fn_from_rules`, `shape_fn_from_rules`,
 `reduce_largest_axes`; `parameter_paths(params)` lists the paths rules see.
@@ -25,6 +29,7 @@ from kexue.optim.amos_style import (
     decoupled_weight_decay,
     normalize_updates,
 )
+from kexue.optim.recipes import OPTIMIZERS, make_optimizer, optimizer_defaults
 from kexue.optim.rules import (
     eta_fn_from_init,
     eta_fn_from_rules,
@@ -38,6 +43,7 @@ from kexue.optim.schedules import amos_decay_schedule
 __all__ = [
     "AMOS_EPSILON",
     "CPU_COMPILER_OPTIONS",
+    "OPTIMIZERS",
     "DecoupledWeightDecayState",
     "ScaleByAmosState",
     "amos",
@@ -47,7 +53,9 @@ __all__ = [
     "decoupled_weight_decay",
     "eta_fn_from_init",
     "eta_fn_from_rules",
+    "make_optimizer",
     "normalize_updates",
+    "optimizer_defaults",
     "parameter_path",
     "parameter_paths",
     "reduce_largest_axes",

@@ -35,8 +35,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
+from kexue.ops._checks import check_number
 from kexue.optim.rules import (
     ParamRule,
     Shape,
@@ -44,6 +45,7 @@ from kexue.optim.rules import (
     check_slot_shape,
     flatten_with_parameter_paths,
 )
+from kexue.parallel import reduced_sharding
 
 __all__ = ["AMOS_EPSILON", "CPU_COMPILER_OPTIONS", "ScaleByAmosState", "amos", "scale_by_amos"]
 
@@ -77,20 +79,12 @@ class ScaleByAmosState(NamedTuple):
 
 def _check_rate(name: str, value: Any) -> None:
     """A constant rate must be a positive finite number; a schedule is taken as it is."""
-    if callable(value):
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a positive number or a schedule; got {value!r}")
+    if not callable(value):
+        check_number(name, value)
 
 
 def _check_open_unit(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    low_ok = (lambda x: x >= 0) if allow_zero else (lambda x: x > 0)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            low_ok(value) and value < 1):
-        interval = "[0, 1)" if allow_zero else "(0, 1)"
-        raise ValueError(f"`{name}` must be in {interval}; got {value!r}")
-    return float(value)
+    return check_number(name, value, strict=not allow_zero, below=1.0)
 
 
 def _compute_dtype(dtype: Any) -> Any:
@@ -108,12 +102,7 @@ def _slot_placement(theta: Any, slot_shape: Shape) -> Any:
     sharding = getattr(theta, "sharding", None)
     if not isinstance(sharding, NamedSharding):
         return sharding
-    spec = tuple(sharding.spec) + (None,) * (theta.ndim - len(sharding.spec))
-    if slot_shape == ():
-        return NamedSharding(sharding.mesh, PartitionSpec())
-    kept = [axis if slot == dim else None
-            for axis, slot, dim in zip(spec, slot_shape, theta.shape, strict=True)]
-    return NamedSharding(sharding.mesh, PartitionSpec(*kept))
+    return reduced_sharding(sharding, tuple(theta.shape), tuple(slot_shape))
 
 
 class _LeafSettings(NamedTuple):
@@ -183,11 +172,8 @@ def scale_by_amos(
     _check_rate("learning_rate", learning_rate)
     _check_rate("finetune_rate", finetune_rate)
     beta = _check_open_unit("beta", beta)
-    if isinstance(zeta, bool) or not isinstance(zeta, numbers.Real) or not (
-            math.isfinite(zeta) and zeta >= 0):
-        raise ValueError(f"`zeta` must be a non-negative number; got {zeta!r}")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not epsilon > 0:
-        raise ValueError(f"`epsilon` must be a positive number; got {epsilon!r}")
+    check_number("zeta", zeta, strict=False)
+    check_number("epsilon", epsilon)
 
     def settings(params: Any) -> tuple[list[tuple[str, Any]], Any, list[_LeafSettings]]:
         pairs, treedef = flatten_with_parameter_paths(params)
@@ -308,9 +294,7 @@ def amos(
     """
     chain: list[optax.GradientTransformation] = []
     if clip_value is not None:
-        if isinstance(clip_value, bool) or not isinstance(clip_value, numbers.Real) or not (
-                clip_value > 0):
-            raise ValueError(f"`clip_value` must be a positive number or None; got {clip_value!r}")
+        check_number("clip_value", clip_value)
         chain.append(optax.clip(clip_value))
     chain.append(scale_by_amos(learning_rate, eta_fn, shape_fn, beta=beta, zeta=zeta,
                                finetune_rate=finetune_rate, init_b_fn=init_b_fn,

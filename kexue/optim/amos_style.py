@@ -20,7 +20,6 @@ so its output is added to the parameters with `optax.apply_updates`.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kexue.ops._checks import check_number
 from kexue.optim.rules import ParamRule, check_scale, flatten_with_parameter_paths
 from kexue.optim.schedules import amos_decay_schedule
 
@@ -41,13 +41,6 @@ __all__ = [
 ]
 
 BASES = ("adam", "factored", "sign")
-
-
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a positive number; got {value!r}")
-    return float(value)
 
 
 def _robust_norm(u: jax.Array) -> jax.Array:
@@ -146,9 +139,8 @@ def decoupled_weight_decay(
     Raises:
       ValueError: a negative or non-finite constant `rate`; `update` without params.
     """
-    if not callable(rate) and (isinstance(rate, bool) or not isinstance(rate, numbers.Real)
-                               or not (math.isfinite(rate) and rate >= 0)):
-        raise ValueError(f"`rate` must be a non-negative number or a schedule; got {rate!r}")
+    if not callable(rate):
+        check_number("rate", rate, strict=False)
 
     def init_fn(params: Any) -> DecoupledWeightDecayState:
         del params
@@ -185,8 +177,8 @@ def amos_style_weight_decay(
     Raises:
       ValueError: non-positive `learning_rate` (`α₀`) or `q`, or a bad schedule setting.
     """
-    alpha0 = _positive("learning_rate", learning_rate)
-    q = _positive("q", q)
+    alpha0 = check_number("learning_rate", learning_rate)
+    q = check_number("q", q)
     schedule = amos_decay_schedule(kind, half_life=half_life, warmup_steps=warmup_steps,
                                    init_value=alpha0 * alpha0 / (2.0 * q))
     return decoupled_weight_decay(schedule, mask=mask)
@@ -245,7 +237,7 @@ def amos_style(
         `half_life`; negative `warmup_steps`; at `init`, `sigma_fn` failing for a
         parameter (the message names its path).
     """
-    alpha0 = _positive("learning_rate", learning_rate)
+    alpha0 = check_number("learning_rate", learning_rate)
     direction = _base_direction(base, dict(base_kwargs or {}))
     learning_rate_schedule = amos_decay_schedule(kind, half_life=half_life,
                                                  warmup_steps=warmup_steps, init_value=alpha0)

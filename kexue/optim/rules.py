@@ -53,6 +53,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kexue.ops._checks import check_int
+
 Shape: TypeAlias = tuple[int, ...]
 ParamRule: TypeAlias = Callable[[str, Shape], Any]
 RuleValue: TypeAlias = float | int | str | tuple[int, ...]
@@ -349,10 +351,8 @@ def reduce_largest_axes(num_axes: int = 1, *, min_size: int = 1) -> ParamRule:
     `m n`: the second moment is averaged over the reduced axes (kexue.fm/archives/9344,
     question 4; Amos paper, memory section).
     """
-    if isinstance(num_axes, bool) or not isinstance(num_axes, int) or num_axes < 1:
-        raise ValueError(f"`num_axes` must be a positive int; got {num_axes!r}")
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
-        raise ValueError(f"`min_size` must be a positive int; got {min_size!r}")
+    check_int("num_axes", num_axes)
+    check_int("min_size", min_size)
 
     def shape_fn(path: str, shape: Shape) -> Shape:
         del path

@@ -15,20 +15,13 @@ exactly for either kind.
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax.numpy as jnp
 import optax
 
+from kexue.ops._checks import check_int, check_number
+
 DECAY_KINDS = ("inverse_square", "inverse_time")
-
-
-def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"`{name}` must be a positive number; got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be positive and finite; got {value!r}")
-    return float(value)
 
 
 def amos_decay_schedule(
@@ -64,13 +57,9 @@ def amos_decay_schedule(
     """
     if kind not in DECAY_KINDS:
         raise ValueError(f"`kind` must be one of {list(DECAY_KINDS)}; got {kind!r}")
-    half_life = _check_positive("half_life", half_life)
-    if (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral)
-            or warmup_steps < 0):
-        raise ValueError(f"`warmup_steps` must be a non-negative int; got {warmup_steps!r}")
-    if isinstance(init_value, bool) or not isinstance(init_value, numbers.Real) or not (
-            math.isfinite(init_value)):
-        raise ValueError(f"`init_value` must be a finite number; got {init_value!r}")
+    half_life = check_number("half_life", half_life)
+    check_int("warmup_steps", warmup_steps, least=0)
+    check_number("init_value", init_value, least=-math.inf)
     rate = (math.sqrt(2.0) - 1.0) / half_life if kind == "inverse_square" else 1.0 / half_life
     square = kind == "inverse_square"
 

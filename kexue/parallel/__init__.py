@@ -2,7 +2,6 @@
 
     info = initialize_distributed()          # no-op on a single host
     mesh = make_mesh(1, -1)                  # ("data", "fsdp", "tensor") = (1, n, 1)
-    mesh = mesh_from_config(config)          # from config.mesh.{data, fsdp, tensor}
     model = init_sharded(lambda: build(rngs=nnx.Rngs(0)), mesh)  # created sharded
     params = shard_pytree(params, logical_axes, mesh)
     batch = host_local_to_global(local_batch, mesh)
@@ -11,7 +10,6 @@ Imports JAX only; Flax is imported inside `nnx_state_shardings` and `init_sharde
 when they are called.
 """
 
-from kexue.parallel.config import batch_shardings, init_sharded, mesh_from_config, shard_batch
 from kexue.parallel.distributed import DistributedInfo, host_local_to_global, initialize_distributed
 from kexue.parallel.mesh import MESH_AXES, make_mesh
 from kexue.parallel.rules import (
@@ -24,6 +22,7 @@ from kexue.parallel.rules import (
     tree_shardings,
     with_logical_constraint,
 )
+from kexue.parallel.sharding import batch_shardings, init_sharded, reduced_sharding, shard_batch
 
 __all__ = [
     "DEFAULT_RULES",
@@ -37,8 +36,8 @@ __all__ = [
     "logical_sharding",
     "logical_to_mesh_spec",
     "make_mesh",
-    "mesh_from_config",
     "nnx_state_shardings",
+    "reduced_sharding",
     "shard_batch",
     "shard_pytree",
     "tree_shardings",

@@ -23,8 +23,10 @@ from kexue.train.loop import (
     TrainResult,
     count_tokens,
     evaluate,
+    finalize_mean,
     train_loop,
 )
+from kexue.train.measure import interleaved_median_times, machine_description, today
 from kexue.train.metrics import (
     JsonlWriter,
     MetricWriter,
@@ -38,10 +40,16 @@ from kexue.train.state import (
     TrainState,
     abstract_train_state,
     create_train_state,
-    path_str,
     train_state_shardings,
 )
-from kexue.train.steps import LossFn, make_eval_step, make_train_step
+from kexue.train.steps import (
+    LossFn,
+    StatsFn,
+    cpu_compiler_options,
+    loss_stats,
+    make_eval_step,
+    make_train_step,
+)
 
 __all__ = [
     "CheckpointMismatchError",
@@ -56,18 +64,24 @@ __all__ = [
     "PreemptionGuard",
     "ProgressBar",
     "Restored",
+    "StatsFn",
     "TensorBoardWriter",
     "TrainResult",
     "TrainState",
     "abstract_train_state",
     "count_tokens",
+    "cpu_compiler_options",
     "create_train_state",
     "evaluate",
+    "finalize_mean",
     "format_duration",
+    "interleaved_median_times",
+    "loss_stats",
+    "machine_description",
     "make_eval_step",
     "make_train_step",
-    "path_str",
     "scalars",
+    "today",
     "train_loop",
     "train_state_shardings",
 ]

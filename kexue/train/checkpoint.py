@@ -46,7 +46,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from kexue.train.state import TrainState, path_str
+from kexue.optim import parameter_path
+from kexue.train.state import TrainState
 
 __all__ = [
     "CheckpointMismatchError",
@@ -125,7 +126,7 @@ def _stored_shape(leaf: Any) -> tuple[int, ...]:
 
 def _leaf_table(tree: Any) -> dict[str, tuple[int, ...]]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {path_str(path): _stored_shape(leaf) for path, leaf in leaves}
+    return {parameter_path(path): _stored_shape(leaf) for path, leaf in leaves}
 
 
 def _describe_mismatch(saved: Mapping[str, tuple[int, ...]],

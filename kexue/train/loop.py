@@ -31,15 +31,16 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from kexue.ops._checks import check_int
 from kexue.parallel import DEFAULT_RULES, LogicalRules, host_local_to_global
 from kexue.train.checkpoint import Checkpointer
 from kexue.train.metrics import MetricWriter, ProgressBar, scalars
 from kexue.train.preemption import PreemptionGuard
 from kexue.train.state import TrainState, abstract_train_state, create_train_state
-from kexue.train.steps import LossFn, make_eval_step, make_train_step
+from kexue.train.steps import LossFn, StatsFn, loss_stats, make_eval_step, make_train_step
 
 __all__ = ["CheckpointableIterator", "LoopConfig", "NonFiniteError", "TrainResult",
-           "count_tokens", "evaluate", "train_loop"]
+           "count_tokens", "evaluate", "finalize_mean", "train_loop"]
 
 
 class CheckpointableIterator(Protocol):
@@ -95,18 +96,16 @@ class LoopConfig:
         positive = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                     "grad_accum_steps")
         for name in (*positive, "eval_every", "max_consecutive_nonfinite", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise ValueError(f"`{name}` must be an int, got {value!r}")
-            least = 1 if name in positive else 0
-            if value < least:
-                raise ValueError(f"`{name}` must be >= {least}, got {value}")
+            check_int(name, getattr(self, name), least=1 if name in positive else 0)
         if self.best_mode not in ("min", "max"):
-            raise ValueError(f"`best_mode` must be 'min' or 'max', got {self.best_mode!r}")
+            raise ValueError(f"`best_mode`: expected 'min' or 'max'; got {self.best_mode!r}")
+        if self.best_metric is not None and not isinstance(self.best_metric, str):
+            raise ValueError(f"`best_metric`: expected a metric name or None; "
+                             f"got {self.best_metric!r}")
 
     @classmethod
-    def from_config(cls, config: Any) -> LoopConfig:
-        """From a `LoopConfig`, a mapping or an `ml_collections.ConfigDict`.
+    def from_settings(cls, config: Any) -> LoopConfig:
+        """From a `LoopConfig`, or a mapping (anything with `items()`) of its fields.
 
         Raises:
           ValueError: an unknown key (the nearest valid one is suggested), a missing
@@ -120,9 +119,9 @@ class LoopConfig:
             if key not in fields:
                 near = difflib.get_close_matches(key, fields, n=1)
                 hint = f"; did you mean `{near[0]}`?" if near else f"; valid keys: {fields}"
-                raise ValueError(f"unknown training-loop key `{key}`{hint}")
+                raise ValueError(f"`{key}`: not a training-loop setting{hint}")
         if "num_steps" not in values:
-            raise ValueError("the training-loop config needs `num_steps`")
+            raise ValueError("`num_steps`: required; got no value")
         return cls(**values)
 
 
@@ -157,19 +156,41 @@ def count_tokens(batch: Any) -> int:
     return int(leaves[0].shape[0]) if leaves else 0
 
 
-def evaluate(eval_step: Callable[[TrainState, Any], Mapping[str, jax.Array]],
-             state: TrainState, batches: Iterable[Any], mesh: Mesh) -> dict[str, float]:
-    """Mean of `eval_step`'s metrics over `batches` (host-local batches, each process its share)."""
-    totals: dict[str, jax.Array] | None = None
-    count = 0
-    for batch in batches:
-        metrics = eval_step(state, host_local_to_global(batch, mesh))
-        totals = dict(metrics) if totals is None else {
-            name: totals[name] + value for name, value in metrics.items()}
-        count += 1
-    if totals is None:
+def finalize_mean(totals: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+    """Per-batch means of `loss_stats` totals (every stream together)."""
+    sums: dict[str, jax.Array] = {}
+    for stream_totals in totals.values():
+        for name, value in stream_totals.items():
+            sums[name] = sums[name] + value if name in sums else value
+    count = sums.pop("batches")
+    return {name: value / count for name, value in sums.items()}
+
+
+def evaluate(eval_step: Callable[..., Mapping[str, jax.Array]], state: TrainState,
+             batches: Iterable[Any], mesh: Mesh,
+             finalize: Callable[[Mapping[str, Mapping[str, jax.Array]]], Mapping[str, Any]]
+             = finalize_mean) -> dict[str, float]:
+    """`finalize` of the per-stream totals of `eval_step`'s sums over `batches`.
+
+    Each item of `batches` is a `(stream, host batch)` pair (see `kexue.tasks`) or a
+    host batch of the stream "eval"; each process gives its share of every batch.
+    The sums are added on the devices batch by batch, so memory does not grow with
+    the number of batches. Returns {} when there are no batches.
+    """
+    totals: dict[str, dict[str, jax.Array]] = {}
+    for item in batches:
+        stream, batch = item if _is_stream_pair(item) else ("eval", item)
+        sums = eval_step(state, host_local_to_global(batch, mesh), stream)
+        total = totals.get(stream)
+        totals[stream] = dict(sums) if total is None else {
+            name: total[name] + value for name, value in sums.items()}
+    if not totals:
         return {}
-    return {name: value / count for name, value in scalars(totals).items()}
+    return scalars(finalize(totals))
+
+
+def _is_stream_pair(item: Any) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
 
 
 def _log(message: str) -> None:
@@ -234,9 +255,13 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
                tx: optax.GradientTransformation, train_data: CheckpointableIterator,
                mesh: Mesh, config: LoopConfig | Mapping[str, Any] | Any,
                workdir: str | os.PathLike, eval_data: Callable[[], Iterable[Any]] | None = None,
-               eval_fn: LossFn | None = None, rules: LogicalRules = DEFAULT_RULES,
+               eval_stats: StatsFn | None = None,
+               finalize: Callable[[Mapping[str, Mapping[str, jax.Array]]], Mapping[str, Any]]
+               | None = None,
+               rules: LogicalRules = DEFAULT_RULES,
                tokens_in: Callable[[Any], int] = count_tokens,
-               log: Callable[[str], None] = _log) -> TrainResult:
+               log: Callable[[str], None] = _log,
+               compiler_options: Mapping[str, Any] | None = None) -> TrainResult:
     """Trains `model_factory()`'s model with `tx` on `train_data`, resuming from `workdir`.
 
     Args:
@@ -249,11 +274,16 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
       mesh: the `("data", "fsdp", "tensor")` mesh.
       config: a `LoopConfig` or a mapping of its fields.
       workdir: run directory (see the module doc).
-      eval_data: returns a fresh iterable of host batches for one evaluation.
-      eval_fn: evaluation loss (default `loss_fn`), run with `model.eval()`.
+      eval_data: returns a fresh iterable for one evaluation: `(stream, host batch)`
+        pairs or host batches (see `evaluate`).
+      eval_stats: `(model, batch, stream) -> sums` of one evaluation batch, run with
+        `model.eval()` (e.g. a task's `eval_stats`); default `loss_stats(loss_fn)`.
+      finalize: metrics from the totals of every stream (e.g. a task's `finalize`;
+        its `loss` is the eval loss); default `finalize_mean`.
       rules: logical-axis rules.
       tokens_in: tokens in one host batch, for tokens/s (default `count_tokens`).
       log: receives one-line messages.
+      compiler_options: XLA options of the train step (`cpu_compiler_options`).
 
     Returns:
       A `TrainResult`; `preempted` is True if SIGTERM/SIGINT stopped the run after
@@ -264,7 +294,7 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
       CheckpointMismatchError: `workdir` holds a checkpoint of another model.
       CheckpointSaveError: a checkpoint could not be written.
     """
-    config = LoopConfig.from_config(config)
+    config = LoopConfig.from_settings(config)
     workdir = os.path.abspath(os.fspath(workdir))
     os.makedirs(workdir, exist_ok=True)
     checkpoints = Checkpointer(
@@ -282,8 +312,10 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
     start = int(jax.device_get(state.step))
     writer = MetricWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
     train_step = make_train_step(loss_fn, tx, abstract, mesh, rules=rules,
-                                 grad_accum_steps=config.grad_accum_steps)
-    eval_step = make_eval_step(eval_fn or loss_fn, abstract, mesh, rules=rules)
+                                 grad_accum_steps=config.grad_accum_steps,
+                                 compiler_options=compiler_options)
+    eval_step = make_eval_step(eval_stats or loss_stats(loss_fn), abstract, mesh, rules=rules)
+    finalize = finalize or finalize_mean
     bar = ProgressBar(config.num_steps, initial=start)
     tracker = _TrainMetrics(config.max_consecutive_nonfinite,
                             lambda step, values: writer.write(step, values, prefix="train"))
@@ -325,7 +357,8 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
                 evaluated = None
                 if eval_data is not None and (
                         last or (config.eval_every and step % config.eval_every == 0)):
-                    evaluated = eval_metrics = evaluate(eval_step, state, eval_data(), mesh)
+                    evaluated = eval_metrics = evaluate(eval_step, state, eval_data(), mesh,
+                                                        finalize)
                     writer.write(step, eval_metrics, prefix="eval")
                     report(f"step {step} eval " + " ".join(
                         f"{name} {value:.4g}" for name, value in eval_metrics.items()))

@@ -30,13 +30,13 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kexue.parallel import DEFAULT_RULES, LogicalRules, nnx_state_shardings
+from kexue.optim import parameter_path
+from kexue.parallel import DEFAULT_RULES, LogicalRules, nnx_state_shardings, reduced_sharding
 
 __all__ = [
     "TrainState",
     "abstract_train_state",
     "create_train_state",
-    "path_str",
     "train_state_shardings",
 ]
 
@@ -70,33 +70,9 @@ class TrainState:
         return nnx.merge(self.graphdef, self.params, self.model_state)
 
 
-def path_str(path: tuple[Any, ...]) -> str:
-    """`a/b/0/c` for a JAX key path (dict keys, attributes, sequence indices)."""
-    parts = []
-    for key in path:
-        for attribute in ("key", "name", "idx"):
-            if hasattr(key, attribute):
-                parts.append(str(getattr(key, attribute)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
 def _split(model: nnx.Module) -> tuple[Any, Any, Any]:
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     return graphdef, nnx.as_pure(params), nnx.as_pure(model_state)
-
-
-def _slot_sharding(slot: Any, param: Any, sharding: NamedSharding) -> NamedSharding:
-    """A parameter's sharding for an optimizer slot, whole along dimensions it reduced."""
-    if np.ndim(slot) != np.ndim(param):
-        return NamedSharding(sharding.mesh, PartitionSpec())
-    spec = tuple(sharding.spec) + (None,) * (np.ndim(param) - len(sharding.spec))
-    entries = [entry if slot_dim == param_dim else None
-               for entry, slot_dim, param_dim in zip(spec, np.shape(slot), np.shape(param),
-                                                     strict=True)]
-    return NamedSharding(sharding.mesh, PartitionSpec(*entries))
 
 
 def _divisible(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
@@ -117,7 +93,7 @@ def _divisible(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding
 def _opt_state_shardings(abstract_opt_state: Any, abstract_params: Any,
                          param_shardings: Any, mesh: Mesh) -> Any:
     """Shardings for optimizer state leaves: those of the parameter they mirror."""
-    params = {tuple(path_str((key,)) for key in path): (leaf, sharding)
+    params = {tuple(parameter_path(path).split("/")): (leaf, sharding)
               for (path, leaf), sharding in zip(
                   jax.tree_util.tree_flatten_with_path(abstract_params)[0],
                   jax.tree.leaves(param_shardings), strict=True)}
@@ -125,11 +101,13 @@ def _opt_state_shardings(abstract_opt_state: Any, abstract_params: Any,
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def leaf_sharding(path: tuple[Any, ...], slot: Any) -> NamedSharding:
-        names = tuple(path_str((key,)) for key in path)
+        names = tuple(parameter_path(path).split("/"))
         for length in range(min(longest, len(names)), 0, -1):
             match = params.get(names[-length:])
             if match is not None:
-                return _slot_sharding(slot, *match)
+                param, sharding = match
+                return reduced_sharding(sharding, tuple(np.shape(param)),
+                                        tuple(np.shape(slot)))
         return replicated
 
     return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt_state)

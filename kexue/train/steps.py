@@ -2,8 +2,8 @@
 
     train_step = make_train_step(loss_fn, tx, abstract_state, mesh)
     state, metrics = train_step(state, batch)      # `state` is donated
-    eval_step = make_eval_step(loss_fn, abstract_state, mesh)
-    metrics = eval_step(state, batch)
+    eval_step = make_eval_step(task.eval_stats, abstract_state, mesh)
+    sums = eval_step(state, batch, stream)         # per-batch sums, added by the caller
 
 `loss_fn(model, batch, rng) -> (loss, aux)` takes the merged `nnx.Module`, a batch
 (pytree of arrays whose leading axis is the global batch) and a PRNG key, and returns
@@ -22,6 +22,11 @@ Non-finite guard: when the loss or any gradient is NaN/Inf, parameters, optimize
 state and model state are left exactly as they were, `step` still advances, and
 `nonfinite_steps` / `consecutive_nonfinite` count the skip (metrics report both and
 `nonfinite` = 1 for this step).
+
+`compiler_options` go to `jax.jit` as given; `cpu_compiler_options` gives the
+XLA:CPU settings kexue uses (donated optimizer slots updated in place, and with
+rematerialisation a scheduler that keeps each block's recomputation next to its
+backward pass).
 """
 
 from __future__ import annotations
@@ -36,33 +41,33 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kexue.models.layers import REMAT_CPU_COMPILER_OPTIONS
+from kexue.ops._checks import check_int
 from kexue.optim import CPU_COMPILER_OPTIONS
 from kexue.parallel import DEFAULT_RULES, LogicalRules, logical_sharding
 from kexue.train.state import TrainState, train_state_shardings
 
-__all__ = ["LossFn", "make_eval_step", "make_train_step"]
+__all__ = ["LossFn", "StatsFn", "cpu_compiler_options", "loss_stats", "make_eval_step",
+           "make_train_step"]
 
 LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+#: `(model, batch, stream) -> dict of sums` over one evaluation batch.
+StatsFn = Callable[[nnx.Module, Any, str], Mapping[str, jax.Array]]
 
 _RESERVED = ("loss", "grad_norm", "nonfinite", "nonfinite_steps", "consecutive_nonfinite")
-_EVAL_STREAM = 0x6576616C  # "eval": keeps eval keys apart from train keys of the same step
 
 
-def _uses_remat(abstract_state: TrainState) -> bool:
-    """Whether any sub-module's `config.remat` asks for rematerialisation."""
-    model = nnx.merge(abstract_state.graphdef, abstract_state.params,
-                      abstract_state.model_state)
-    return any(getattr(getattr(module, "config", None), "remat", "none") != "none"
-               for _, module in nnx.iter_graph(model) if isinstance(module, nnx.Module))
+def cpu_compiler_options(mesh: Mesh, *, remat: bool = False) -> dict[str, Any] | None:
+    """XLA:CPU options for a train step on `mesh` (None on other platforms).
 
-
-def _compiler_options(mesh: Mesh, abstract_state: TrainState) -> dict[str, Any] | None:
-    """XLA:CPU options: in-place updates of donated slots, and (with remat) a scheduler
-    that keeps each block's recomputation next to its backward pass. None elsewhere."""
+    `optim.CPU_COMPILER_OPTIONS` lets the donated optimizer slots be updated in place
+    (without it XLA copies every donated slot each step; benchmarks/RESULTS.md), and
+    with `remat` the scheduler keeps each block's recomputation next to its backward
+    pass so rematerialisation saves memory (`models.REMAT_CPU_COMPILER_OPTIONS`).
+    """
     if mesh.devices.flat[0].platform != "cpu":
         return None
     options = dict(CPU_COMPILER_OPTIONS)
-    if _uses_remat(abstract_state):
+    if remat:
         options.update(REMAT_CPU_COMPILER_OPTIONS)
     return options
 
@@ -90,7 +95,8 @@ def _all_finite(tree: Any) -> jax.Array:
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     abstract_state: TrainState, mesh: Mesh, *,
                     rules: LogicalRules = DEFAULT_RULES, grad_accum_steps: int = 1,
-                    donate: bool = True) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+                    donate: bool = True, compiler_options: Mapping[str, Any] | None = None
+                    ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """A jitted `(state, batch) -> (state, metrics)` training step (see the module doc).
 
     Args:
@@ -104,15 +110,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
       grad_accum_steps: number of micro-batches per step; must divide the batch.
       donate: donate the input state's buffers to the output (the caller must not
         reuse the old state).
+      compiler_options: XLA compiler options of the jitted step (see
+        `cpu_compiler_options`); None: XLA's defaults.
 
     Returns:
       The jitted step. `metrics` holds `loss`, the aux metrics, `grad_norm`,
       `nonfinite` (1 if this step was skipped), `nonfinite_steps` and
       `consecutive_nonfinite`.
     """
-    if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) \
-            or grad_accum_steps < 1:
-        raise ValueError(f"`grad_accum_steps` must be a positive int, got {grad_accum_steps!r}")
+    check_int("grad_accum_steps", grad_accum_steps)
     graphdef = abstract_state.graphdef
     batch_sharding = logical_sharding(("batch",), mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -191,27 +197,41 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, replicated),
                    donate_argnums=(0,) if donate else (),
-                   compiler_options=_compiler_options(mesh, abstract_state) if donate else None)
+                   compiler_options=dict(compiler_options) if compiler_options else None)
 
 
-def make_eval_step(loss_fn: LossFn, abstract_state: TrainState, mesh: Mesh, *,
+def loss_stats(loss_fn: LossFn) -> StatsFn:
+    """Evaluation sums of a plain loss: `loss` and its metrics summed, and `batches`.
+
+    `finalize_mean` turns their totals into per-batch means. The loss sees a fixed
+    key (evaluation runs with the model in eval mode, so dropout draws nothing).
+    """
+    def stats(model: nnx.Module, batch: Any, stream: str) -> dict[str, jax.Array]:
+        del stream
+        loss, aux = loss_fn(model, batch, jax.random.key(0))
+        return {"loss": jnp.asarray(loss, jnp.float32), **_check_aux(aux),
+                "batches": jnp.ones((), jnp.float32)}
+
+    return stats
+
+
+def make_eval_step(stats_fn: StatsFn, abstract_state: TrainState, mesh: Mesh, *,
                    rules: LogicalRules = DEFAULT_RULES
-                   ) -> Callable[[TrainState, Any], dict[str, jax.Array]]:
-    """A jitted `(state, batch) -> metrics` evaluation step.
+                   ) -> Callable[[TrainState, Any, str], dict[str, jax.Array]]:
+    """A jitted `(state, batch, stream) -> sums` evaluation step (`stream` static).
 
     The model is put in evaluation mode (`model.eval()`: dropout off, running
-    statistics used) and nothing is updated. `metrics` holds `loss` and the aux
-    metrics of `loss_fn`, replicated. The key is `fold_in(fold_in(rng, step), "eval")`.
+    statistics used) and nothing is updated; `stats_fn(model, batch, stream)` returns
+    the batch's sums (see `kexue.tasks`), replicated.
     """
     graphdef = abstract_state.graphdef
     batch_sharding = logical_sharding(("batch",), mesh, rules)
 
-    def step(state: TrainState, batch: Any) -> dict[str, jax.Array]:
+    def step(state: TrainState, batch: Any, stream: str) -> dict[str, jax.Array]:
         model = nnx.merge(graphdef, state.params, state.model_state)
         model.eval()
-        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _EVAL_STREAM)
-        loss, aux = loss_fn(model, batch, rng)
-        return {"loss": jnp.asarray(loss, jnp.float32), **_check_aux(aux)}
+        return {name: jnp.asarray(value) for name, value in stats_fn(model, batch, stream).items()}
 
-    return jax.jit(step, in_shardings=(train_state_shardings(abstract_state), batch_sharding),
+    return jax.jit(step, static_argnames=("stream",),
+                   in_shardings=(train_state_shardings(abstract_state), batch_sharding),
                    out_shardings=NamedSharding(mesh, PartitionSpec()))

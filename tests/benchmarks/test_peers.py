@@ -63,7 +63,7 @@ def test_torch_side_matches_parameters_and_logits():
     batch = peers.make_batch(TINY)
     side = peers.TorchSide(TINY, batch, compiled=False)
     abstract = nnx.eval_shape(lambda: models.build_model(
-        {"model": peers.kexue_model_config(TINY)}, rngs=nnx.Rngs(0)))
+        peers.kexue_model_spec(TINY), rngs=nnx.Rngs(0)))
     result = peers.Result(TINY, models.count_params(abstract), side.params,
                           side.type_vocab_params)
     # Equal trainable parameters but HF's one token-type row (raises otherwise).

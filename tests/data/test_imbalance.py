@@ -108,16 +108,16 @@ def test_applies_after_max_examples(synthetic):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"type_keep_fraction": 1.5, "rare_types": "movie"},
-     r"data\.type_keep_fraction must be a number in \[0, 1\], got 1\.5"),
-    ({"type_keep_fraction": "half", "rare_types": "movie"}, r"data\.type_keep_fraction"),
-    ({"type_keep_fraction": 0.5}, r"data\.type_keep_fraction = 0\.5 < 1 needs data\.rare_types"),
-    ({"rare_types": "movie,film"}, r"data\.rare_types: unknown entity types \['film'\]"),
-    ({"rare_types": "movie,movie"}, r"data\.rare_types lists a type twice"),
-    ({"rare_types": ("movie",)}, r"data\.rare_types must be a comma-separated string"),
+     r"`type_keep_fraction`: expected a number in \[0, 1\]; got 1\.5"),
+    ({"type_keep_fraction": "half", "rare_types": "movie"}, r"`type_keep_fraction`"),
+    ({"type_keep_fraction": 0.5}, r"`rare_types`: `type_keep_fraction` = 0\.5 < 1 needs"),
+    ({"rare_types": "movie,film"}, r"`rare_types`: expected entity types .*unknown \['film'\]"),
+    ({"rare_types": "movie,movie"}, r"`rare_types`: expected each type once"),
+    ({"rare_types": ("movie",)}, r"`rare_types`: expected a comma-separated string"),
     ({"task": "lm", "name": "text_files", "tokenizer": "byte", "rare_types": "movie"},
-     r"data\.rare_types needs name='cluener'"),
+     r"`rare_types`: needs name='cluener'"),
 ])
-def test_bad_values_name_the_key(synthetic, overrides, message):
+def test_bad_values_name_the_field(synthetic, overrides, message):
     with pytest.raises(ValueError, match=message):
         make_dataset(_config(synthetic, **overrides), "train", process_index=0,
                      process_count=1)

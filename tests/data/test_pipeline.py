@@ -12,7 +12,7 @@ import pytest
 from kexue.data import (
     ByteTokenizer,
     CharTokenizer,
-    default_data_config,
+    DataConfig,
     make_builder,
     make_dataset,
     mlm_mask,
@@ -181,7 +181,7 @@ def test_mlm_max_predictions_batches_train_split_only(data_dir, text_corpus):
     eval_batch = next(make_dataset(config, "eval", process_index=0, process_count=1))
     assert "predict_positions" not in eval_batch  # evaluation scores every chosen token
     config["mlm_max_predictions"] = -2
-    with pytest.raises(ValueError, match="mlm_max_predictions must be a non-negative integer"):
+    with pytest.raises(ValueError, match="`mlm_max_predictions`: expected a non-negative int"):
         make_dataset(config, "train", process_index=0, process_count=1)
 
 
@@ -222,22 +222,21 @@ def test_lm_state_restores_the_next_batches(data_dir, text_corpus, task):
 
 def test_config_errors(data_dir, text_corpus):
     base = _lm_config(data_dir, text_corpus)
-    with pytest.raises(ValueError, match=r"unknown config.data fields \['sequence_length'\]"):
+    with pytest.raises(ValueError, match=r"`sequence_length`: not a data field"):
         make_dataset({**base, "sequence_length": 3}, "train", process_index=0, process_count=1)
-    with pytest.raises(ValueError, match="task must be one of"):
+    with pytest.raises(ValueError, match="`task`: expected one of"):
         make_dataset({**base, "task": "seq2seq"}, "train", process_index=0, process_count=1)
     with pytest.raises(ValueError, match="not divisible by process_count 3"):
         make_dataset(base, "train", process_index=0, process_count=3)
-    with pytest.raises(ValueError, match=r"needs data\.eval_batches"):
+    with pytest.raises(ValueError, match=r"needs eval_batches"):
         make_dataset(base, "eval", process_index=0, process_count=2)
     with pytest.raises(ValueError, match="split must be"):
         make_dataset(base, "test", process_index=0, process_count=1)
 
 
-def test_default_config_drives_make_dataset(data_dir, text_corpus):
-    config = default_data_config()
+def test_data_config_drives_make_dataset(data_dir, text_corpus):
+    config = DataConfig(**_lm_config(data_dir, text_corpus))
     assert config.manual_dir is None and config.task == "lm"
-    config.update(_lm_config(data_dir, text_corpus))
     batch = next(make_dataset(config, "train", process_index=0, process_count=1))
     assert batch["tokens"].shape == (4, 17)
 

@@ -31,9 +31,9 @@ def run_cli(module: str, *args: str, devices: int = 1,
 
 def train(config: str, workdir: Path, data_dir: Path, *overrides: str,
           devices: int = 1) -> subprocess.CompletedProcess:
-    result = run_cli("experiments.train", "--config", config, "--workdir", str(workdir),
-                     "--config.preset=smoke", f"--config.data.data_dir={data_dir}",
-                     *overrides, devices=devices)
+    result = run_cli("experiments.train", "--config", f"{config}:smoke", "--workdir",
+                     str(workdir), f"--config.data.data_dir={data_dir}", *overrides,
+                     devices=devices)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -114,6 +114,7 @@ def test_evaluate_cli_reproduces_the_final_eval(lm_run):
     ("--config.model.widht=64", "unknown config key `model.widht`; did you mean `width`?"),
     ("--config.trian.num_steps=3", "Did you mean train"),
     ("--config.optimizer.name=adam", "`optimizer.name`: expected one of"),
+    ("--config.preset=smoke", "name the preset in the config argument"),
 ])
 def test_bad_config_fails_fast_with_a_clear_message(tmp_path, override, message):
     result = run_cli("experiments.train", "--config", "configs/lm_stdlib.py:smoke",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ml_collections
 from flax import nnx
 
+from kexue import models
 
-def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
-    """A `ConfigDict` with a tiny `model` section for `name` (width 32, 1 layer, 4 heads)."""
+
+def model_config(name: str, **overrides) -> models.ModelSpec:
+    """The `ModelSpec` of a tiny `name` (width 32, 1 layer, 4 heads)."""
     model = dict(name=name, width=32, num_layers=1, num_heads=4, mlp_dim=64, vocab_size=64)
     if name == "global_pointer_ner":
         model.update(num_types=3, gp_head_dim=8)
@@ -17,9 +18,7 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
         del model["vocab_size"]
         model.update(image_size=8, patch_size=2, num_classes=5, num_channels=3)
     model.update(overrides)
-    config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict(model)
-    return config
+    return models.ModelSpec.from_settings(model)
 
 
 @nnx.jit

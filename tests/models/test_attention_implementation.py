@@ -1,4 +1,4 @@
-"""`model.attention_implementation`: which `jax.nn.dot_product_attention` kernel runs."""
+"""The `attention_implementation` setting: which `jax.nn.dot_product_attention` kernel runs."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ def test_xla_implementation_equals_the_default(name, rng):
 
 
 @pytest.mark.parametrize("value, match", [
-    ("flash", r"model\.attention_implementation.*one of \[None, 'xla', 'cudnn'\].*'flash'"),
-    ("cudnn", r"model\.attention_implementation.*'bfloat16' or 'float16'.*float32"),
+    ("flash", r"`attention_implementation`.*one of \[None, 'xla', 'cudnn'\].*'flash'"),
+    ("cudnn", r"`attention_implementation`.*'bfloat16' or 'float16'.*float32"),
 ])
-def test_bad_attention_implementation_names_the_key(value, match):
+def test_bad_attention_implementation_names_the_setting(value, match):
     with pytest.raises(ValueError, match=match):
         models.build_model(model_config("causal_lm", attention_implementation=value),
                            rngs=nnx.Rngs(0))

@@ -240,12 +240,12 @@ def test_two_calls_in_training_mode_draw_different_dropout_masks(rng):
 @pytest.mark.parametrize(
     ("name", "overrides", "key"),
     [
-        ("global_pointer_ner", {"gp_rope": "yes"}, "model.gp_rope"),
-        ("global_pointer_ner", {"gp_rope": 1}, "model.gp_rope"),
-        ("bio_tagger", {"num_types": 0}, "model.num_types"),
-        ("bio_tagger", {"num_types": 3, "gp_rope": False}, "model.gp_rope"),
+        ("global_pointer_ner", {"gp_rope": "yes"}, "`rope`"),
+        ("global_pointer_ner", {"gp_rope": 1}, "`rope`"),
+        ("bio_tagger", {"num_types": 0}, "`num_types`"),
+        ("bio_tagger", {"num_types": 3, "gp_rope": False}, "`gp_rope`"),
     ],
 )
-def test_bad_values_raise_naming_the_key(name, overrides, key):
+def test_bad_values_raise_naming_the_argument(name, overrides, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build(model_config(name, **overrides))

@@ -66,8 +66,8 @@ def test_remat_leaves_decoding_alone(rng):
 
 
 @pytest.mark.parametrize("value", ["all", "checkpoint", None, ""])
-def test_bad_remat_names_the_key(value):
-    with pytest.raises(ValueError, match=r"model\.remat"):
+def test_bad_remat_names_the_setting(value):
+    with pytest.raises(ValueError, match=r"`remat`: expected one of"):
         models.build_model(model_config("causal_lm", remat=value), rngs=nnx.Rngs(0))
 
 
@@ -116,21 +116,23 @@ def train_step_temp_bytes(remat: str) -> int:
 
     state = train.abstract_train_state(lambda: models.build_model(config, rngs=nnx.Rngs(0)),
                                        optax.sgd(0.1), mesh)
-    step = train.make_train_step(loss_fn, optax.sgd(0.1), state, mesh)
+    step = train.make_train_step(
+        loss_fn, optax.sgd(0.1), state, mesh,
+        compiler_options=train.cpu_compiler_options(mesh, remat=remat != "none"))
     tokens = jax.ShapeDtypeStruct((2, 512), jnp.int32)
     return int(step.lower(state, tokens).compile().memory_analysis().temp_size_in_bytes)
 
 
-def test_train_step_compiles_remat_for_memory_without_being_told():
-    """`make_train_step` adds the CPU scheduler option itself when a block uses remat."""
+def test_train_step_with_the_cpu_remat_options_saves_memory():
+    """`make_train_step` with `cpu_compiler_options(mesh, remat=True)`: remat saves memory."""
     none, full = train_step_temp_bytes("none"), train_step_temp_bytes("full")
     assert full < 0.7 * none, (full, none)
 
 
 def test_remat_model_evaluates_when_merged_inside_scan_and_eval_shape(rng):
-    """The trainer's evaluation merges the model inside `eval_shape` and `lax.scan`
-    (`experiments._build._scan_sums`); a remat model in eval mode runs there (remat is
-    skipped: no gradient is taken) and gives the plain model's numbers."""
+    """A remat model in eval mode merged inside `eval_shape` and `lax.scan` (as in a
+    scanned evaluation of one's own) runs (remat is skipped: no gradient is taken) and
+    gives the plain model's numbers."""
     tokens = jnp.asarray(rng.integers(0, 64, (3, 2, 16)), jnp.int32)
     totals = []
     for remat in ("none", "full"):

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,19 +11,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kexue import models
-from kexue.parallel import init_sharded, mesh_from_config, nnx_state_shardings, shard_batch
+from kexue.parallel import init_sharded, make_mesh, nnx_state_shardings, shard_batch
 from tests.models._configs import forward, model_config
-
-
-def mesh_config(**sizes) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.mesh = ml_collections.ConfigDict(sizes)
-    return config
 
 
 @pytest.fixture(scope="module")
 def mesh():
-    return mesh_from_config(mesh_config(data=2, fsdp=2, tensor=2))
+    return make_mesh(data=2, fsdp=2, tensor=2)
 
 
 def mlm_batch(rng, b=8, n=12):
@@ -117,16 +108,3 @@ def test_init_sharded_creates_each_shard_in_place(mesh):
     with jax.set_mesh(mesh):
         logits = nnx.jit(lambda m, t: m(t))(model, shard_batch(tokens, mesh))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(forward(plain, tokens)), atol=1e-5)
-
-
-def test_mesh_from_config():
-    assert dict(mesh_from_config(mesh_config(data=2, fsdp=-1, tensor=2)).shape) == {
-        "data": 2, "fsdp": 2, "tensor": 2}
-    assert dict(mesh_from_config(mesh_config()).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
-    with pytest.raises(ValueError, match=re.escape(
-            "config `mesh` (mesh.data=2, mesh.fsdp=2, mesh.tensor=4) does not fit the 8 devices")):
-        mesh_from_config(mesh_config(data=2, fsdp=2, tensor=4))
-    with pytest.raises(ValueError, match="only one axis may be -1"):
-        mesh_from_config(mesh_config(data=-1, fsdp=-1))
-    with pytest.raises(ValueError, match=re.escape("['mesh.model'] are unknown")):
-        mesh_from_config(mesh_config(model=2))

@@ -218,7 +218,8 @@ def test_sparse_zlpr_edge_cases(rng):
     np.testing.assert_allclose(sparse_zlpr(s, every), zlpr_ref(s, np.ones_like(s, bool)),
                                rtol=1e-5, atol=1e-5)
     # Confident positives far above the negatives (a trained model): exactly the dense
-    # value and gradient, where the subtraction form of SPEC §6 cancels to garbage.
+    # value and gradient, where the subtraction form `all + log(1 − e^{lse_pos − all})`
+    # cancels to garbage.
     confident = s.copy()
     confident[:, 0] = rng.uniform(20.0, 60.0, size=3)
     first = np.zeros_like(s, bool)

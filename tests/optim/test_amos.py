@@ -22,7 +22,7 @@ EPS = 2.0 ** -125
 
 
 def numpy_amos(params, grad_fn, steps, *, eta, slot_axes, xi_fn, f_fn, b0, beta, zeta):
-    """Runs Amos (arXiv 2210.11693, the equations of SPEC §9) in float64 NumPy.
+    """Runs Amos (arXiv 2210.11693, its update equations) in float64 NumPy.
 
     params: dict name -> array; slot_axes: name -> axes `g²` is averaged over
     (None for all). Returns the parameters after each step and the final slots.

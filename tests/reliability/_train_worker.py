@@ -29,13 +29,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from kexue.optim import parameter_path
 from kexue.parallel import make_mesh
 from kexue.train import (
     Checkpointer,
     CheckpointSaveError,
     LoopConfig,
     abstract_train_state,
-    path_str,
     train_loop,
 )
 from tests.train import toy
@@ -86,7 +86,7 @@ def remount_read_only(directory: str) -> None:
 
 def params_table(params: Any) -> dict[str, np.ndarray]:
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {path_str(path): np.asarray(leaf) for path, leaf in leaves}
+    return {parameter_path(path): np.asarray(leaf) for path, leaf in leaves}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                                cpu_collectives="gloo",
                                heartbeat_timeout_seconds=args.heartbeat_timeout)
 
+    from kexue.optim import parameter_path
     from kexue.parallel import make_mesh
-    from kexue.train import LoopConfig, path_str, train_loop
+    from kexue.train import LoopConfig, train_loop
     from tests.train import toy
 
     mesh = make_mesh(data=2 if args.num_processes == 1 else args.num_processes, fsdp=1,
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 args.step_sleep),
                         mesh=mesh, config=config, workdir=args.workdir,
                         log=lambda message: print(message, flush=True))
-    params = {path_str(path): np.asarray(jax.device_get(leaf)) for path, leaf in
+    params = {parameter_path(path): np.asarray(jax.device_get(leaf)) for path, leaf in
               jax.tree_util.tree_flatten_with_path(
                   jax.experimental.multihost_utils.process_allgather(result.state.params,
                                                                      tiled=True))[0]}

@@ -139,6 +139,6 @@ def test_best_checkpoint_is_kept(tmp_path):
 
 def test_loop_config_rejects_unknown_keys_with_suggestion():
     with pytest.raises(ValueError, match="did you mean `checkpoint_every`"):
-        LoopConfig.from_config({"num_steps": 3, "checkpoint_evry": 2})
-    with pytest.raises(ValueError, match="`log_every` must be >= 1"):
-        LoopConfig.from_config({"num_steps": 3, "log_every": 0})
+        LoopConfig.from_settings({"num_steps": 3, "checkpoint_evry": 2})
+    with pytest.raises(ValueError, match="`log_every`: expected an int >= 1; got 0"):
+        LoopConfig.from_settings({"num_steps": 3, "log_every": 0})

@@ -13,6 +13,7 @@ from kexue.parallel import make_mesh
 from kexue.train import (
     abstract_train_state,
     create_train_state,
+    loss_stats,
     make_eval_step,
     make_train_step,
 )
@@ -86,10 +87,11 @@ def test_eval_step_reports_loss_without_updating():
     abstract = abstract_train_state(toy.model_factory(), tx, mesh)
     state = create_train_state(toy.model_factory(), tx, mesh)
     batch = toy.eval_batches()[0]
-    metrics = make_eval_step(toy.loss_fn, abstract, mesh)(state, batch)
+    sums = make_eval_step(loss_stats(toy.loss_fn), abstract, mesh)(state, batch, "eval")
     model = state.model()
     prediction = np.asarray(model(batch["x"]))
-    assert abs(float(metrics["mae"]) - np.abs(prediction - batch["y"]).mean()) < 1e-2
+    assert float(sums["batches"]) == 1.0
+    assert abs(float(sums["mae"]) - np.abs(prediction - batch["y"]).mean()) < 1e-2
     assert int(state.step) == 0
 
 

@@ -1,7 +1,6 @@
-"""From a config to a mesh, and from a model constructor to sharded parameters.
+"""Sharded parameters straight from a model constructor, and sharded batches.
 
-    mesh = mesh_from_config(config)                       # config.mesh.{data,fsdp,tensor}
-    model = init_sharded(lambda: build_model(config, rngs=nnx.Rngs(0)), mesh)
+    model = init_sharded(lambda: build_model(spec, rngs=nnx.Rngs(0)), mesh)
     batch = shard_batch(batch, mesh)                      # leading axis over (data, fsdp)
 
 `init_sharded` runs the constructor inside `jax.jit` with `out_shardings` taken from
@@ -11,14 +10,13 @@ the full model never exists on one device.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kexue.parallel.mesh import MESH_AXES, make_mesh
 from kexue.parallel.rules import (
     DEFAULT_RULES,
     LogicalRules,
@@ -26,37 +24,7 @@ from kexue.parallel.rules import (
     nnx_state_shardings,
 )
 
-__all__ = ["batch_shardings", "init_sharded", "mesh_from_config", "shard_batch"]
-
-
-def mesh_from_config(config: Any, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `("data", "fsdp", "tensor")` mesh from `config.mesh.{data, fsdp, tensor}`.
-
-    Missing sizes default to `data=-1, fsdp=1, tensor=1` (pure data parallelism); one
-    size may be -1 and absorbs the devices the others leave.
-
-    Args:
-      config: a `ConfigDict` (or mapping) with a `mesh` section, or the section itself.
-      devices: the devices to arrange (default: all global devices).
-
-    Raises:
-      ValueError: a size is not a positive int or -1, two are -1, or the sizes do not
-        match the device count; the message names the `mesh.*` keys and the count.
-    """
-    section = config["mesh"] if "mesh" in config else config
-    unknown = sorted(set(section.keys()) - set(MESH_AXES))
-    if unknown:
-        raise ValueError(f"config key(s) {['mesh.' + k for k in unknown]} are unknown; "
-                         f"expected keys among {list(MESH_AXES)}.")
-    sizes = {"data": section.get("data", -1), "fsdp": section.get("fsdp", 1),
-             "tensor": section.get("tensor", 1)}
-    count = len(jax.devices() if devices is None else devices)
-    try:
-        return make_mesh(**sizes, devices=devices)
-    except ValueError as error:
-        given = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
-        raise ValueError(f"config `mesh` ({given}) does not fit the {count} devices: "
-                         f"{error}") from error
+__all__ = ["batch_shardings", "init_sharded", "reduced_sharding", "shard_batch"]
 
 
 def init_sharded(build: Callable[[], Any], mesh: Mesh,
@@ -71,7 +39,7 @@ def init_sharded(build: Callable[[], Any], mesh: Mesh,
 
     Args:
       build: a function of no arguments returning a fresh module; it must create its
-        own `nnx.Rngs` (e.g. `lambda: build_model(config, rngs=nnx.Rngs(seed))`), as
+        own `nnx.Rngs` (e.g. `lambda: build_model(spec, rngs=nnx.Rngs(seed))`), as
         RNG state captured from outside cannot be updated inside `jax.jit`.
       mesh: the device mesh.
       rules: logical-axis rules.
@@ -106,3 +74,20 @@ def shard_batch(batch: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> 
     For one process; multi-host input goes through `host_local_to_global`.
     """
     return jax.device_put(batch, batch_shardings(batch, mesh, rules))
+
+
+def reduced_sharding(sharding: NamedSharding, shape: tuple[int, ...],
+                     reduced_shape: tuple[int, ...]) -> NamedSharding:
+    """The sharding of an array of `shape` carried over to one derived from it.
+
+    For an optimizer slot that mirrors a parameter (`reduced_shape` equal to `shape`
+    except along axes reduced to size 1): each axis keeps the parameter's mesh axes
+    where the sizes agree and is whole where the slot reduced it; a slot of another
+    rank (a scalar, say) is replicated.
+    """
+    if len(reduced_shape) != len(shape):
+        return NamedSharding(sharding.mesh, PartitionSpec())
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    kept = [entry if reduced == size else None
+            for entry, reduced, size in zip(spec, reduced_shape, shape, strict=True)]
+    return NamedSharding(sharding.mesh, PartitionSpec(*kept))

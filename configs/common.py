@@ -1,0 +1,99 @@
+"""Sections shared by the config files, built from the library's own defaults.
+
+    def get_config(preset: str = "full") -> ml_collections.ConfigDict:
+        config = ml_collections.ConfigDict()
+        config.data = data_config(name="cluener", task="ner", tokenizer="char")
+        config.optimizer = optimizer_config("amos_style", learning_rate=0.01)
+        ...
+        return with_preset(config, PRESETS, preset)
+
+Every default comes from the library (`kexue.data.DataConfig`,
+`kexue.optim.optimizer_defaults`, `kexue.train.LoopConfig`), so a config section
+cannot drift from what the code does when a key is left out. `with_preset` applies a
+named preset (`configs/x.py:smoke` on the command line calls `get_config("smoke")`);
+command-line overrides (`--config.a.b=v`) are applied after it by `config_flags`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from kexue.data import DataConfig, default_cluener_dir
+from kexue.optim import OPTIMIZERS, optimizer_defaults
+from kexue.train import LoopConfig
+
+#: The preset every config file has: its own values, unchanged.
+PRESET_FULL = "full"
+
+
+def with_preset(config: ml_collections.ConfigDict, presets: Mapping[str, Mapping[str, Any]],
+                preset: str) -> ml_collections.ConfigDict:
+    """`config` with `presets[preset]` (flat "section.key" values) applied; records
+    the name in `config.preset`.
+
+    Raises:
+      ValueError: an unknown preset, naming the known ones.
+    """
+    if preset != PRESET_FULL and preset not in presets:
+        raise ValueError(f"config key `preset`: expected one of {[PRESET_FULL, *presets]}; "
+                         f"got {preset!r}")
+    config.preset = preset
+    if preset != PRESET_FULL:
+        config.update_from_flattened_dict(dict(presets[preset]))
+    return config
+
+
+def _section(values: Mapping[str, Any], optional: set[str]) -> ml_collections.ConfigDict:
+    """A section whose None-valued optional strings accept a value from the command line."""
+    return ml_collections.ConfigDict({
+        key: ml_collections.config_dict.placeholder(str)
+        if value is None and key in optional else value for key, value in values.items()})
+
+
+def data_config(**fields: Any) -> ml_collections.ConfigDict:
+    """The `data` section: every `kexue.data.DataConfig` field, `fields` over defaults."""
+    values = dataclasses.asdict(DataConfig(**fields))
+    optional = {field.name for field in dataclasses.fields(DataConfig)
+                if field.type == "str | None"}
+    return _section(values, optional)
+
+
+def optimizer_config(name: str, **chosen: Any) -> ml_collections.ConfigDict:
+    """The `optimizer` section: `name`, `clip_norm` and every optimizer's settings.
+
+    `chosen` settings go to the section of `name` (`amos_factored` shares `amos`'s),
+    the other sections keep the defaults, so `--config.optimizer.name=adamw` switches
+    to a sane AdamW.
+    """
+    sections = {key: optimizer_defaults(key) for key in OPTIMIZERS if key != "amos_factored"}
+    target = sections["amos" if name == "amos_factored" else name]
+    unknown = sorted(set(chosen) - set(target))
+    if unknown:
+        raise ValueError(f"optimizer {name!r} has no setting {unknown}; expected keys among "
+                         f"{sorted(target)}")
+    target.update(chosen)
+    return ml_collections.ConfigDict({"name": name, "clip_norm": 0.0, **sections})
+
+
+def train_config(num_steps: int, **fields: Any) -> ml_collections.ConfigDict:
+    """The `train` section: every `kexue.train.LoopConfig` field, `fields` over defaults."""
+    return _section(dataclasses.asdict(LoopConfig(num_steps=num_steps, **fields)),
+                    {"best_metric"})
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+    """The `mesh` section: sizes of the `(data, fsdp, tensor)` axes (one may be -1)."""
+    return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+def cluener_data_config(**fields: Any) -> ml_collections.ConfigDict:
+    """The `data` section of the character-level CLUENER 2020 tasks (sentences are at
+    most 50 characters; length 64, batch 32), read from `default_cluener_dir()` when
+    the project's copy is present, else downloaded."""
+    return data_config(**{"name": "cluener", "tokenizer": "char",
+                          "manual_dir": default_cluener_dir(), "seq_len": 64,
+                          "batch_size": 32, **fields})

@@ -1,0 +1,250 @@
+"""Experiment configs: load a config file, check every key and value, save and read back.
+
+    config = load("configs/lm_stdlib.py", preset="smoke", overrides={"train.num_steps": 20})
+    check(config)                        # unknown keys, bad values: fail before anything runs
+    save(config, workdir)                # <workdir>/config.json, read back by `load_saved`
+
+A config file defines `get_config(preset="full")`, which applies its own preset
+(`configs/common.py:with_preset`); the command line (`--config configs/x.py:smoke
+--config.a.b=v`) gives the preset after the colon and overrides that `config_flags`
+applies last. `load` does the same for code (the studies, the tests): the file is
+executed once.
+
+Sections: `preset`, `seed`, `data` (`kexue.data.DataConfig`), `model`
+(`kexue.models.ModelSpec`; `vocab_size`, `num_types` and `num_classes` come from the
+data), `optimizer` (`name`, `clip_norm` and one section per optimizer,
+`kexue.optim.optimizer_defaults`), `train` (`kexue.train.LoopConfig`), `mesh` (`data`,
+`fsdp`, `tensor`), `objective` and `eval` (the task's settings, `TASK_KEYS`). Errors
+name the config key (`config key `data.seq_len`: expected …`), with the nearest valid
+key for a misspelling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import importlib.util
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+
+from kexue.data import DATA_FIELDS, DataConfig
+from kexue.models import MODEL_KEYS, ModelSpec, TransformerConfig
+from kexue.optim import OPTIMIZERS, optimizer_defaults
+from kexue.parallel import MESH_AXES
+from kexue.tasks import LOSSES, POSITIONS
+from kexue.train import LoopConfig
+
+__all__ = ["CONFIG_FILE", "TASK_KEYS", "check", "config_keys", "load", "load_saved", "save"]
+
+CONFIG_FILE = "config.json"
+TOP_KEYS = ("preset", "seed", "data", "model", "optimizer", "train", "mesh", "objective",
+            "eval")
+#: Allowed keys of `config.objective` and `config.eval` for each `data.task`.
+TASK_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
+    "lm": {"objective": (), "eval": ("sample_prompt", "sample_tokens", "lengths")},
+    "mlm": {"objective": ("positions",), "eval": ("lengths",)},
+    "ner": {"objective": ("rdrop_alpha",), "eval": ()},
+    "multilabel": {"objective": ("loss",), "eval": ()},
+}
+_NAMED = re.compile(r"^`(\w+)`")
+
+
+@contextlib.contextmanager
+def config_keys(section: str, aliases: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Re-raises a library `ValueError` that starts with "`name`: …" as "config key
+    `section.name`: …" (`aliases` maps a library argument to its config key)."""
+    try:
+        yield
+    except ValueError as error:
+        message = str(error)
+        named = _NAMED.match(message)
+        if named is None:
+            raise ValueError(f"config section `{section}`: {message}") from error
+        key = (aliases or {}).get(named.group(1), named.group(1))
+        raise ValueError(f"config key `{section}.{key}`{message[named.end():]}") from error
+
+
+def load(config_file: str, *, preset: str = "full",
+         overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """`get_config(preset)` of `config_file` with flat `"a.b"` overrides applied on top."""
+    spec = importlib.util.spec_from_file_location("_kexue_experiment_config", config_file)
+    if spec is None or not os.path.isfile(config_file):
+        raise ValueError(f"config file {config_file!r} not found")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(preset)
+    config.update_from_flattened_dict(dict(overrides or {}))
+    return config
+
+
+def _near(key: str, choices: Any) -> str:
+    near = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean `{near[0]}`?" if near else f"; valid keys: {sorted(choices)}"
+
+
+def _check_keys(section: Any, known: Any, prefix: str) -> None:
+    for key in section.keys():
+        if key not in known:
+            raise ValueError(f"unknown config key `{prefix}{key}`{_near(key, known)}")
+
+
+def _check_number(key: str, value: Any, *, least: float, inclusive: bool = True) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, int | float)
+          and math.isfinite(value) and (value >= least if inclusive else value > least))
+    if not ok:
+        bound = f">= {least}" if inclusive else f"> {least}"
+        raise ValueError(f"config key `{key}`: expected a finite number {bound}; got {value!r}")
+
+
+def _check_optimizer(section: Any) -> None:
+    _check_keys(section, ("name", "clip_norm", *OPTIMIZERS), "optimizer.")
+    name = section.get("name")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"config key `optimizer.name`: expected one of {list(OPTIMIZERS)}; "
+                         f"got {name!r}")
+    if "amos_factored" in section:
+        raise ValueError("config key `optimizer.amos_factored`: amos_factored reads the "
+                         "settings of `optimizer.amos`")
+    for sub in section.keys():
+        if sub in ("name", "clip_norm"):
+            continue
+        defaults = optimizer_defaults(sub)
+        _check_keys(section[sub], defaults, f"optimizer.{sub}.")
+        for key, value in section[sub].items():
+            if isinstance(defaults[key], float) or key == "learning_rate":
+                _check_number(f"optimizer.{sub}.{key}", value, least=0.0,
+                              inclusive=key != "learning_rate")
+    sub = "amos" if name == "amos_factored" else name
+    if sub not in section:
+        raise ValueError(f"optimizer {name!r} needs the section `optimizer.{sub}`")
+    _check_number("optimizer.clip_norm", section.get("clip_norm", 0.0), least=0.0)
+
+
+def _check_lengths(config: ml_collections.ConfigDict, task: str) -> None:
+    lengths = config.get("eval", {}).get("lengths", ())
+    if (not isinstance(lengths, tuple | list) or not lengths
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                       for n in lengths) or len(set(lengths)) != len(lengths)):
+        raise ValueError(f"config key `eval.lengths`: expected a non-empty tuple of "
+                         f"distinct positive ints; got {lengths!r}")
+    if task == "lm" and any(max(lengths) % n for n in lengths):
+        raise ValueError(f"config key `eval.lengths`: expected lengths that divide the "
+                         f"largest, {max(lengths)} (every length is cut from the same "
+                         f"windows of that length); got {tuple(lengths)!r}")
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Every key known and every value sensible, before anything is built or compiled.
+
+    Raises:
+      ValueError: naming the config key (with the nearest valid key for a
+        misspelling), what was expected and what was given.
+    """
+    _check_keys(config, TOP_KEYS, "")
+    for key in ("data", "model", "optimizer", "train"):
+        if key not in config:
+            raise ValueError(f"the config needs a `{key}` section")
+    _check_keys(config.data, DATA_FIELDS, "data.")
+    with config_keys("data"):
+        data = DataConfig.from_settings(config.data)
+    task = data.task
+    for section in ("objective", "eval"):
+        _check_keys(config.get(section, {}), TASK_KEYS[task][section], f"{section}.")
+    known_model = {"name", *(field.name for field in dataclasses.fields(TransformerConfig)),
+                   *(key for keys in MODEL_KEYS.values() for key in keys)}
+    _check_keys(config.model, known_model, "model.")
+    with config_keys("model"):
+        ModelSpec.from_settings(config.model)
+    _check_keys(config.get("mesh", {}), MESH_AXES, "mesh.")
+    _check_keys(config.train, [field.name for field in dataclasses.fields(LoopConfig)],
+                "train.")
+    with config_keys("train"):
+        loop = LoopConfig.from_settings(config.train)
+    _check_optimizer(config.optimizer)
+    objective = config.get("objective", {})
+    if task == "mlm" and objective.get("positions", "contiguous") not in POSITIONS:
+        raise ValueError(f"config key `objective.positions`: expected one of "
+                         f"{list(POSITIONS)}; got {objective.positions!r}")
+    if task == "multilabel" and objective.get("loss", "zlpr") not in LOSSES:
+        raise ValueError(f"config key `objective.loss`: expected one of {list(LOSSES)}; "
+                         f"got {objective.loss!r}")
+    if task == "ner":
+        alpha = objective.get("rdrop_alpha", 0.0)
+        _check_number("objective.rdrop_alpha", alpha, least=0.0)
+        if alpha > 0 and config.model.get("name") != "global_pointer_ner":
+            raise ValueError(f"config key `objective.rdrop_alpha`: R-Drop uses the "
+                             f"GlobalPointer divergence, so it needs "
+                             f"model.name='global_pointer_ner' (or rdrop_alpha=0); got "
+                             f"rdrop_alpha={alpha!r} with model.name={config.model.get('name')!r}")
+    if task == "mlm" or (task == "lm" and "lengths" in config.get("eval", {})):
+        _check_lengths(config, task)
+    if loop.best_metric and loop.eval_every and loop.checkpoint_every % loop.eval_every:
+        raise ValueError(f"config key `train.checkpoint_every`: expected a multiple of "
+                         f"`train.eval_every` = {loop.eval_every} (the best checkpoint is "
+                         f"tracked at eval steps); got {loop.checkpoint_every}")
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+    """Writes `<workdir>/config.json` (process 0); returns keys that differ from the saved one."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    new = json.loads(config.to_json_best_effort(sort_keys=True))
+    changed: dict[str, str] = {}
+    if os.path.exists(path):
+        flat_old, flat_new = _flatten(_read_json(path)), _flatten(new)
+        changed = {key: f"{flat_old.get(key)!r} -> {flat_new.get(key)!r}"
+                   for key in sorted(set(flat_old) | set(flat_new))
+                   if flat_old.get(key) != flat_new.get(key)}
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as file:
+            json.dump(new, file, indent=2, sort_keys=True)
+            file.write("\n")
+        os.replace(path + ".tmp", path)
+    return changed
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not readable JSON ({type(error).__name__}: {error}); "
+                         "restore it from a backup or use a fresh workdir") from error
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def load_saved(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a training run saved in `workdir`."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isdir(workdir):
+        raise ValueError(f"workdir {workdir!r} not found")
+    if not os.path.exists(path):
+        raise ValueError(f"{path} not found: is {workdir!r} the workdir of a "
+                         "`python -m experiments.train` run?")
+    return ml_collections.ConfigDict(_tuples(_read_json(path)))
+
+
+def _tuples(tree: Any) -> Any:
+    """JSON lists back to tuples (configs hold tuples, e.g. `eval.lengths`)."""
+    if isinstance(tree, dict):
+        return {key: _tuples(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return tuple(_tuples(value) for value in tree)
+    return tree

@@ -1,0 +1,199 @@
+"""From a checked config to the parts of a training run, and the run itself.
+
+    config = experiments.config.load("configs/lm_stdlib.py", preset="smoke")
+    experiments.config.check(config)
+    run = build(config)                  # mesh, data, model spec, task, optimizer
+    result = train(run, workdir)         # kexue.train.train_loop with all of it
+
+The one place where config keys become the library's typed arguments: `data` →
+`kexue.data.DataConfig`, `model` (plus the vocabulary and type counts the data
+reports) → `kexue.models.ModelSpec`, `data.task` with `objective` and `eval` → a
+`kexue.tasks` task, `optimizer` → `kexue.optim.make_optimizer`, `train` →
+`kexue.train.LoopConfig`, `mesh` → `kexue.parallel.make_mesh`. Errors name the
+config key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from experiments.config import config_keys
+from kexue import models, optim, tasks
+from kexue.data import DataConfig, DataIterator, DatasetMetadata, make_dataset
+from kexue.parallel import make_mesh
+from kexue.train import LoopConfig, TrainResult, cpu_compiler_options, train_loop
+
+__all__ = ["Run", "build", "check_against_mesh", "make_task", "mesh_from", "model_spec",
+           "optimizer", "print_sample", "sample_text", "train"]
+
+
+def mesh_from(config: ml_collections.ConfigDict) -> Mesh:
+    """The `(data, fsdp, tensor)` mesh of `config.mesh` over all devices."""
+    section = config.get("mesh", {})
+    sizes = {"data": section.get("data", -1), "fsdp": section.get("fsdp", 1),
+             "tensor": section.get("tensor", 1)}
+    try:
+        return make_mesh(**sizes)
+    except ValueError as error:
+        given = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
+        raise ValueError(f"config `mesh` ({given}) does not fit the {len(jax.devices())} "
+                         f"devices: {error}") from error
+
+
+def check_against_mesh(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The batch must split evenly over the data-parallel devices (and micro-batches)."""
+    parallel = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    accumulation = int(config.train.get("grad_accum_steps", 1) or 1)
+    batch = int(config.data.batch_size)
+    if batch % (parallel * accumulation):
+        raise ValueError(
+            f"config key `data.batch_size`: expected a multiple of mesh.data × mesh.fsdp × "
+            f"train.grad_accum_steps = {mesh.shape.get('data', 1)} × "
+            f"{mesh.shape.get('fsdp', 1)} × {accumulation} = {parallel * accumulation} "
+            f"(each device gets whole examples); got {batch}")
+
+
+def _filled(settings: dict[str, Any], key: str, value: int) -> None:
+    given = settings.get(key)
+    if given not in (None, 0, value):
+        raise ValueError(f"config key `model.{key}`: the data gives {value}; got {given!r} "
+                         "(leave it unset, it is filled from the data)")
+    settings[key] = value
+
+
+def model_spec(config: ml_collections.ConfigDict, metadata: DatasetMetadata) -> models.ModelSpec:
+    """`config.model` with the vocabulary (and type / class count) the data reports."""
+    settings = dict(config.model.to_dict())
+    _filled(settings, "vocab_size", metadata.vocab_size)
+    if config.data.task == "ner":
+        _filled(settings, "num_types", metadata.num_types)
+    if config.data.task == "multilabel":
+        _filled(settings, "num_classes", metadata.num_types)
+    with config_keys("model"):
+        spec = models.ModelSpec.from_settings(settings)
+    with config_keys("model", {arg: spec.setting_of(arg) for arg in spec.options}):
+        nnx.eval_shape(lambda: models.build_model(spec, rngs=nnx.Rngs(0)))
+    return spec
+
+
+def make_task(config: ml_collections.ConfigDict, metadata: DatasetMetadata) -> tasks.Task:
+    """The `kexue.tasks` task of `config.data.task`, with `objective` and `eval`."""
+    task = config.data.task
+    objective, evaluation = config.get("objective", {}), config.get("eval", {})
+    if task == "lm":
+        return tasks.LMTask(eval_lengths=tuple(evaluation.get("lengths", ())))
+    if task == "mlm":
+        return tasks.MLMTask(eval_lengths=tuple(evaluation.lengths),
+                             positions=objective.get("positions", "contiguous"))
+    if task == "ner":
+        return tasks.NERTask(num_types=metadata.num_types,
+                             rdrop_alpha=float(objective.get("rdrop_alpha", 0.0)))
+    names = metadata.type_names if len(metadata.type_names) == metadata.num_types else None
+    return tasks.MultiLabelTask(num_classes=metadata.num_types,
+                                loss_kind=objective.get("loss", "zlpr"), class_names=names)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything `kexue.train.train_loop` needs for one checked config.
+
+    Attributes:
+      config: the config.
+      mesh: the device mesh.
+      data: the data settings.
+      train_data: this process's training batches (checkpointable).
+      spec: the model.
+      task: the training task.
+      loop: the training-loop settings.
+      tx: the optimizer.
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    data: DataConfig
+    train_data: DataIterator
+    spec: models.ModelSpec
+    task: tasks.Task
+    loop: LoopConfig
+    tx: optax.GradientTransformation
+
+    def model_factory(self) -> nnx.Module:
+        """The model with its own `nnx.Rngs(config.seed)`."""
+        return models.build_model(self.spec, rngs=nnx.Rngs(int(self.config.get("seed", 0))))
+
+    def eval_data(self) -> Iterator[tuple[str, Any]]:
+        """`(stream, host batch)` of one evaluation, read afresh (nothing is cached)."""
+        return tasks.eval_batches(
+            self.task, lambda seq_len: make_dataset(self.data, "eval", seq_len=seq_len))
+
+    @property
+    def compiler_options(self) -> dict[str, Any] | None:
+        return cpu_compiler_options(self.mesh, remat=self.spec.transformer.remat != "none")
+
+
+def optimizer(config: ml_collections.ConfigDict, model_factory: Callable[[], nnx.Module],
+              num_steps: int) -> optax.GradientTransformation:
+    """`config.optimizer` as an Optax transformation (η / σ read off the init)."""
+    section = config.optimizer
+    name = section.name
+    settings = section["amos" if name == "amos_factored" else name].to_dict()
+    initial = None if name == "adamw" else models.initial_params(model_factory)
+    with config_keys(f"optimizer.{'amos' if name == 'amos_factored' else name}"):
+        return optim.make_optimizer(name, settings, num_steps=num_steps,
+                                    initial_params=initial,
+                                    clip_norm=float(section.get("clip_norm", 0.0)))
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Run:
+    """The run of a config that passed `experiments.config.check`."""
+    mesh = mesh_from(config) if mesh is None else mesh
+    check_against_mesh(config, mesh)
+    with config_keys("data"):
+        data = DataConfig.from_settings(config.data)
+    train_data = make_dataset(data, "train")
+    spec = model_spec(config, train_data.metadata)
+    task = make_task(config, train_data.metadata)
+    loop = LoopConfig.from_settings(config.train)
+    run = Run(config=config, mesh=mesh, data=data, train_data=train_data, spec=spec,
+              task=task, loop=loop, tx=optax.identity())
+    run.tx = optimizer(config, run.model_factory, loop.num_steps)
+    return run
+
+
+def train(run: Run, workdir: str | os.PathLike, *,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+    """`kexue.train.train_loop` on `run` in `workdir` (resumes from its checkpoints)."""
+    extra = {} if log is None else {"log": log}
+    return train_loop(model_factory=run.model_factory, loss_fn=run.task.loss, tx=run.tx,
+                      train_data=run.train_data, mesh=run.mesh, config=run.loop,
+                      workdir=os.fspath(workdir), eval_data=run.eval_data,
+                      eval_stats=run.task.eval_stats, finalize=run.task.finalize,
+                      tokens_in=run.task.tokens_in, compiler_options=run.compiler_options,
+                      **extra)
+
+
+def sample_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of `prompt` by a `CausalLM`, decoded by `tokenizer`."""
+    ids = np.asarray(tokenizer.encode(prompt), np.int32)[None, :]
+    out = model.generate(jnp.asarray(ids), max_new_tokens=max_new_tokens)
+    return tokenizer.decode(np.asarray(out[0, ids.shape[1]:]))
+
+
+def print_sample(config: ml_collections.ConfigDict, model: Any, tokenizer: Any) -> None:
+    """For LM configs with `eval.sample_tokens > 0`: print a greedy sample."""
+    if config.data.task != "lm" or config.eval.get("sample_tokens", 0) <= 0:
+        return
+    prompt = config.eval.sample_prompt
+    text = sample_text(model, tokenizer, prompt, int(config.eval.sample_tokens))
+    print(f"sample (greedy) from {prompt!r}:\n{prompt}{text}", flush=True)

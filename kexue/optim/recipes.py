@@ -1,0 +1,133 @@
+"""Named optimizers from plain arguments: the one place their defaults live.
+
+    tx = make_optimizer("amos", {"learning_rate": 0.1}, num_steps=400,
+                        initial_params=params, clip_norm=1.0)
+    optimizer_defaults("adamw")   # {"learning_rate": 0.001, "b1": 0.9, ...}
+
+Each recipe is a function whose keyword defaults are the recommended settings of that
+optimizer for kexue's models; `optimizer_defaults` reads them off the signature, so a
+config section built from it (configs/common.py) cannot drift from what an omitted
+setting means here. `num_steps` (the length of the run, for schedules) and
+`initial_params` (the parameters at initialisation, from which Amos reads each
+tensor's scale η / σ) are supplied by the caller, never by a config.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optax
+
+from kexue.ops._checks import check_number
+from kexue.optim.amos import amos
+from kexue.optim.amos_style import amos_style
+from kexue.optim.rules import eta_fn_from_init, reduce_largest_axes
+
+__all__ = ["OPTIMIZERS", "RECIPES", "make_optimizer", "optimizer_defaults"]
+
+#: Arguments a recipe receives from its caller rather than from its settings.
+_SUPPLIED = ("num_steps", "initial_params")
+ADAMW_SCHEDULES = ("constant", "cosine")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}`: expected one of {list(choices)}; got {value!r}")
+
+
+def adamw_recipe(learning_rate: float = 1e-3, *, num_steps: int, initial_params: Any = None,
+          b1: float = 0.9, b2: float = 0.98, eps: float = 1e-8, weight_decay: float = 0.01,
+          warmup_steps: int = 50, schedule: str = "cosine") -> optax.GradientTransformation:
+    """`optax.adamw` with a linear warm-up to `learning_rate` over `warmup_steps`, then
+    constant or cosine decay to 0 at `num_steps`."""
+    del initial_params
+    _check_choice("schedule", schedule, ADAMW_SCHEDULES)
+    warmup = int(warmup_steps)
+    if schedule == "cosine":
+        rate = optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, max(warmup, 1), max(num_steps, warmup + 1))
+    else:
+        rate = optax.linear_schedule(0.0, learning_rate, max(warmup, 1))
+    return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+def amos_recipe(learning_rate: float = 0.05, *, num_steps: int, initial_params: Any,
+                beta: float = 0.98, zeta: float = 0.25, momentum: float = 0.9,
+                factored: bool = False) -> optax.GradientTransformation:
+    """Amos (arXiv 2210.11693) with η of each tensor read off its initial values;
+    `factored` reduces the second-moment slots to one value per row (`amos_factored`)."""
+    del num_steps
+    return amos(learning_rate, eta_fn_from_init(initial_params),
+                reduce_largest_axes() if factored else None,
+                beta=beta, zeta=zeta, momentum=momentum)
+
+
+def amos_style_recipe(learning_rate: float = 0.01, *, num_steps: int, initial_params: Any,
+                      base: str = "adam", half_life: int = 1000,
+                      kind: str = "inverse_square", q: float = 1.0, warmup_steps: int = 0,
+                      b1: float = 0.9, b2: float = 0.98) -> optax.GradientTransformation:
+    """The Amos-style chain (kexue.fm/archives/9344) over the `base` direction, with σ
+    of each tensor read off its initial values; `b1`, `b2` configure the Adam base."""
+    del num_steps
+    base_kwargs = {"b1": b1, "b2": b2} if base == "adam" else {}
+    return amos_style(learning_rate, base=base, sigma_fn=eta_fn_from_init(initial_params),
+                      half_life=half_life, kind=kind, q=q, warmup_steps=warmup_steps,
+                      base_kwargs=base_kwargs)
+
+
+def _amos_factored(learning_rate: float = 0.05, *, num_steps: int, initial_params: Any,
+                   beta: float = 0.98, zeta: float = 0.25,
+                   momentum: float = 0.9) -> optax.GradientTransformation:
+    return amos_recipe(learning_rate, num_steps=num_steps, initial_params=initial_params,
+                       beta=beta, zeta=zeta, momentum=momentum, factored=True)
+
+
+#: name -> recipe. `amos_factored` takes the settings of `amos`.
+RECIPES: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adamw": adamw_recipe,
+    "amos": amos_recipe,
+    "amos_factored": _amos_factored,
+    "amos_style": amos_style_recipe,
+}
+OPTIMIZERS = tuple(RECIPES)
+
+
+def optimizer_defaults(name: str) -> dict[str, Any]:
+    """The settings recipe `name` takes, each at its default."""
+    _check_choice("name", name, OPTIMIZERS)
+    return {key: parameter.default
+            for key, parameter in inspect.signature(RECIPES[name]).parameters.items()
+            if key not in _SUPPLIED and parameter.default is not inspect.Parameter.empty}
+
+
+def make_optimizer(name: str, settings: Mapping[str, Any] | None = None, *, num_steps: int,
+                   initial_params: Any = None,
+                   clip_norm: float = 0.0) -> optax.GradientTransformation:
+    """The optimizer `name` with `settings` (missing keys take the recipe's defaults).
+
+    Args:
+      name: one of `OPTIMIZERS`.
+      settings: keyword settings of the recipe (see `optimizer_defaults(name)`).
+      num_steps: steps of the run (schedules end there).
+      initial_params: the parameters at initialisation (Amos and Amos-style read each
+        tensor's scale off them); may be None for AdamW.
+      clip_norm: clip the gradient's global norm to this value first (0: off).
+
+    Raises:
+      ValueError: an unknown name or setting (naming it and the known ones), a
+        non-finite or negative `clip_norm`, missing `initial_params` for Amos.
+    """
+    defaults = optimizer_defaults(name)
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise ValueError(f"`settings` of optimizer {name!r}: unknown {unknown}; expected "
+                         f"keys among {sorted(defaults)}")
+    if name != "adamw" and initial_params is None:
+        raise ValueError(f"`initial_params`: optimizer {name!r} reads each tensor's scale "
+                         "off its initial values; got None")
+    check_number("clip_norm", clip_norm, strict=False)
+    tx = RECIPES[name](**settings, num_steps=num_steps, initial_params=initial_params)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm > 0 else tx

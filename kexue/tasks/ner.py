@@ -1,0 +1,100 @@
+"""Span NER: GlobalPointer / Efficient GlobalPointer, or the BIO tagging baseline.
+
+Batches (`kexue.data`, task "ner"): `tokens` int32 `[b, n]`, `valid` bool `[b, n]`,
+`spans` int32 `[b, P, 3]` (the gold `(type, start, end)` rows, end inclusive, padded
+with −1) and `example_weights` float32 `[b]` (0 on padding rows).
+
+The model is `kexue.models.GlobalPointerNER` (span logits `[b, types, n, n]`, ZLPR
+loss, kexue.fm/archives/8373, 8877) or `kexue.models.BIOTagger` (tag logits, decoded to
+span scores by `model.span_scores`); both are scored by the same span precision /
+recall / F1 from tp/fp/fn summed over the set (`ops.span_f1`). For the BIO tagger,
+`gold_spans` and `bio_unrepresentable` (gold spans the tags cannot hold: overlapping
+ones; they stay in the gold set and count as misses) are reported too.
+
+`rdrop_alpha = α > 0` (GlobalPointer only) trains with R-Drop: two dropout passes and
+`model.rdrop_loss` (kexue.fm/archives/8496, 9039).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kexue import ops
+from kexue.models import bio_tags_from_spans
+from kexue.ops._checks import check_int, check_number
+from kexue.tasks.base import EVAL, Sums, ratio
+
+__all__ = ["NERTask"]
+
+
+def _is_tagger(model: Any) -> bool:
+    return hasattr(model, "span_scores")
+
+
+@dataclasses.dataclass(frozen=True)
+class NERTask:
+    """Span extraction over `num_types` entity types.
+
+    Attributes:
+      num_types: entity types (rows of the dense span labels).
+      rdrop_alpha: R-Drop weight `α ≥ 0` (0: off; > 0 needs a GlobalPointer model).
+    """
+
+    num_types: int
+    rdrop_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_int("num_types", self.num_types)
+        check_number("rdrop_alpha", self.rdrop_alpha, strict=False)
+
+    def loss(self, model: Any, batch: Any, rng: jax.Array) -> tuple[jax.Array, Sums]:
+        del rng  # dropout draws from the model's own stream
+        tokens, valid, spans = batch["tokens"], batch["valid"], batch["spans"]
+        logits = model(tokens, valid=valid)
+        if self.rdrop_alpha > 0:
+            if _is_tagger(model):
+                raise ValueError("`rdrop_alpha` > 0 uses the GlobalPointer divergence; "
+                                 f"got a {type(model).__name__}")
+            again = model(tokens, valid=valid)  # a second pass: new dropout masks
+            return model.rdrop_loss(logits, again, spans, alpha=self.rdrop_alpha, valid=valid)
+        return model.loss(logits, spans, valid=valid), {}
+
+    def eval_streams(self) -> dict[str, int | None]:
+        return {EVAL: None}
+
+    def eval_stats(self, model: Any, batch: Any, stream: str = EVAL) -> Sums:
+        del stream
+        tokens, valid, spans = batch["tokens"], batch["valid"], batch["spans"]
+        n = tokens.shape[1]
+        logits = model(tokens, valid=valid)
+        tagger = _is_tagger(model)
+        scores = model.span_scores(logits, valid=valid) if tagger else logits
+        counts = ops.span_f1(scores, ops.spans_to_dense(spans, self.num_types, n),
+                             valid=valid)
+        loss = model.loss(logits, spans, valid=valid)
+        rows = jnp.sum(batch["example_weights"])
+        sums = {"tp": counts["tp"], "fp": counts["fp"], "fn": counts["fn"],
+                "loss_sum": loss * rows, "rows": rows}
+        if tagger:
+            gold = jnp.sum(spans[..., 0] >= 0)
+            kept = bio_tags_from_spans(spans, n)[1]
+            sums.update(gold_spans=gold, bio_unrepresentable=gold - jnp.sum(kept))
+        return sums
+
+    def finalize(self, totals: Mapping[str, Sums]) -> Sums:
+        total = totals[EVAL]
+        metrics = {"loss": ratio(total["loss_sum"], total["rows"]),
+                   **ops.f1_from_counts(total["tp"], total["fp"], total["fn"])}
+        for key in ("gold_spans", "bio_unrepresentable"):
+            if key in total:
+                metrics[key] = total[key]
+        return metrics
+
+    def tokens_in(self, batch: Any) -> int:
+        return int(np.sum(batch["valid"]))

@@ -1,0 +1,126 @@
+"""`NERTask`: the R-Drop objective and the BIO baseline's evaluation sums.
+
+The R-Drop loss against a float64 NumPy reference of its formula, on fixed logits and
+through the task on a real CLUENER batch (two dropout passes); the BIO tagger's
+evaluation counts the gold spans its tags cannot hold.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy.special import expit
+
+from kexue import models, tasks
+from kexue.data import DataConfig, make_dataset
+from tests.conftest import CLUENER_DIR, CLUENER_MISSING, HAVE_CLUENER
+
+needs_cluener = pytest.mark.skipif(not HAVE_CLUENER, reason=CLUENER_MISSING)
+NUM_TYPES = 10  # CLUENER 2020
+
+
+def tiny_spec(name: str, **settings) -> models.ModelSpec:
+    return models.ModelSpec.from_settings({
+        "name": name, "width": 16, "num_layers": 1, "num_heads": 2, "mlp_dim": 32,
+        "vocab_size": 16, "num_types": NUM_TYPES, **settings})
+
+
+def cluener_batch(seq_len: int = 32) -> dict[str, jax.Array]:
+    data = DataConfig(name="cluener", task="ner", tokenizer="char", manual_dir=CLUENER_DIR,
+                      seq_len=seq_len, batch_size=8, max_examples=32, shuffle=False)
+    batches = make_dataset(data, "train", process_index=0, process_count=1)
+    return batches.metadata.vocab_size, jax.tree.map(jnp.asarray, next(batches))
+
+
+# ------------------------------------------------------------------ R-Drop loss
+
+
+def numpy_zlpr(logits, labels, valid):
+    """Mean over (b, types) of `log(1 + Σ_neg e^s) + log(1 + Σ_pos e^−s)` over valid spans."""
+    s = np.where(valid, logits, 0.0)
+    neg = np.where(valid & (labels == 0), np.exp(s), 0.0).sum((-2, -1))
+    pos = np.where(valid & (labels == 1), np.exp(-s), 0.0).sum((-2, -1))
+    return np.mean(np.log1p(neg) + np.log1p(pos))
+
+
+def numpy_gp_kl(a, b, valid):
+    sig = expit(a) - expit(b)
+    return np.mean(np.where(valid, sig * (a - b), 0.0).sum((-2, -1)))
+
+
+def test_rdrop_loss_equals_the_formula_on_fixed_logits(rng):
+    b, types, n = 3, 2, 6
+    model = models.build_model(tiny_spec("global_pointer_ner", num_types=types, gp_head_dim=4),
+                               rngs=nnx.Rngs(0))
+    tokens = np.arange(n)[None, :] < np.array([[6], [4], [2]])
+    valid = (np.triu(np.ones((n, n), bool))[None, None]
+             & tokens[:, None, :, None] & tokens[:, None, None, :])
+    a = rng.normal(0, 2, (b, types, n, n))
+    c = a + rng.normal(0, 1, (b, types, n, n))
+    a, c = np.where(valid, a, -1e12), np.where(valid, c, -1e12)
+    labels = (rng.random((b, types, n, n)) < 0.2) & valid
+    rdrop = jax.jit(model.rdrop_loss, static_argnames="alpha")
+    for alpha in (0.0, 4.0):
+        loss, parts = rdrop(jnp.asarray(a, jnp.float32), jnp.asarray(c, jnp.float32),
+                            jnp.asarray(labels, jnp.int32), alpha=alpha,
+                            valid=jnp.asarray(tokens))
+        base = 0.5 * (numpy_zlpr(a, labels, valid) + numpy_zlpr(c, labels, valid))
+        divergence = numpy_gp_kl(a, c, valid)
+        assert divergence > 0.1
+        np.testing.assert_allclose(float(parts["zlpr"]), base, rtol=1e-5)
+        np.testing.assert_allclose(float(parts["gp_kl"]), divergence, rtol=1e-5)
+        np.testing.assert_allclose(float(loss), base + alpha / 4 * divergence, rtol=1e-5)
+
+
+@needs_cluener
+def test_task_loss_runs_two_dropout_passes_and_adds_the_divergence():
+    vocab, batch = cluener_batch()
+    task = tasks.NERTask(num_types=NUM_TYPES, rdrop_alpha=4.0)
+    model = models.build_model(tiny_spec("global_pointer_ner", vocab_size=vocab,
+                                         gp_head_dim=8, dropout_rate=0.2), rngs=nnx.Rngs(0))
+    loss, parts = nnx.jit(task.loss)(nnx.clone(model), batch, None)
+
+    @nnx.jit
+    def two_passes(model, tokens, valid):
+        return model(tokens, valid=valid), model(tokens, valid=valid)
+
+    # The same two passes by hand: a clone of the model (same dropout stream), called twice.
+    n = batch["tokens"].shape[1]
+    first, second = two_passes(nnx.clone(model), batch["tokens"], batch["valid"])
+    assert not np.allclose(first, second)
+    labels = np.zeros((batch["spans"].shape[0], NUM_TYPES, n, n))
+    for row, spans in enumerate(np.asarray(batch["spans"])):
+        for kind, start, end in spans[spans[:, 0] >= 0]:
+            labels[row, kind, start, end] = 1
+    tokens = np.asarray(batch["valid"])
+    valid = (np.triu(np.ones((n, n), bool))[None, None]
+             & tokens[:, None, :, None] & tokens[:, None, None, :])
+    a, c, y = (np.asarray(x, np.float64) for x in (first, second, labels))
+    divergence = numpy_gp_kl(a, c, valid)
+    expected = 0.5 * (numpy_zlpr(a, y, valid) + numpy_zlpr(c, y, valid)) + divergence
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
+    np.testing.assert_allclose(float(parts["gp_kl"]), divergence, rtol=1e-4)
+    # α = 0 would be the one-pass ZLPR loss of the first pass: R-Drop changes the objective.
+    assert divergence > 0 and float(loss) != pytest.approx(numpy_zlpr(a, y, valid))
+
+
+# ------------------------------------------------------------------ BIO task
+
+
+def test_bio_eval_counts_the_spans_bio_cannot_hold():
+    task = tasks.NERTask(num_types=NUM_TYPES)
+    n = 8
+    # Example 0: (0, 1, 4) with (2, 2, 3) nested in it; example 1: one plain span.
+    spans = np.array([[[0, 1, 4], [2, 2, 3], [-1, -1, -1]],
+                      [[5, 0, 1], [-1, -1, -1], [-1, -1, -1]]], np.int32)
+    batch = {"tokens": np.full((2, n), 5, np.int32), "valid": np.ones((2, n), bool),
+             "spans": spans, "example_weights": np.ones(2, np.float32)}
+    model = models.build_model(tiny_spec("bio_tagger"), rngs=nnx.Rngs(0))
+    model.eval()
+    sums = task.eval_stats(model, jax.tree.map(jnp.asarray, batch))
+    metrics = task.finalize({tasks.EVAL: sums})
+    assert float(metrics["gold_spans"]) == 3 and float(metrics["bio_unrepresentable"]) == 1
+    assert float(metrics["tp"] + metrics["fn"]) == 3  # every gold span is scored
