@@ -18,9 +18,10 @@ import ml_collections
 
 from configs.common import (
     cluener_data_config,
+    cluener_encoder_config,
+    cluener_train_config,
     mesh_config,
     optimizer_config,
-    train_config,
     with_preset,
 )
 
@@ -39,18 +40,9 @@ def get_config(preset: str = "full") -> ml_collections.ConfigDict:
     config.seed = 0
     config.data = cluener_data_config(task="ner", max_spans=32)
 
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "bio_tagger"
-    config.model.width = 256
-    config.model.num_layers = 4
-    config.model.num_heads = 4
-    config.model.mlp_dim = 1024
-    config.model.norm_position = "post"
-    config.model.dropout_rate = 0.1
-
+    config.model = cluener_encoder_config("bio_tagger")
     config.optimizer = optimizer_config("amos_style", learning_rate=0.01, half_life=1500)
-    config.train = train_config(3000, log_every=50, eval_every=500, checkpoint_every=500,
-                                keep_checkpoints=2, best_metric="f1", best_mode="max")
+    config.train = cluener_train_config("f1")
     config.mesh = mesh_config()
     config.objective = ml_collections.ConfigDict()
     config.eval = ml_collections.ConfigDict()

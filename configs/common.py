@@ -97,3 +97,31 @@ def cluener_data_config(**fields: Any) -> ml_collections.ConfigDict:
     return data_config(**{"name": "cluener", "tokenizer": "char",
                           "manual_dir": default_cluener_dir(), "seq_len": 64,
                           "batch_size": 32, **fields})
+
+
+def cluener_encoder_config(name: str, **fields: Any) -> ml_collections.ConfigDict:
+    """The `model` section of the CLUENER tasks: model `name` on a character-level
+    post-norm RoFormer encoder (width 256, 4 layers, 4 heads, dropout 0.1), `fields`
+    on top (the head's own settings)."""
+    return ml_collections.ConfigDict({
+        "name": name, "width": 256, "num_layers": 4, "num_heads": 4, "mlp_dim": 1024,
+        "norm_position": "post", "dropout_rate": 0.1, **fields})
+
+
+def cluener_train_config(best_metric: str) -> ml_collections.ConfigDict:
+    """The `train` section of the CLUENER tasks: 3000 steps, evaluated and saved every
+    500, the best checkpoint by `best_metric` (higher is better) kept."""
+    return train_config(3000, log_every=50, eval_every=500, checkpoint_every=500,
+                        keep_checkpoints=2, best_metric=best_metric, best_mode="max")
+
+
+def byte_lm_model_config(**fields: Any) -> ml_collections.ConfigDict:
+    """The `model` section of the byte-level causal LMs: a pre-norm RoPE decoder (width
+    256, 4 layers, RMSNorm, NeoX RoPE, tied embeddings) with entropy-invariant attention
+    (kexue.fm/archives/8823), `fields` on top."""
+    return ml_collections.ConfigDict({
+        "name": "causal_lm", "width": 256, "num_layers": 4, "num_heads": 4,
+        "mlp_dim": 1024, "activation": "gelu", "norm": "rmsnorm",
+        "attention_scale": "entropy_invariant", "entropy_base": 512.0,
+        "rope_layout": "half", "tie_embeddings": True, "dtype": "float32",
+        "remat": "none", **fields})

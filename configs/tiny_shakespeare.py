@@ -13,7 +13,14 @@ one example holding the whole text in the feature `text`.
 
 import ml_collections
 
-from configs.common import data_config, mesh_config, optimizer_config, train_config, with_preset
+from configs.common import (
+    byte_lm_model_config,
+    data_config,
+    mesh_config,
+    optimizer_config,
+    train_config,
+    with_preset,
+)
 
 PRESETS = {
     # A few seconds on CPU (after the first download): for checking a setup.
@@ -32,19 +39,7 @@ def get_config(preset: str = "full") -> ml_collections.ConfigDict:
     config.data = data_config(name="tiny_shakespeare", task="lm", tokenizer="byte",
                               text_key="text", seq_len=128, batch_size=16, eval_batches=8)
 
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "causal_lm"
-    config.model.width = 256
-    config.model.num_layers = 4
-    config.model.num_heads = 4
-    config.model.mlp_dim = 1024
-    config.model.activation = "gelu"
-    config.model.norm = "rmsnorm"
-    config.model.attention_scale = "entropy_invariant"
-    config.model.entropy_base = 512.0
-    config.model.rope_layout = "half"
-    config.model.tie_embeddings = True
-    config.model.dtype = "float32"  # "bfloat16" on GPU/TPU
+    config.model = byte_lm_model_config()
 
     config.optimizer = optimizer_config("amos", learning_rate=0.1)
     config.train = train_config(400, log_every=20, eval_every=100, checkpoint_every=100,

@@ -87,7 +87,7 @@ def _readme_snippets() -> list[str]:
 def test_readme_snippets_run():
     """The README's usage examples are real code: run them as a user would."""
     snippets = _readme_snippets()
-    assert len(snippets) == 2
+    assert len(snippets) == 3
     for snippet in snippets:
         result = _run(["-c", snippet])
         assert result.returncode == 0, f"{snippet}\n{result.stderr[-3000:]}"

@@ -53,15 +53,28 @@ def adamw_recipe(learning_rate: float = 1e-3, *, num_steps: int, initial_params:
     return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
 
-def amos_recipe(learning_rate: float = 0.05, *, num_steps: int, initial_params: Any,
-                beta: float = 0.98, zeta: float = 0.25, momentum: float = 0.9,
-                factored: bool = False) -> optax.GradientTransformation:
-    """Amos (arXiv 2210.11693) with η of each tensor read off its initial values;
-    `factored` reduces the second-moment slots to one value per row (`amos_factored`)."""
-    del num_steps
+def _amos(learning_rate: float, initial_params: Any, beta: float, zeta: float,
+          momentum: float, factored: bool) -> optax.GradientTransformation:
     return amos(learning_rate, eta_fn_from_init(initial_params),
                 reduce_largest_axes() if factored else None,
                 beta=beta, zeta=zeta, momentum=momentum)
+
+
+def amos_recipe(learning_rate: float = 0.05, *, num_steps: int, initial_params: Any,
+                beta: float = 0.98, zeta: float = 0.25,
+                momentum: float = 0.9) -> optax.GradientTransformation:
+    """Amos (arXiv 2210.11693) with η of each tensor read off its initial values."""
+    del num_steps
+    return _amos(learning_rate, initial_params, beta, zeta, momentum, factored=False)
+
+
+def amos_factored_recipe(learning_rate: float = 0.05, *, num_steps: int, initial_params: Any,
+                         beta: float = 0.98, zeta: float = 0.25,
+                         momentum: float = 0.9) -> optax.GradientTransformation:
+    """`amos_recipe` with the second-moment slots reduced to one value per row
+    (`reduce_largest_axes`): the memory-light Amos of the paper."""
+    del num_steps
+    return _amos(learning_rate, initial_params, beta, zeta, momentum, factored=True)
 
 
 def amos_style_recipe(learning_rate: float = 0.01, *, num_steps: int, initial_params: Any,
@@ -77,18 +90,11 @@ def amos_style_recipe(learning_rate: float = 0.01, *, num_steps: int, initial_pa
                       base_kwargs=base_kwargs)
 
 
-def _amos_factored(learning_rate: float = 0.05, *, num_steps: int, initial_params: Any,
-                   beta: float = 0.98, zeta: float = 0.25,
-                   momentum: float = 0.9) -> optax.GradientTransformation:
-    return amos_recipe(learning_rate, num_steps=num_steps, initial_params=initial_params,
-                       beta=beta, zeta=zeta, momentum=momentum, factored=True)
-
-
 #: name -> recipe. `amos_factored` takes the settings of `amos`.
 RECIPES: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adamw": adamw_recipe,
     "amos": amos_recipe,
-    "amos_factored": _amos_factored,
+    "amos_factored": amos_factored_recipe,
     "amos_style": amos_style_recipe,
 }
 OPTIMIZERS = tuple(RECIPES)
