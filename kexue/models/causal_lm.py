@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kexue import ops
-from kexue.models.config import TransformerConfig
+from kexue.models.config import TransformerConfig, check_no_embedding_tables
 from kexue.models.layers import Dense, Embed, LayerCache, Transformer
 
 #: Logical axes of each cached key / value array, for sharding a cache.
@@ -45,6 +45,7 @@ class CausalLM(nnx.Module):
         if c.vocab_size < 1:
             raise ValueError(f"config key `model.vocab_size`: expected a positive int; got "
                              f"{c.vocab_size!r}.")
+        check_no_embedding_tables(c, "causal_lm")
         self.config = c
         self.embed = Embed(c.vocab_size, c.width, dtype=c.compute_dtype,
                            param_dtype=c.weight_dtype, init_std=c.init_std, rngs=rngs)

@@ -248,7 +248,7 @@ def test_multilabel_loss_is_zlpr_mean(rng):
         ({"norm_position": "middle"}, "`model.norm_position`: expected one of ['pre', 'post']"),
         ({"activation": "tanh"}, "`model.activation`: expected one of ['gelu'"),
         ({"dtype": "int8"}, "`model.dtype`: expected one of"),
-        ({"rotary_dim": 3}, "`model.rotary_dim`: expected a multiple of 2·rope_dims = 2"),
+        ({"rotary_dim": 3}, "`model.rotary_dim`: expected 0 or a multiple of 2·rope_dims = 2"),
         ({"rotary_dim": 16}, "at most the head dim width / num_heads = 8; got 16"),
         ({"width": 0}, "`model.width`: expected a positive int; got 0"),
         ({"num_head": 4}, "['model.num_head'] are not used by model 'roformer_mlm'"),
