@@ -11,9 +11,10 @@
 * `BIOTagger` — token-level softmax BIO tagging baseline on the same encoder.
 * `MultiLabelClassifier` — pooled encoder with a ZLPR multi-label head.
 * `ViT` — vision transformer with 2-D RoPE over patch positions (archive 8397).
+* `TFCheckpoint` — reads TensorFlow checkpoints without TensorFlow.
 
 Parameters carry `out_sharding` logical names (`embed`, `heads`, `kv_heads`,
-`head_dim`, `mlp`, `vocab`, `types`, `classes`, `norm`) that
+`head_dim`, `mlp`, `vocab`, `positions`, `token_types`, `types`, `classes`, `norm`) that
 `kexue.parallel.nnx_state_shardings` maps to the mesh; `kexue.parallel.init_sharded`
 creates a model directly in its sharded layout.
 """
@@ -52,6 +53,7 @@ from kexue.models.roformer import (
     bio_tags_from_spans,
     spans_to_indices,
 )
+from kexue.models.tf_checkpoint import TFCheckpoint
 from kexue.models.vit import ViT, patch_positions
 
 __all__ = [
@@ -73,6 +75,7 @@ __all__ = [
     "Norm",
     "RoFormerEncoder",
     "RoFormerMLM",
+    "TFCheckpoint",
     "Transformer",
     "TransformerBlock",
     "TransformerConfig",
