@@ -11,7 +11,10 @@
 * `BIOTagger` — token-level softmax BIO tagging baseline on the same encoder.
 * `MultiLabelClassifier` — pooled encoder with a ZLPR multi-label head.
 * `ViT` — vision transformer with 2-D RoPE over patch positions (archive 8397).
-* `TFCheckpoint` — reads TensorFlow checkpoints without TensorFlow.
+* `load_pretrained` — BERT / RoFormer checkpoints (Hugging Face safetensors or
+  PyTorch, original TensorFlow) into the RoFormer encoder; `build_pretrained`,
+  `load_pretrained_params`, `merge_pretrained_config`; `TFCheckpoint` reads
+  TensorFlow checkpoints without TensorFlow.
 
 Parameters carry `out_sharding` logical names (`embed`, `heads`, `kv_heads`,
 `head_dim`, `mlp`, `vocab`, `positions`, `token_types`, `types`, `classes`, `norm`) that
@@ -41,6 +44,13 @@ from kexue.models.layers import (
     Transformer,
     TransformerBlock,
     cross_entropy,
+)
+from kexue.models.pretrained import (
+    PretrainedCheckpoint,
+    build_pretrained,
+    load_pretrained,
+    load_pretrained_params,
+    merge_pretrained_config,
 )
 from kexue.models.roformer import (
     BIOTagger,
@@ -73,6 +83,7 @@ __all__ = [
     "LayerCache",
     "MultiLabelClassifier",
     "Norm",
+    "PretrainedCheckpoint",
     "RoFormerEncoder",
     "RoFormerMLM",
     "TFCheckpoint",
@@ -84,9 +95,13 @@ __all__ = [
     "bio_span_scores",
     "bio_tags_from_spans",
     "build_model",
+    "build_pretrained",
     "count_params",
     "cross_entropy",
     "flops_per_token",
+    "load_pretrained",
+    "load_pretrained_params",
+    "merge_pretrained_config",
     "parse_model_config",
     "patch_positions",
     "sample_logits",
