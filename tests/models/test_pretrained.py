@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 
@@ -356,3 +357,25 @@ def test_importing_kexue_loads_no_checkpoint_library():
                             check=False, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_readme_example_runs_on_a_small_release(rng, tmp_path):
+    """The README's example, on a tiny random RoFormer laid out as the TF release."""
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Starting from a pretrained"):
+                     readme.index("## Using the ops")]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    release = tmp_path / "chinese_roformer-char_L-12_H-768_A-12"
+    save_tensorflow(random_hf_model("roformer", rng), release, rng)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"彭小军认为，国内银行"]
+    words += [chr(0x4E00 + i) for i in range(V - len(words))]
+    (release / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
+                            text=True, check=False, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(f"roformer tensorflow {D} (")
