@@ -413,9 +413,10 @@ def _specs(c: TransformerConfig, architecture: str, fmt: str, prefix: str, head:
         head_prefix = "cls/predictions/" if fmt == "tensorflow" else "cls.predictions."
         linear("transform/dense", ("transform",), d, (d,), d, (d,), pre=head_prefix)
         norm("transform/LayerNorm", ("transform_norm",), pre=head_prefix)
-        bias = "output_bias" if fmt == "tensorflow" else "bias"
-        specs.append(_Spec(("output_bias",), (head_prefix + bias,), (v,), "vector [vocab]",
-                           np.asarray))
+        # Hugging Face ties `decoder.bias` to `bias` and may store either name.
+        biases = (("cls/predictions/output_bias",) if fmt == "tensorflow"
+                  else ("cls.predictions.bias", "cls.predictions.decoder.bias"))
+        specs.append(_Spec(("output_bias",), biases, (v,), "vector [vocab]", np.asarray))
         if not tie:
             specs.append(_Spec(("decoder", "kernel"), (head_prefix + "decoder.weight",),
                                (v, d), "torch Linear weight [out, in]",
