@@ -11,6 +11,8 @@
 * `text_files`: the `TextFiles` builder (a glob of local files; default the stdlib).
 * `cluener`: the `Cluener` builder and its checked line parser.
 * `tokenizers`: `ByteTokenizer`, `CharTokenizer`.
+* `wordpiece`: `WordPieceTokenizer` (BERT `vocab.txt`, character offsets),
+  `char_to_token_spans`, `token_to_char_spans`.
 * `pipeline`: `DataConfig`, `make_dataset`, `DataIterator`, `DatasetMetadata`, LM windows, MLM
   masking, GlobalPointer labels.
 """
@@ -38,6 +40,7 @@ from kexue.data.pipeline import (
 from kexue.data.sources import default_cluener_dir, load_catalog, make_builder, prepare
 from kexue.data.text_files import TextFiles, default_text_glob, list_text_files, text_files_config
 from kexue.data.tokenizers import SPECIAL_TOKENS, ByteTokenizer, CharTokenizer, Tokenizer
+from kexue.data.wordpiece import WordPieceTokenizer, char_to_token_spans, token_to_char_spans
 
 __all__ = [
     "CLUENER_TYPES",
@@ -54,6 +57,8 @@ __all__ = [
     "MalformedRecordError",
     "TextFiles",
     "Tokenizer",
+    "WordPieceTokenizer",
+    "char_to_token_spans",
     "default_cluener_dir",
     "default_text_glob",
     "list_text_files",
@@ -68,4 +73,5 @@ __all__ = [
     "prepare",
     "read_cluener_file",
     "text_files_config",
+    "token_to_char_spans",
 ]

@@ -12,9 +12,13 @@
 * `BIOTagger` — token-level softmax BIO tagging baseline on the same encoder.
 * `MultiLabelClassifier` — pooled encoder with a ZLPR multi-label head.
 * `ViT` — vision transformer with 2-D RoPE over patch positions (archive 8397).
+* `load_pretrained` — BERT / RoFormer checkpoints (Hugging Face safetensors or
+  PyTorch, original TensorFlow) into the RoFormer encoder; `build_pretrained`,
+  `load_pretrained_params`, `merge_pretrained_config`; `TFCheckpoint` reads
+  TensorFlow checkpoints without TensorFlow.
 
 Parameters carry `out_sharding` logical names (`embed`, `heads`, `kv_heads`,
-`head_dim`, `mlp`, `vocab`, `types`, `classes`, `norm`) that
+`head_dim`, `mlp`, `vocab`, `positions`, `token_types`, `types`, `classes`, `norm`) that
 `kexue.parallel.nnx_state_shardings` maps to the mesh; `kexue.parallel.init_sharded`
 creates a model directly in its sharded layout.
 """
@@ -43,6 +47,13 @@ from kexue.models.layers import (
     TransformerBlock,
     cross_entropy,
 )
+from kexue.models.pretrained import (
+    PretrainedCheckpoint,
+    build_pretrained,
+    load_pretrained,
+    load_pretrained_params,
+    merge_pretrained_config,
+)
 from kexue.models.roformer import (
     BIOTagger,
     GlobalPointerNER,
@@ -54,6 +65,7 @@ from kexue.models.roformer import (
     bio_tags_from_spans,
     spans_to_indices,
 )
+from kexue.models.tf_checkpoint import TFCheckpoint
 from kexue.models.vit import ViT, patch_positions
 
 __all__ = [
@@ -74,8 +86,10 @@ __all__ = [
     "ModelSpec",
     "MultiLabelClassifier",
     "Norm",
+    "PretrainedCheckpoint",
     "RoFormerEncoder",
     "RoFormerMLM",
+    "TFCheckpoint",
     "Transformer",
     "TransformerBlock",
     "TransformerConfig",
@@ -84,10 +98,14 @@ __all__ = [
     "bio_span_scores",
     "bio_tags_from_spans",
     "build_model",
+    "build_pretrained",
     "count_params",
     "cross_entropy",
     "flops_per_token",
     "initial_params",
+    "load_pretrained",
+    "load_pretrained_params",
+    "merge_pretrained_config",
     "patch_positions",
     "sample_logits",
     "spans_to_indices",

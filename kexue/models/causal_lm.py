@@ -18,7 +18,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kexue import ops
-from kexue.models.config import TransformerConfig, check_positive_int
+from kexue.models.config import (
+    TransformerConfig,
+    check_no_embedding_tables,
+    check_positive_int,
+)
 from kexue.models.layers import Dense, Embed, LayerCache, Transformer
 
 #: Logical axes of each cached key / value array, for sharding a cache.
@@ -43,6 +47,7 @@ class CausalLM(nnx.Module):
                  rngs: nnx.Rngs):
         c = config
         check_positive_int("vocab_size", c.vocab_size)
+        check_no_embedding_tables(c, "causal_lm")
         self.config = c
         self.embed = Embed(c.vocab_size, c.width, dtype=c.compute_dtype,
                            param_dtype=c.weight_dtype, init_std=c.init_std, rngs=rngs)

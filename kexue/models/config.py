@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from kexue.ops._checks import check_int, check_number
 
-ACTIVATIONS = ("gelu", "relu", "silu", "geglu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_erf", "relu", "silu", "geglu", "swiglu")
 GATED_ACTIVATIONS = ("geglu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
@@ -41,6 +41,15 @@ def check_positive_int(key: str, value: Any, *, allow_zero: bool = False) -> Non
     check_int(key, value, least=0 if allow_zero else 1)
 
 
+def check_no_embedding_tables(config: TransformerConfig, model: str) -> None:
+    """Models other than the RoFormer encoders take no position / token-type tables."""
+    for key in ("max_positions", "type_vocab_size"):
+        if getattr(config, key):
+            raise argument_error(key, f"0 for model {model!r} (learned position and "
+                               "token-type tables belong to the RoFormer encoder models)",
+                               getattr(config, key))
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Width, depth, attention and feed-forward choices of a transformer stack.
@@ -53,8 +62,11 @@ class TransformerConfig:
         `num_heads`. None means `num_heads` (multi-head attention).
       mlp_dim: hidden width `F` of the feed-forward network.
       vocab_size: token vocabulary `V` (0 for models without token inputs, e.g. ViT).
-      activation: ``"gelu" | "relu" | "silu"`` (plain FFN `W_2 act(W_1 x)`) or
-        ``"geglu" | "swiglu"`` (gated: `W_2 (act(W_1 x) ⊙ W_g x)`, GLU-style).
+      activation: ``"gelu" | "gelu_erf" | "relu" | "silu"`` (plain FFN
+        `W_2 act(W_1 x)`) or ``"geglu" | "swiglu"`` (gated: `W_2 (act(W_1 x) ⊙ W_g x)`,
+        GLU-style). ``"gelu"`` is the tanh approximation
+        `½x(1 + tanh(√(2/π)(x + 0.044715x³)))`, ``"gelu_erf"`` the exact `x·Φ(x)`
+        (what BERT / RoFormer checkpoints call "gelu"; Hendrycks & Gimpel, 2016).
       norm: ``"layernorm" | "rmsnorm"``.
       norm_position: ``"pre"`` (norm inside the residual branch, final norm after the
         stack) or ``"post"`` (norm after each residual sum, norm on the embeddings;
@@ -63,11 +75,16 @@ class TransformerConfig:
       use_bias: biases in the attention and FFN projections.
       rope_layout: ``"interleaved"`` (RoFormer) or ``"half"`` (GPT-NeoX / LLaMA).
       rope_base: RoPE frequency base.
-      rotary_dim: rotating features per head (partial rotary); None means all `d`.
+      rotary_dim: rotating features per head (partial rotary); None means all `d`,
+        0 turns RoPE off (e.g. BERT, whose positions come from `max_positions`).
       rope_dims: number of position axes: 1 for sequences, 2 for image patches.
       attention_scale: ``"standard"`` (`1/√d`) or ``"entropy_invariant"``
         (`log_b(n)/√d`, kexue.fm/archives/8823).
       entropy_base: `b` of the entropy-invariant scale.
+      max_positions: rows of a learned absolute position-embedding table added to the
+        token embeddings (BERT); 0: none. Sequences may then be at most this long.
+      type_vocab_size: rows of a token-type (segment) embedding table added to the
+        token embeddings (BERT / RoFormer checkpoints have 2); 0: none.
       attention_implementation: the `implementation` of `jax.nn.dot_product_attention`
         behind `ops.dot_product_attention`: None (XLA's choice), ``"xla"`` or
         ``"cudnn"`` (fused cuDNN flash attention; NVIDIA GPUs, bf16/fp16 compute only).
@@ -104,6 +121,8 @@ class TransformerConfig:
     rope_dims: int = 1
     attention_scale: str = "standard"
     entropy_base: float = 512.0
+    max_positions: int = 0
+    type_vocab_size: int = 0
     attention_implementation: str | None = None
     dropout_rate: float = 0.0
     dtype: str = "float32"
@@ -114,7 +133,8 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         for key in ("width", "num_layers", "num_heads", "mlp_dim", "rope_dims"):
             check_positive_int(key, getattr(self, key))
-        check_positive_int("vocab_size", self.vocab_size, allow_zero=True)
+        for key in ("vocab_size", "max_positions", "type_vocab_size"):
+            check_positive_int(key, getattr(self, key), allow_zero=True)
         if self.width % self.num_heads:
             raise argument_error(
                 "num_heads", f"a divisor of `width` = {self.width}", self.num_heads)
@@ -139,12 +159,12 @@ class TransformerConfig:
                                "'bfloat16' or 'float16' (cuDNN's fused attention)",
                                f"cudnn with dtype {self.dtype}")
         if self.rotary_dim is not None:
-            check_positive_int("rotary_dim", self.rotary_dim)
+            check_positive_int("rotary_dim", self.rotary_dim, allow_zero=True)
         step = 2 * self.rope_dims
         if self.rotary_features % step or self.rotary_features > self.head_dim:
             raise argument_error(
                 "rotary_dim",
-                f"a multiple of 2·rope_dims = {step} that is at most the head dim "
+                f"0 or a multiple of 2·rope_dims = {step} that is at most the head dim "
                 f"width / num_heads = {self.head_dim}",
                 self.rotary_dim if self.rotary_dim is not None else self.head_dim)
         if not self.rope_base > 1:

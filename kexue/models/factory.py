@@ -143,12 +143,18 @@ def count_params(model: nnx.Module) -> int:
 
 
 def _lookup_only_params(model: nnx.Module) -> int:
-    """Parameters of embedding tables that are only indexed (no matmul FLOPs)."""
-    tied = ((isinstance(model, CausalLM) and model.lm_head is None)
-            or (isinstance(model, RoFormerMLM) and model.decoder is None))
-    if tied:
-        return 0
-    return sum(count_params(node) for _, node in nnx.iter_graph(model) if isinstance(node, Embed))
+    """Parameters of embedding tables that are only indexed (no matmul FLOPs).
+
+    Every `Embed` (token, position and token-type tables) except a token table tied
+    to the output layer, which the logits multiply by.
+    """
+    tied = None
+    if isinstance(model, CausalLM) and model.lm_head is None:
+        tied = model.embed
+    elif isinstance(model, RoFormerMLM) and model.decoder is None:
+        tied = model.encoder.embed
+    return sum(count_params(node) for _, node in nnx.iter_graph(model)
+               if isinstance(node, Embed) and node is not tied)
 
 
 def flops_per_token(spec: ModelSpec, *, seq_len: int | None = None,
@@ -157,10 +163,11 @@ def flops_per_token(spec: ModelSpec, *, seq_len: int | None = None,
 
     `training`: `6·N + 12·L·h·d·n` (forward `2·N + 4·L·h·d·n`, backward twice the
     forward), the PaLM appendix-B estimate; otherwise the forward part only. Here `N`
-    is the number of parameters that take part in a matmul (all of them except an
-    untied embedding table, which is only indexed; a tied table counts, as the output
-    layer multiplies by it), `L` the layers, `h·d = D` the attention width and `n` the
-    sequence length (keys per query; the causal mask is not discounted). The
+    is the number of parameters that take part in a matmul (all of them except the
+    embedding tables that are only indexed: an untied token table, the position and
+    token-type tables; a tied token table counts, as the output layer multiplies by
+    it), `L` the layers, `h·d = D` the attention width and `n` the sequence length
+    (keys per query; the causal mask is not discounted). The
     GlobalPointer head adds its span scores `2·n·types·d_gp` (`2·n·d_gp` for the
     efficient head) to the forward part. Norms, softmax and activations are ignored.
 

@@ -6,6 +6,8 @@ which `kexue.parallel.nnx_state_shardings` maps onto the `(data, fsdp, tensor)` 
 | parameter                 | shape                     | logical axes                      |
 |---------------------------|---------------------------|-----------------------------------|
 | token embedding           | `[V, D]`                  | `(vocab, embed)`                  |
+| position embedding        | `[P, D]`                  | `(positions, embed)`              |
+| token-type embedding      | `[T, D]`                  | `(token_types, embed)`            |
 | query projection          | `[D, h, d]`               | `(embed, heads, head_dim)`        |
 | key / value projection    | `[D, h_kv, d]`            | `(embed, kv_heads, head_dim)`     |
 | attention output          | `[h, d, D]`               | `(heads, head_dim, embed)`        |
@@ -20,6 +22,7 @@ norms and softmax statistics in float32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -94,16 +97,17 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table `[V, D]` with logical axes `(vocab, embed)`.
+    """Embedding table `[V, D]`, logical axes `axes` (tokens: `(vocab, embed)`).
 
     `attend(x)` computes `x · Eᵀ` (logits over the vocabulary, for tied output layers).
     """
 
-    def __init__(self, vocab_size: int, width: int, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
+    def __init__(self, vocab_size: int, width: int, *, axes: Axes = ("vocab", "embed"),
+                 dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
+                 rngs: nnx.Rngs):
         self.dtype = dtype
         self.embedding = make_param(rngs, nnx.initializers.normal(init_std),
-                                    (vocab_size, width), ("vocab", "embed"), param_dtype)
+                                    (vocab_size, width), axes, param_dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
@@ -139,9 +143,10 @@ def make_norm(config: TransformerConfig, rngs: nnx.Rngs) -> Norm:
                 dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
 
 
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu,
-    "geglu": jax.nn.gelu, "swiglu": jax.nn.silu,
+#: `TransformerConfig.activation` → the nonlinearity (of the gate, for GLU variants).
+ACTIVATION_FUNCTIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": jax.nn.gelu, "gelu_erf": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu, "silu": jax.nn.silu, "geglu": jax.nn.gelu, "swiglu": jax.nn.silu,
 }
 
 
@@ -151,7 +156,7 @@ class FeedForward(nnx.Module):
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         dense = dict(use_bias=config.use_bias, dtype=config.compute_dtype,
                      param_dtype=config.weight_dtype, init_std=config.init_std, rngs=rngs)
-        self.activation = _ACTIVATIONS[config.activation]
+        self.activation = ACTIVATION_FUNCTIONS[config.activation]
         self.wi = Dense(config.width, config.mlp_dim, in_axes=("embed",), out_axes=("mlp",),
                         **dense)
         self.wg = (Dense(config.width, config.mlp_dim, in_axes=("embed",), out_axes=("mlp",),
@@ -182,8 +187,8 @@ class Attention(nnx.Module):
 
     `q = x W_q`, `k = x W_k`, `v = x W_v` (`h` query heads, `h_kv` key/value heads),
     RoPE on `q` and `k` by `positions` (`apply_rope`, or `apply_rope_nd` for
-    `rope_dims > 1`), then `ops.dot_product_attention` with the configured scale, and
-    the output projection `[h, d] → D`.
+    `rope_dims > 1`; none with `rotary_dim=0`), then `ops.dot_product_attention` with
+    the configured scale, and the output projection `[h, d] → D`.
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -202,6 +207,8 @@ class Attention(nnx.Module):
 
     def rotate(self, x: jax.Array, positions) -> jax.Array:
         c = self.config
+        if c.rotary_features == 0:  # RoPE off (`rotary_dim=0`)
+            return x
         if c.rope_dims == 1:
             return ops.apply_rope(x, positions, base=c.rope_base, layout=c.rope_layout,
                                   rotary_dim=c.rotary_features)

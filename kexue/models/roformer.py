@@ -26,7 +26,15 @@ from kexue.models.config import (
     check_choice,
     check_positive_int,
 )
-from kexue.models.layers import Dense, Embed, Norm, Transformer, cross_entropy, make_param
+from kexue.models.layers import (
+    ACTIVATION_FUNCTIONS,
+    Dense,
+    Embed,
+    Norm,
+    Transformer,
+    cross_entropy,
+    make_param,
+)
 
 GP_LOSSES = ("dense", "sparse")
 POOLINGS = ("cls", "mean")
@@ -41,31 +49,69 @@ def attention_mask_from(mask, attention_mask=None):
 class RoFormerEncoder(nnx.Module):
     """Token embedding and a transformer stack with rotary position embedding.
 
-    Positions enter only through RoPE inside attention, so any positions can be given,
-    including floats (equal-mean random positions, kexue.fm/archives/9444).
+    With RoPE alone positions enter only inside attention, so any positions can be
+    given, including floats (equal-mean random positions, kexue.fm/archives/9444).
+    BERT-style inputs are options of the config: `max_positions > 0` adds a learned
+    absolute position table `[P, D]` (axes `(positions, embed)`; with `rotary_dim=0`
+    for BERT itself) and `type_vocab_size > 0` a token-type table `[T, D]` (axes
+    `(token_types, embed)`), both summed with the token embedding before the stack:
+    `x_i = E[t_i] + P[p_i] + T[s_i]` (Devlin et al., 2019).
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         check_positive_int("vocab_size", config.vocab_size)
+        c = config
         self.config = config
-        self.embed = Embed(config.vocab_size, config.width, dtype=config.compute_dtype,
-                           param_dtype=config.weight_dtype, init_std=config.init_std, rngs=rngs)
+        table = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype, init_std=c.init_std,
+                     rngs=rngs)
+        self.embed = Embed(c.vocab_size, c.width, **table)
+        self.position_embed = (Embed(c.max_positions, c.width, axes=("positions", "embed"),
+                                     **table) if c.max_positions else None)
+        self.type_embed = (Embed(c.type_vocab_size, c.width, axes=("token_types", "embed"),
+                                 **table) if c.type_vocab_size else None)
         self.transformer = Transformer(config, rngs=rngs)
 
+    def embed_inputs(self, tokens: jax.Array, *, positions=None, token_types=None) -> jax.Array:
+        """`E[t] (+ P[p]) (+ T[s])` `[b, n, D]` in the compute dtype (see the class doc)."""
+        c, n = self.config, tokens.shape[-1]
+        x = self.embed(tokens)
+        if self.position_embed is not None:
+            if positions is None:
+                if n > c.max_positions:
+                    raise ValueError(f"tokens: expected at most `max_positions` = "
+                                     f"{c.max_positions} positions (the learned position "
+                                     f"table); got length {n}.")
+                positions = np.arange(n, dtype=np.int32)
+            elif not jnp.issubdtype(jnp.asarray(positions).dtype, jnp.integer):
+                raise ValueError(f"positions: expected int positions for the learned "
+                                 f"position table (`max_positions` = {c.max_positions}); "
+                                 f"got {jnp.asarray(positions).dtype}.")
+            x = x + self.position_embed(positions)
+        if self.type_embed is not None:
+            x = x + self.type_embed(jnp.zeros_like(tokens) if token_types is None
+                                    else token_types)
+        elif token_types is not None:
+            raise ValueError("token_types: the model has no token-type table "
+                             "(`type_vocab_size` = 0); pass None.")
+        return x
+
     def __call__(self, tokens: jax.Array, *, mask=None, positions=None, attention_mask=None,
-                 deterministic: bool | None = None) -> jax.Array:
+                 token_types=None, deterministic: bool | None = None) -> jax.Array:
         """Hidden states `[b, n, D]` of `tokens [b, n]`.
 
         Args:
           tokens: int token ids `[b, n]`.
           mask: optional `[b, n]` bool/int, True for real tokens; padded tokens neither
             attend nor are attended to.
-          positions: optional `[b, n]` or `[n]` int or float positions (default `0…n−1`).
+          positions: optional `[b, n]` or `[n]` int or float positions (default `0…n−1`);
+            int only with a learned position table, whose rows they index.
           attention_mask: optional bool mask broadcastable to `[b, n, n]` (e.g. a
             prefix-LM mask), combined with `mask`.
+          token_types: optional int `[b, n]` segment ids in `[0, type_vocab_size)`
+            (default 0 for every token); only with `type_vocab_size > 0`.
           deterministic: disable dropout (None: the module's train/eval setting).
         """
-        x = self.embed(tokens)
+        x = self.embed_inputs(tokens, positions=positions, token_types=token_types)
         hidden, _ = self.transformer(x, positions=positions,
                                      mask=attention_mask_from(mask, attention_mask),
                                      deterministic=deterministic)
@@ -75,7 +121,8 @@ class RoFormerEncoder(nnx.Module):
 class RoFormerMLM(nnx.Module):
     """RoFormer with a masked-LM head: `logits = norm(act(h W + b)) Eᵀ + b_V`.
 
-    `E` is the input embedding when `tie_embeddings`, otherwise a separate
+    `act` is the config's activation (the gate's nonlinearity for GLU variants), as in
+    BERT's head. `E` is the input embedding when `tie_embeddings`, otherwise a separate
     `[D, V]` output kernel with logical axes `(embed, vocab)`.
     """
 
@@ -83,6 +130,7 @@ class RoFormerMLM(nnx.Module):
                  rngs: nnx.Rngs):
         c = config
         self.config = config
+        self.activation = ACTIVATION_FUNCTIONS[c.activation]
         self.encoder = RoFormerEncoder(config, rngs=rngs)
         self.transform = Dense(c.width, c.width, in_axes=("embed",), out_axes=(None,),
                                dtype=c.compute_dtype, param_dtype=c.weight_dtype,
@@ -96,7 +144,8 @@ class RoFormerMLM(nnx.Module):
                                       ("vocab",), c.weight_dtype)
 
     def __call__(self, tokens, *, mask=None, positions=None, attention_mask=None,
-                 predict_positions=None, deterministic: bool | None = None) -> jax.Array:
+                 token_types=None, predict_positions=None,
+                 deterministic: bool | None = None) -> jax.Array:
         """float32 vocabulary logits `[b, n, V]` (arguments as `RoFormerEncoder`).
 
         With int `predict_positions` `[b, P]` (indices into the n tokens), the head runs
@@ -105,7 +154,7 @@ class RoFormerMLM(nnx.Module):
         model's step (`data.mlm_max_predictions` lists them).
         """
         h = self.encoder(tokens, mask=mask, positions=positions, attention_mask=attention_mask,
-                         deterministic=deterministic)
+                         token_types=token_types, deterministic=deterministic)
         if predict_positions is not None:
             predict_positions = jnp.asarray(predict_positions)
             if (predict_positions.ndim != 2 or predict_positions.shape[0] != h.shape[0]
@@ -113,7 +162,7 @@ class RoFormerMLM(nnx.Module):
                 raise ValueError(f"predict_positions: expected int [batch={h.shape[0]}, P], "
                                  f"got {predict_positions.dtype} {predict_positions.shape}")
             h = jnp.take_along_axis(h, predict_positions[..., None], axis=1)
-        h = self.transform_norm(jax.nn.gelu(self.transform(h)))
+        h = self.transform_norm(self.activation(self.transform(h)))
         logits = self.encoder.embed.attend(h) if self.decoder is None else self.decoder(h)
         return logits.astype(jnp.float32) + self.output_bias[...].astype(jnp.float32)
 

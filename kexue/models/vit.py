@@ -14,7 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kexue.models.config import TransformerConfig, argument_error, check_positive_int
+from kexue.models.config import (
+    TransformerConfig,
+    argument_error,
+    check_no_embedding_tables,
+    check_positive_int,
+)
 from kexue.models.layers import Dense, Transformer
 
 
@@ -38,6 +43,7 @@ class ViT(nnx.Module):
                                patch_size)
         if config.rope_dims != 2:
             raise argument_error("rope_dims", "2 for the ViT (row and column)", config.rope_dims)
+        check_no_embedding_tables(config, "vit")
         c = config
         self.config, self.patch_size, self.num_channels = c, patch_size, num_channels
         self.grid = image_size // patch_size

@@ -18,6 +18,8 @@ data, FSDP and tensor parallelism changes the mesh sizes, not the model.
 | `kv_heads`   | `tensor`             | key/value heads (GQA)                              |
 | `head_dim`   | —                    | per-head features, kept whole for RoPE and QKᵀ     |
 | `vocab`      | `tensor`             | embedding rows and output logits                   |
+| `positions`  | —                    | rows of a learned absolute position table (BERT)   |
+| `token_types`| —                    | rows of a token-type (segment) table               |
 | `types`      | —                    | GlobalPointer entity types                         |
 | `classes`    | —                    | classifier outputs                                 |
 | `norm`       | —                    | LayerNorm / RMSNorm scales and biases              |
@@ -62,6 +64,8 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("vocab", "tensor"),
+    ("positions", None),
+    ("token_types", None),
     ("types", None),
     ("classes", None),
     ("norm", None),

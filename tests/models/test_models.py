@@ -249,7 +249,7 @@ def test_multilabel_loss_is_zlpr_mean(rng):
         ({"norm_position": "middle"}, "`norm_position`: expected one of ['pre', 'post']"),
         ({"activation": "tanh"}, "`activation`: expected one of ['gelu'"),
         ({"dtype": "int8"}, "`dtype`: expected one of"),
-        ({"rotary_dim": 3}, "`rotary_dim`: expected a multiple of 2·rope_dims = 2"),
+        ({"rotary_dim": 3}, "`rotary_dim`: expected 0 or a multiple of 2·rope_dims = 2"),
         ({"rotary_dim": 16}, "at most the head dim width / num_heads = 8; got 16"),
         ({"width": 0}, "`width`: expected a positive int; got 0"),
         ({"num_head": 4}, "`num_head`: not a setting of model 'roformer_mlm'"),
