@@ -630,7 +630,7 @@ def _ner(config):
         logits = model(batch["tokens"], mask=batch["mask"])
         scores = model.span_scores(logits, mask=batch["mask"]) if bio else logits
         counts = ops.span_f1(scores, _span_labels(batch["span_indices"], types, n),
-                             mask=batch["mask"])
+                             valid=batch["mask"])
         loss = model.loss(logits, labels_for(batch, n), mask=batch["mask"])
         rows = jnp.sum(batch["example_weights"])
         out = {"tp": counts["tp"], "fp": counts["fp"], "fn": counts["fn"],

@@ -180,9 +180,9 @@ class GlobalPointerNER(nnx.Module):
             qk = jnp.concatenate([q, k], axis=-1)
             return ops.efficient_global_pointer_logits(
                 q, k, self.bias_start(qk).astype(jnp.float32),
-                self.bias_end(qk).astype(jnp.float32), mask=mask, rope=self.rope,
+                self.bias_end(qk).astype(jnp.float32), valid=mask, rope=self.rope,
                 base=c.rope_base, layout=c.rope_layout)
-        return ops.global_pointer_logits(q, k, mask=mask, rope=self.rope, base=c.rope_base,
+        return ops.global_pointer_logits(q, k, valid=mask, rope=self.rope, base=c.rope_base,
                                          layout=c.rope_layout)
 
     @staticmethod
@@ -212,14 +212,14 @@ class GlobalPointerNER(nnx.Module):
             if labels.shape != logits.shape:
                 raise ValueError(f"`labels` for the dense GlobalPointer loss must have the "
                                  f"logits' shape {logits.shape}; got {labels.shape}.")
-            per_type = ops.zlpr_loss(logits, labels, mask=valid, axis=(-2, -1))
+            per_type = ops.zlpr_loss(logits, labels, where=valid, axis=(-2, -1))
         else:
             if labels.ndim != 3 or labels.shape[0] != b or labels.shape[-1] != 3:
                 raise ValueError(f"`labels` for the sparse GlobalPointer loss must be spans "
                                  f"[b={b}, P, 3] of (type, start, end); got {labels.shape}.")
             per_type = ops.sparse_zlpr_loss(logits.reshape(b, types, n * n),
                                             spans_to_indices(labels, types, n),
-                                            mask=valid.reshape(b, 1, n * n))
+                                            where=valid.reshape(b, 1, n * n))
         return jnp.mean(per_type)
 
     def rdrop_loss(self, logits_a: jax.Array, logits_b: jax.Array, labels: jax.Array, *,
@@ -244,7 +244,7 @@ class GlobalPointerNER(nnx.Module):
         base = 0.5 * (self.loss(logits_a, labels, mask=mask)
                       + self.loss(logits_b, labels, mask=mask))
         divergence = jnp.mean(ops.global_pointer_kl(
-            logits_a, logits_b, mask=self.span_validity(logits_a, mask), axis=(-2, -1)))
+            logits_a, logits_b, where=self.span_validity(logits_a, mask), axis=(-2, -1)))
         return base + 0.25 * alpha * divergence, {"zlpr": base, "gp_kl": divergence}
 
     @staticmethod

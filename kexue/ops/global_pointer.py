@@ -36,28 +36,28 @@ __all__ = [
 ]
 
 
-def _check_token_mask(mask, name: str, leading: tuple[int, ...], leading_name: str) -> None:
-    """`mask` is a bool/integer `[..., n]` array broadcasting to `leading` (batch…, n)."""
-    _checks.check_dtype_kind(name, mask, ("bool", "integer"))
-    _checks.check_min_rank(name, mask, 1, "[..., n]")
-    _checks.check_broadcasts_to(name, _checks.shape_of(mask), leading_name, leading)
+def _check_valid(valid, leading: tuple[int, ...], leading_name: str) -> None:
+    """`valid` is a bool/integer `[..., n]` array broadcasting to `leading` (batch…, n)."""
+    _checks.check_dtype_kind("valid", valid, ("bool", "integer"))
+    _checks.check_min_rank("valid", valid, 1, "[..., n]")
+    _checks.check_broadcasts_to("valid", _checks.shape_of(valid), leading_name, leading)
 
 
-def _span_validity(n: int, mask) -> jax.Array:
+def _span_validity(n: int, valid) -> jax.Array:
     """Bool `[..., 1, n, n]`: span `(i, j)` exists (`i ≤ j`) and both ends are valid tokens."""
     upper = jnp.triu(jnp.ones((n, n), dtype=bool))
-    if mask is None:
+    if valid is None:
         return upper
-    valid = jnp.asarray(mask).astype(bool)
-    pair = valid[..., :, None] & valid[..., None, :]
+    token = jnp.asarray(valid).astype(bool)
+    pair = token[..., :, None] & token[..., None, :]
     return (pair & upper)[..., None, :, :]
 
 
-def _mask_spans(logits: jax.Array, mask, out_dtype) -> jax.Array:
+def _mask_spans(logits: jax.Array, valid, out_dtype) -> jax.Array:
     """Replace impossible spans of `logits [..., types, n, n]` and cast to `out_dtype`."""
-    valid = _span_validity(logits.shape[-1], mask)
+    exists = _span_validity(logits.shape[-1], valid)
     fill = jnp.asarray(_checks.large_negative(out_dtype), logits.dtype)
-    return jnp.where(valid, logits, fill).astype(out_dtype)
+    return jnp.where(exists, logits, fill).astype(out_dtype)
 
 
 def _rotate(x: jax.Array, rope: bool, base: float, layout: str) -> jax.Array:
@@ -73,7 +73,7 @@ def _check_rope_dim(rope: bool, name: str, d: int) -> None:
         )
 
 
-def global_pointer_logits(q, k, *, mask=None, rope: bool = True, base: float = 10000.0,
+def global_pointer_logits(q, k, *, valid=None, rope: bool = True, base: float = 10000.0,
                           layout: str = "interleaved") -> jax.Array:
     """GlobalPointer span logits `s_α(i, j) = (R_i q_{i,α})ᵀ (R_j k_{j,α}) / √d`.
 
@@ -84,8 +84,8 @@ def global_pointer_logits(q, k, *, mask=None, rope: bool = True, base: float = 1
     Args:
       q: `[..., n, types, d]` start vectors, one per entity type, any float dtype.
       k: `[..., n, types, d]` end vectors, same shape as `q`.
-      mask: optional bool or integer `[..., n]` marking valid (non-padding) tokens,
-        broadcastable to `q.shape[:-2]`.
+      valid: optional bool or integer `[..., n]` token validity (True or nonzero = real
+        token, False or 0 = padding), broadcastable to `q.shape[:-2]`.
       rope: rotate `q` and `k` by their positions `0 … n−1` (`apply_rope`) first.
       base: RoPE frequency base.
       layout: RoPE feature pairing, ``"interleaved"`` (RoFormer) or ``"half"``.
@@ -101,14 +101,14 @@ def global_pointer_logits(q, k, *, mask=None, rope: bool = True, base: float = 1
     q, k = jnp.asarray(q), jnp.asarray(k)
     d = q.shape[-1]
     _check_rope_dim(rope, "q", d)
-    if mask is not None:
-        _check_token_mask(mask, "mask", tuple(q.shape[:-2]), "q.shape[:-2]")
+    if valid is not None:
+        _check_valid(valid, tuple(q.shape[:-2]), "q.shape[:-2]")
     qr, kr = _rotate(q, rope, base, layout), _rotate(k, rope, base, layout)
     logits = jnp.einsum("...itd,...jtd->...tij", qr, kr) / math.sqrt(d)
-    return _mask_spans(logits, mask, q.dtype)
+    return _mask_spans(logits, valid, q.dtype)
 
 
-def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, mask=None,
+def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, valid=None,
                                     rope: bool = True, base: float = 10000.0,
                                     layout: str = "interleaved") -> jax.Array:
     """Efficient GlobalPointer logits: one shared `(q, k)` plus a per-type start/end bias.
@@ -127,7 +127,7 @@ def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, mask=None,
       bias_start: `[..., n, types]` per-type score for a span starting at each token.
       bias_end: `[..., n, types]` per-type score for a span ending at each token; same
         shape as `bias_start`, whose leading axes match `q.shape[:-1]`.
-      mask: optional bool or integer `[..., n]` marking valid tokens, broadcastable to
+      valid: optional bool or integer `[..., n]` token validity, broadcastable to
         `q.shape[:-1]`.
       rope: rotate `q` and `k` by their positions `0 … n−1` first.
       base: RoPE frequency base.
@@ -154,8 +154,8 @@ def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, mask=None,
     q, k = jnp.asarray(q), jnp.asarray(k)
     d = q.shape[-1]
     _check_rope_dim(rope, "q", d)
-    if mask is not None:
-        _check_token_mask(mask, "mask", tuple(q.shape[:-1]), "q.shape[:-1]")
+    if valid is not None:
+        _check_valid(valid, tuple(q.shape[:-1]), "q.shape[:-1]")
     qr = _rotate(q[..., None, :], rope, base, layout)[..., 0, :]
     kr = _rotate(k[..., None, :], rope, base, layout)[..., 0, :]
     dot = jnp.einsum("...id,...jd->...ij", qr, kr) / math.sqrt(d)
@@ -163,7 +163,7 @@ def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, mask=None,
     start = jnp.swapaxes(jnp.asarray(bias_start).astype(compute), -1, -2)  # [..., types, n]
     end = jnp.swapaxes(jnp.asarray(bias_end).astype(compute), -1, -2)
     logits = dot[..., None, :, :] + (start[..., :, None] + end[..., None, :]) / 2
-    return _mask_spans(logits, mask, q.dtype)
+    return _mask_spans(logits, valid, q.dtype)
 
 
 def decode_spans(logits, *, threshold: float = 0.0) -> np.ndarray:
@@ -223,35 +223,35 @@ def f1_from_counts(tp, fp, fn) -> dict[str, jax.Array]:
     }
 
 
-def span_f1(pred_logits, labels, *, mask=None, threshold: float = 0.0) -> dict[str, jax.Array]:
+def span_f1(logits, labels, *, valid=None, threshold: float = 0.0) -> dict[str, jax.Array]:
     """Span-level true/false positives, false negatives, precision, recall and F1.
 
-    A span `(type, i, j)` is predicted iff `pred_logits > threshold` and gold iff
+    A span `(type, i, j)` is predicted iff `logits > threshold` and gold iff
     `labels > 0`. `jax.jit`-safe; sum the counts over batches and call
     `f1_from_counts` for corpus-level scores (kexue.fm/archives/8373).
 
     Args:
-      pred_logits: `[..., types, n, n]` float logits.
-      labels: gold spans, 0/1 (bool, integer or float), same shape as `pred_logits`.
-      mask: optional bool or integer `[..., n]` of valid tokens; spans with an invalid
+      logits: `[..., types, n, n]` float predicted span scores.
+      labels: gold spans, 0/1 (bool, integer or float), same shape as `logits`
+        (`spans_to_dense` makes them from span rows).
+      valid: optional bool or integer `[..., n]` token validity; spans with an invalid
         start or end, or with `end < start`, are then not counted.
       threshold: decision threshold on the logits.
 
     Returns:
       dict of float32 scalars, see `f1_from_counts`.
     """
-    _checks.check_min_rank("pred_logits", pred_logits, 3, "[..., types, n, n]")
-    _checks.check_floating("pred_logits", pred_logits)
-    _checks.check_same_shape("pred_logits", pred_logits, "labels", labels)
-    shape = _checks.shape_of(pred_logits)
-    if mask is not None:
-        leading = shape[:-3] + shape[-1:]
-        _check_token_mask(mask, "mask", leading, "pred_logits.shape[:-3] + (n,)")
-    pred = jnp.asarray(pred_logits) > threshold
+    _checks.check_min_rank("logits", logits, 3, "[..., types, n, n]")
+    _checks.check_floating("logits", logits)
+    _checks.check_same_shape("logits", logits, "labels", labels)
+    shape = _checks.shape_of(logits)
+    if valid is not None:
+        _check_valid(valid, shape[:-3] + shape[-1:], "logits.shape[:-3] + (n,)")
+    pred = jnp.asarray(logits) > threshold
     gold = jnp.asarray(labels) > 0
-    if mask is not None:
-        valid = _span_validity(shape[-1], mask)
-        pred, gold = pred & valid, gold & valid
+    if valid is not None:
+        exists = _span_validity(shape[-1], valid)
+        pred, gold = pred & exists, gold & exists
     tp = jnp.sum(pred & gold)
     fp = jnp.sum(pred & ~gold)
     fn = jnp.sum(~pred & gold)

@@ -36,11 +36,11 @@ def rope_ref(x: np.ndarray, layout: str, base: float = 10000.0) -> np.ndarray:
     return out
 
 
-def gp_ref(q, k, mask, rope, layout):
-    """`[B, T, n, n]` reference logits; impossible spans are None-marked by `valid`."""
+def gp_ref(q, k, valid, rope, layout):
+    """`[B, T, n, n]` reference logits; impossible spans are marked False in `exists`."""
     batch, n, types, d = q.shape
     out = np.zeros((batch, types, n, n))
-    valid = np.zeros((batch, types, n, n), dtype=bool)
+    exists = np.zeros((batch, types, n, n), dtype=bool)
     for b in range(batch):
         for t in range(types):
             qt, kt = q[b, :, t].astype(np.float64), k[b, :, t].astype(np.float64)
@@ -49,11 +49,11 @@ def gp_ref(q, k, mask, rope, layout):
             for i in range(n):
                 for j in range(n):
                     out[b, t, i, j] = qt[i] @ kt[j] / np.sqrt(d)
-                    valid[b, t, i, j] = j >= i and bool(mask[b, i]) and bool(mask[b, j])
-    return out, valid
+                    exists[b, t, i, j] = j >= i and bool(valid[b, i]) and bool(valid[b, j])
+    return out, exists
 
 
-def random_mask(rng, batch, n):
+def random_valid(rng, batch, n):
     lengths = rng.integers(1, n + 1, size=batch)
     lengths[0] = n
     return np.arange(n)[None, :] < lengths[:, None]
@@ -65,21 +65,21 @@ def test_global_pointer_matches_reference(rng, rope, layout):
     batch, n, types, d = 2, 5, 3, 8
     q = rng.normal(size=(batch, n, types, d)).astype(np.float32)
     k = rng.normal(size=(batch, n, types, d)).astype(np.float32)
-    mask = random_mask(rng, batch, n)
-    got = np.asarray(global_pointer_logits(q, k, mask=mask, rope=rope, layout=layout))
-    want, valid = gp_ref(q, k, mask, rope, layout)
+    valid = random_valid(rng, batch, n)
+    got = np.asarray(global_pointer_logits(q, k, valid=valid, rope=rope, layout=layout))
+    want, exists = gp_ref(q, k, valid, rope, layout)
     assert got.shape == (batch, types, n, n) and got.dtype == np.float32
-    np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(got[~valid], NEG32)
+    np.testing.assert_allclose(got[exists], want[exists], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[~exists], NEG32)
 
 
-def test_global_pointer_without_mask_masks_lower_triangle(rng):
+def test_global_pointer_without_valid_masks_lower_triangle(rng):
     q = rng.normal(size=(4, 2, 6)).astype(np.float32)  # unbatched [n, types, d]
     k = rng.normal(size=(4, 2, 6)).astype(np.float32)
     got = np.asarray(global_pointer_logits(q, k))
-    want, valid = gp_ref(q[None], k[None], np.ones((1, 4), bool), True, "interleaved")
+    want, exists = gp_ref(q[None], k[None], np.ones((1, 4), bool), True, "interleaved")
     assert got.shape == (2, 4, 4)
-    np.testing.assert_allclose(got[valid[0]], want[0][valid[0]], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[exists[0]], want[0][exists[0]], rtol=1e-5, atol=1e-5)
     lower = np.tril(np.ones((4, 4), bool), -1)
     assert np.all(got[:, lower] == NEG32) and np.all(got[:, ~lower] > NEG32)
 
@@ -108,15 +108,15 @@ def test_rope_makes_logits_relative(rng):
 def test_global_pointer_bfloat16(rng):
     q = rng.normal(size=(2, 4, 2, 8)).astype(np.float32)
     k = rng.normal(size=(2, 4, 2, 8)).astype(np.float32)
-    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=np.int32)
+    valid = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=np.int32)
     got = global_pointer_logits(jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16),
-                                mask=mask)
+                                valid=valid)
     assert got.dtype == jnp.bfloat16
-    want, valid = gp_ref(q, k, mask, True, "interleaved")
+    want, exists = gp_ref(q, k, valid, True, "interleaved")
     got32 = np.asarray(got.astype(jnp.float32))
-    np.testing.assert_allclose(got32[valid], want[valid], rtol=0.05, atol=0.1)
+    np.testing.assert_allclose(got32[exists], want[exists], rtol=0.05, atol=0.1)
     assert np.all(np.isfinite(got32))
-    np.testing.assert_array_equal(got32[~valid], float(jnp.bfloat16(
+    np.testing.assert_array_equal(got32[~exists], float(jnp.bfloat16(
         _checks.large_negative(jnp.bfloat16))))
 
 
@@ -124,27 +124,27 @@ def test_global_pointer_jit_vmap_grad(rng):
     batch, n, types, d = 3, 4, 2, 4
     q = jnp.asarray(rng.normal(size=(batch, n, types, d)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(batch, n, types, d)), jnp.float32)
-    mask = jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
-    eager = global_pointer_logits(q, k, mask=mask)
-    np.testing.assert_allclose(jax.jit(global_pointer_logits)(q, k, mask=mask), eager,
+    valid = jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
+    eager = global_pointer_logits(q, k, valid=valid)
+    np.testing.assert_allclose(jax.jit(global_pointer_logits)(q, k, valid=valid), eager,
                                rtol=1e-6, atol=1e-6)
-    vmapped = jax.vmap(lambda a, b, c: global_pointer_logits(a, b, mask=c))(q, k, mask)
+    vmapped = jax.vmap(lambda a, b, c: global_pointer_logits(a, b, valid=c))(q, k, valid)
     np.testing.assert_allclose(vmapped, eager, rtol=1e-6, atol=1e-6)
 
-    gq, gk = jax.grad(lambda a, b: jnp.sum(global_pointer_logits(a, b, mask=mask)),
+    gq, gk = jax.grad(lambda a, b: jnp.sum(global_pointer_logits(a, b, valid=valid)),
                       argnums=(0, 1))(q, k)
     assert np.all(np.isfinite(gq)) and np.all(np.isfinite(gk))
     # Padding tokens (and the fully padded third example) get no gradient.
-    padded = ~np.asarray(mask)
+    padded = ~np.asarray(valid)
     assert np.all(np.asarray(gq)[padded] == 0) and np.all(np.asarray(gk)[padded] == 0)
     assert np.any(np.asarray(gq)[~padded] != 0)
 
 
-def egp_ref(q, k, bias_start, bias_end, mask):
+def egp_ref(q, k, bias_start, bias_end, valid):
     batch, n, d = q.shape
     types = bias_start.shape[-1]
     out = np.zeros((batch, types, n, n))
-    valid = np.zeros_like(out, dtype=bool)
+    exists = np.zeros_like(out, dtype=bool)
     for b in range(batch):
         qr, kr = rope_ref(q[b], "interleaved"), rope_ref(k[b], "interleaved")
         for t in range(types):
@@ -152,8 +152,8 @@ def egp_ref(q, k, bias_start, bias_end, mask):
                 for j in range(n):
                     out[b, t, i, j] = (qr[i] @ kr[j] / np.sqrt(d)
                                        + (bias_start[b, i, t] + bias_end[b, j, t]) / 2)
-                    valid[b, t, i, j] = j >= i and bool(mask[b, i]) and bool(mask[b, j])
-    return out, valid
+                    exists[b, t, i, j] = j >= i and bool(valid[b, i]) and bool(valid[b, j])
+    return out, exists
 
 
 def test_efficient_global_pointer_matches_reference(rng):
@@ -161,15 +161,15 @@ def test_efficient_global_pointer_matches_reference(rng):
     q, k = (rng.normal(size=(batch, n, d)).astype(np.float32) for _ in range(2))
     bias_start, bias_end = (rng.normal(size=(batch, n, types)).astype(np.float32)
                             for _ in range(2))
-    mask = random_mask(rng, batch, n)
-    got = np.asarray(efficient_global_pointer_logits(q, k, bias_start, bias_end, mask=mask))
-    want, valid = egp_ref(q, k, bias_start, bias_end, mask)
+    valid = random_valid(rng, batch, n)
+    got = np.asarray(efficient_global_pointer_logits(q, k, bias_start, bias_end, valid=valid))
+    want, exists = egp_ref(q, k, bias_start, bias_end, valid)
     assert got.shape == (batch, types, n, n)
-    np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(got[~valid], NEG32)
+    np.testing.assert_allclose(got[exists], want[exists], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[~exists], NEG32)
     # With zero bias every type sees the same shared score.
     zero = np.zeros_like(bias_start)
-    shared = np.asarray(efficient_global_pointer_logits(q, k, zero, zero, mask=mask))
+    shared = np.asarray(efficient_global_pointer_logits(q, k, zero, zero, valid=valid))
     np.testing.assert_array_equal(shared[:, 0], shared[:, 1])
 
 
@@ -209,35 +209,35 @@ def test_decode_spans_hand_built():
     assert empty.shape == (0, 4) and empty.dtype == np.int64
     # Masked spans of real GlobalPointer logits never decode.
     q = np.ones((3, 1, 2), np.float32)
-    spans = decode_spans(global_pointer_logits(q, q, rope=False, mask=np.array([1, 1, 0])))
+    spans = decode_spans(global_pointer_logits(q, q, rope=False, valid=np.array([1, 1, 0])))
     np.testing.assert_array_equal(spans, [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 1]])
 
 
-def counts_ref(pred_logits, labels, mask, threshold):
+def counts_ref(logits, labels, valid, threshold):
     tp = fp = fn = 0
-    batch, types, n, _ = pred_logits.shape
+    batch, types, n, _ = logits.shape
     for b in range(batch):
         for t in range(types):
             for i in range(n):
                 for j in range(n):
-                    if mask is not None and not (j >= i and mask[b, i] and mask[b, j]):
+                    if valid is not None and not (j >= i and valid[b, i] and valid[b, j]):
                         continue
-                    p, g = pred_logits[b, t, i, j] > threshold, labels[b, t, i, j] > 0
+                    p, g = logits[b, t, i, j] > threshold, labels[b, t, i, j] > 0
                     tp += p and g
                     fp += p and not g
                     fn += g and not p
     return tp, fp, fn
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_span_f1_counts(rng, with_mask):
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_span_f1_counts(rng, with_valid):
     shape = (3, 2, 5, 5)
     logits = rng.normal(size=shape).astype(np.float32)
     labels = (rng.random(shape) < 0.3).astype(np.int32)
-    mask = random_mask(rng, 3, 5) if with_mask else None
-    got = jax.jit(span_f1, static_argnames="threshold")(logits, labels, mask=mask,
+    valid = random_valid(rng, 3, 5) if with_valid else None
+    got = jax.jit(span_f1, static_argnames="threshold")(logits, labels, valid=valid,
                                                         threshold=0.2)
-    tp, fp, fn = counts_ref(logits, labels, mask, 0.2)
+    tp, fp, fn = counts_ref(logits, labels, valid, 0.2)
     assert (float(got["tp"]), float(got["fp"]), float(got["fn"])) == (tp, fp, fn)
     np.testing.assert_allclose(got["precision"], tp / (tp + fp), rtol=1e-6)
     np.testing.assert_allclose(got["recall"], tp / (tp + fn), rtol=1e-6)
@@ -268,10 +268,10 @@ def test_errors_name_the_argument():
         global_pointer_logits(q[0, 0], q[0, 0])
     with pytest.raises(ValueError, match=r"`q` must have an even last axis"):
         global_pointer_logits(q[..., :3], q[..., :3])
-    with pytest.raises(ValueError, match=r"`mask` with shape \(2, 5\) does not broadcast"):
-        global_pointer_logits(q, q, mask=np.ones((2, 5), bool))
-    with pytest.raises(ValueError, match=r"`mask` must have a bool or integer dtype"):
-        global_pointer_logits(q, q, mask=np.ones((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"`valid` with shape \(2, 5\) does not broadcast"):
+        global_pointer_logits(q, q, valid=np.ones((2, 5), bool))
+    with pytest.raises(ValueError, match=r"`valid` must have a bool or integer dtype"):
+        global_pointer_logits(q, q, valid=np.ones((2, 4), np.float32))
     with pytest.raises(ValueError, match=r"`layout` must be one of"):
         global_pointer_logits(q, q, layout="pairs")
     with pytest.raises(ValueError, match=r"`k` must be a floating-point array"):
@@ -283,5 +283,5 @@ def test_errors_name_the_argument():
         efficient_global_pointer_logits(shared, shared, q[:, :, 0, :2], q[:, :, 0, :3])
     with pytest.raises(ValueError, match=r"`logits` must be square"):
         decode_spans(np.zeros((2, 3, 4)))
-    with pytest.raises(ValueError, match=r"`pred_logits` and `labels` must have the same"):
+    with pytest.raises(ValueError, match=r"`logits` and `labels` must have the same"):
         span_f1(np.zeros((2, 3, 3)), np.zeros((2, 3, 4)))
