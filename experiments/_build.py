@@ -574,23 +574,6 @@ def _mlm(config):
     return loss_fn, eval_fn, groups, lambda batch: int(batch["tokens"].size)
 
 
-def _span_labels(span_indices: jax.Array, types: int, n: int) -> jax.Array:
-    """Dense 0/1 `[b, types, n, n]` from flat `type·n² + start·n + end` indices (−1: none)."""
-    b = span_indices.shape[0]
-    valid = span_indices >= 0
-    flat = jnp.zeros((b, types * n * n), jnp.int32)
-    rows = jnp.broadcast_to(jnp.arange(b)[:, None], span_indices.shape)
-    flat = flat.at[rows, jnp.where(valid, span_indices, 0)].max(valid.astype(jnp.int32))
-    return flat.reshape(b, types, n, n)
-
-
-def _span_rows(span_indices: jax.Array, n: int) -> jax.Array:
-    """`(type, start, end)` rows `[b, P, 3]` (−1 rows for padding) from flat indices."""
-    kind, rest = span_indices // (n * n), span_indices % (n * n)
-    rows = jnp.stack([kind, rest // n, rest % n], axis=-1)
-    return jnp.where((span_indices >= 0)[..., None], rows, -1)
-
-
 def _ner(config):
     """Span NER: GlobalPointer (ZLPR, optional R-Drop) or the BIO tagging baseline.
 
@@ -603,17 +586,14 @@ def _ner(config):
     `objective.rdrop_alpha = α > 0` (GlobalPointer only): two dropout passes per step,
     `model.rdrop_loss` (kexue.fm/archives/8496, 9039).
     """
-    sparse = config.model.get("gp_loss", "dense") == "sparse"
     types = int(config.model.num_types)
     bio = config.model.name == "bio_tagger"
     alpha = float(config.get("objective", {}).get("rdrop_alpha", 0.0))
 
     def labels_for(batch, n):
         if bio:
-            return models.bio_tags_from_spans(_span_rows(batch["span_indices"], n), n)[0]
-        if sparse:
-            return _span_rows(batch["span_indices"], n)
-        return _span_labels(batch["span_indices"], types, n)
+            return models.bio_tags_from_spans(batch["spans"], n)[0]
+        return batch["spans"]
 
     def loss_fn(model, batch, rng):
         del rng
@@ -629,14 +609,14 @@ def _ner(config):
         n = batch["tokens"].shape[1]
         logits = model(batch["tokens"], mask=batch["mask"])
         scores = model.span_scores(logits, mask=batch["mask"]) if bio else logits
-        counts = ops.span_f1(scores, _span_labels(batch["span_indices"], types, n),
+        counts = ops.span_f1(scores, ops.spans_to_dense(batch["spans"], types, n),
                              valid=batch["mask"])
         loss = model.loss(logits, labels_for(batch, n), mask=batch["mask"])
         rows = jnp.sum(batch["example_weights"])
         out = {"tp": counts["tp"], "fp": counts["fp"], "fn": counts["fn"],
                "loss_sum": loss * rows, "rows": rows}
         if bio:
-            spans = _span_rows(batch["span_indices"], n)
+            spans = batch["spans"]
             kept = models.bio_tags_from_spans(spans, n)[1]
             gold = jnp.sum(spans[..., 0] >= 0)
             out.update(gold_spans=gold, bio_unrepresentable=gold - jnp.sum(kept))

@@ -164,12 +164,12 @@ def _loss_memory_and_time(preset: str, lengths: tuple[int, ...], repeats: int,
             lengths_b = rng.integers(n // 2, n + 1, b)
             starts = rng.integers(0, n // 2, (b, spans // 2))
             ends = starts + rng.integers(0, 4, (b, spans // 2))
-            flat = rng.integers(0, NUM_TYPES, (b, spans // 2)) * n * n + starts * n + ends
-            span_indices = np.full((b, spans), -1, np.int32)
-            span_indices[:, : spans // 2] = flat
+            kinds = rng.integers(0, NUM_TYPES, (b, spans // 2))
+            gold = np.full((b, spans, 3), -1, np.int32)
+            gold[:, : spans // 2] = np.stack([kinds, starts, ends], axis=-1)
             batch = {"tokens": jnp.asarray(rng.integers(4, vocab_size, (b, n)), jnp.int32),
                      "mask": jnp.asarray(np.arange(n)[None, :] < lengths_b[:, None]),
-                     "span_indices": jnp.asarray(span_indices),
+                     "spans": jnp.asarray(gold),
                      "example_weights": jnp.ones((b,), jnp.float32)}
 
             def loss_and_grad(params, rest, batch, graphdef=graphdef, loss_fn=loss_fn):

@@ -12,7 +12,7 @@
 * `cluener`: the `Cluener` builder and its checked line parser.
 * `tokenizers`: `ByteTokenizer`, `CharTokenizer`.
 * `pipeline`: `make_dataset`, `DataIterator`, `DatasetMetadata`, LM windows, MLM
-  masking, GlobalPointer labels.
+  masking, NER examples with their gold span rows.
 """
 
 from kexue.data.cluener import (

@@ -29,11 +29,12 @@ Batches by `data.task` (B = `data.batch_size // process_count`, n = `seq_len`):
   token), at most P tokens per window are chosen, and `predict_positions` int32
   [B, P] and `predict_weights` float32 [B, P] list them (see `mlm_mask`).
 * "ner" and "multilabel" (character-level): `tokens` int32 [B, n], `mask` bool [B, n],
-  `span_indices` int32 [B, max_spans]: the gold spans as `type * n * n + start * n +
-  end` (end inclusive), ascending, padded with -1; `type_labels` int32 [B, num_types]:
-  1 where the type occurs; `example_weights` float32 [B]: 0 on padding rows; and,
-  with `dense_labels`, `span_labels` int32 [B, num_types, n, n]. Spans that end
-  beyond the first n characters are dropped with the truncated text.
+  `spans` int32 [B, max_spans, 3]: the distinct gold spans as rows `(type, start,
+  end)` (end inclusive), in ascending order, padded with rows of -1 (the span rows of
+  `kexue.ops.spans_to_dense` / `spans_to_flat` and of `GlobalPointerNER.loss`);
+  `type_labels` int32 [B, num_types]: 1 where the type occurs; `example_weights`
+  float32 [B]: 0 on padding rows. Spans that end beyond the first n characters are
+  dropped with the truncated text.
 
 A controlled class imbalance for the cluener tasks (training split only): with
 `data.rare_types = "movie,book"` and `data.type_keep_fraction = r`, only
@@ -106,8 +107,7 @@ _FIELD_DOCS: dict[str, tuple[Any, str]] = {
     "mlm_random_fraction": (0.1, "mlm: chosen tokens replaced by a random token"),
     "mlm_max_predictions": (0, "mlm train split: at most this many chosen tokens per "
                                "window, also listed as predict_positions (0: no cap)"),
-    "max_spans": (32, "ner: capacity of span_indices per example"),
-    "dense_labels": (False, "ner: also emit span_labels [types, n, n]"),
+    "max_spans": (32, "ner: rows of `spans` per example"),
     "num_threads": (2, "Grain reader threads per process (0: read in the caller)"),
     "prefetch": (16, "Grain prefetch buffer (elements)"),
     "download": (True, "build (or download) the dataset when it is missing"),
@@ -123,7 +123,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     text_key, tokenizer, char_min_count, seq_len, batch_size, seed, shuffle,
     train_split, eval_split, max_examples, rare_types, type_keep_fraction,
     eval_batches, mlm_probability, mlm_mask_fraction, mlm_random_fraction,
-    mlm_max_predictions, max_spans, dense_labels, num_threads, prefetch, download.
+    mlm_max_predictions, max_spans, num_threads, prefetch, download.
     Optional strings are `placeholder(str)` so that `--config.data.manual_dir=...` works
     on the command line.
     """
@@ -164,7 +164,6 @@ class _Settings:
     mlm_random_fraction: float
     mlm_max_predictions: int
     max_spans: int
-    dense_labels: bool
     num_threads: int
     prefetch: int
     download: bool
@@ -487,7 +486,7 @@ def prediction_list(chosen: np.ndarray, size: int) -> dict[str, np.ndarray]:
 
 def ner_example(
     text: str, span_type: np.ndarray, span_start: np.ndarray, span_end: np.ndarray, *,
-    tokenizer: Tokenizer, seq_len: int, num_types: int, max_spans: int, dense: bool = False,
+    tokenizer: Tokenizer, seq_len: int, num_types: int, max_spans: int,
 ) -> dict[str, np.ndarray]:
     """One character-level NER example (see the module doc for the fields).
 
@@ -501,27 +500,20 @@ def ner_example(
     span_type, span_start, span_end = (np.asarray(a, dtype=np.int64).reshape(-1)
                                        for a in (span_type, span_start, span_end))
     keep = span_end < length
-    flat = np.unique(span_type[keep] * seq_len * seq_len + span_start[keep] * seq_len
-                     + span_end[keep])
-    if len(flat) > max_spans:
-        raise ValueError(f"an example of {text[:30]!r}... has {len(flat)} spans, more than "
+    rows = np.unique(np.stack([span_type, span_start, span_end], axis=-1)[keep], axis=0)
+    if len(rows) > max_spans:
+        raise ValueError(f"an example of {text[:30]!r}... has {len(rows)} spans, more than "
                          f"data.max_spans={max_spans}; raise data.max_spans")
-    span_indices = np.full(max_spans, -1, dtype=np.int32)
-    span_indices[:len(flat)] = flat
+    spans = np.full((max_spans, 3), -1, dtype=np.int32)
+    spans[:len(rows)] = rows
     type_labels = np.zeros(num_types, dtype=np.int32)
     type_labels[span_type[keep]] = 1
-    example = {"tokens": tokens, "mask": np.arange(seq_len) < length,
-               "span_indices": span_indices, "type_labels": type_labels,
-               "example_weights": np.float32(1.0)}
-    if dense:
-        labels = np.zeros(num_types * seq_len * seq_len, dtype=np.int32)
-        labels[flat] = 1
-        example["span_labels"] = labels.reshape(num_types, seq_len, seq_len)
-    return example
+    return {"tokens": tokens, "mask": np.arange(seq_len) < length, "spans": spans,
+            "type_labels": type_labels, "example_weights": np.float32(1.0)}
 
 
 def _padding_row(example: Mapping[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-    fill = {"tokens": pad_id, "span_indices": -1}
+    fill = {"tokens": pad_id, "spans": -1}
     return {key: np.full_like(value, fill.get(key, 0)) for key, value in example.items()}
 
 
@@ -710,15 +702,12 @@ def make_dataset(
                                 max_predictions=s.mlm_max_predictions if training else 0)
     else:
         num_types = len(type_names)
-        if num_types * s.seq_len * s.seq_len >= 2**31:
-            raise ValueError(f"num_types * seq_len**2 = {num_types * s.seq_len ** 2} "
-                             "overflows int32 span indices")
 
         def to_example(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
             return ner_example(_text(example["text"]), example["span_type"],
                                example["span_start"], example["span_end"],
                                tokenizer=tokenizer, seq_len=s.seq_len, num_types=num_types,
-                               max_spans=s.max_spans, dense=s.dense_labels)
+                               max_spans=s.max_spans)
 
         batches = examples.map(to_example).to_iter_dataset(read).batch(
             local_batch, drop_remainder=training)

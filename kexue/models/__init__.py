@@ -50,7 +50,6 @@ from kexue.models.roformer import (
     bio_num_tags,
     bio_span_scores,
     bio_tags_from_spans,
-    spans_to_indices,
 )
 from kexue.models.vit import ViT, patch_positions
 
@@ -87,5 +86,4 @@ __all__ = [
     "parse_model_config",
     "patch_positions",
     "sample_logits",
-    "spans_to_indices",
 ]

@@ -200,25 +200,36 @@ class GlobalPointerNER(nnx.Module):
 
         Args:
           logits: `[b, types, n, n]` from `__call__`.
-          labels: for ``loss="dense"``, 0/1 `[b, types, n, n]`; for ``loss="sparse"``,
-            int spans `[b, P, 3]` of `(type, start, end)` rows, padded with rows of −1
-            (`ops.sparse_zlpr_loss`, no dense label tensor is built).
+          labels: the gold spans as int rows `[b, P, 3]` of `(type, start, end)`, padded
+            with rows of −1 (the `spans` of a `kexue.data` NER batch). The dense loss
+            turns them into 0/1 labels (`ops.spans_to_dense`) and also takes such labels
+            `[b, types, n, n]` directly; the sparse loss reads the flat indices
+            (`ops.spans_to_flat`, `ops.sparse_zlpr_loss`) and builds no dense tensor.
           mask: optional `[b, n]` token validity; spans touching padding, and spans
             with `end < start`, are excluded.
         """
         b, types, n, _ = logits.shape
         valid = self.span_validity(logits, mask)
+        labels = jnp.asarray(labels)
+        rows = labels.ndim == 3 and labels.shape[0] == b and labels.shape[-1] == 3
         if self.loss_kind == "dense":
-            if labels.shape != logits.shape:
-                raise ValueError(f"`labels` for the dense GlobalPointer loss must have the "
+            if rows:
+                labels = ops.spans_to_dense(labels, types, n)
+            elif labels.shape != logits.shape:
+                raise ValueError(f"`labels` for the dense GlobalPointer loss must be spans "
+                                 f"[b={b}, P, 3] of (type, start, end) or 0/1 labels of the "
                                  f"logits' shape {logits.shape}; got {labels.shape}.")
             per_type = ops.zlpr_loss(logits, labels, where=valid, axis=(-2, -1))
         else:
-            if labels.ndim != 3 or labels.shape[0] != b or labels.shape[-1] != 3:
+            if not rows:
                 raise ValueError(f"`labels` for the sparse GlobalPointer loss must be spans "
                                  f"[b={b}, P, 3] of (type, start, end); got {labels.shape}.")
-            per_type = ops.sparse_zlpr_loss(logits.reshape(b, types, n * n),
-                                            spans_to_indices(labels, types, n),
+            # Type α owns the flat classes α·n² … (α+1)·n² − 1, so its positives among
+            # `[b, types, n²]` are the flat indices minus α·n²; the spans of other types
+            # (and the −1 padding) fall outside [0, n²), which sparse_zlpr_loss ignores.
+            flat = ops.spans_to_flat(labels, types, n)
+            per_type_labels = flat[:, None, :] - (jnp.arange(types) * n * n)[None, :, None]
+            per_type = ops.sparse_zlpr_loss(logits.reshape(b, types, n * n), per_type_labels,
                                             where=valid.reshape(b, 1, n * n))
         return jnp.mean(per_type)
 
@@ -251,20 +262,6 @@ class GlobalPointerNER(nnx.Module):
     def decode(logits, *, threshold: float = 0.0) -> np.ndarray:
         """Spans `(batch, type, start, end)` with `logit > threshold` (`ops.decode_spans`)."""
         return ops.decode_spans(logits, threshold=threshold)
-
-
-def spans_to_indices(spans: jax.Array, num_types: int, seq_len: int) -> jax.Array:
-    """`(type, start, end)` rows `[b, P, 3]` → per-type flat indices `[b, types, P]`.
-
-    Index `start·n + end` in row `type` (−1 elsewhere and for padding rows), the
-    positive classes of `ops.sparse_zlpr_loss` over logits reshaped to `[b, types, n²]`.
-    """
-    spans = jnp.asarray(spans).astype(jnp.int32)
-    kind, start, end = spans[..., 0], spans[..., 1], spans[..., 2]
-    ok = (kind >= 0) & (start >= 0) & (end >= 0)
-    flat = jnp.where(ok, start * seq_len + end, -1)  # [b, P]
-    types = jnp.arange(num_types)[None, :, None]
-    return jnp.where(kind[:, None, :] == types, flat[:, None, :], -1)
 
 
 def bio_num_tags(num_types: int) -> int:

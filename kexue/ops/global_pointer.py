@@ -14,6 +14,12 @@ an entity of type `α` iff `s_α(i, j) > 0`, the threshold of the ZLPR loss
 
 Efficient GlobalPointer (kexue.fm/archives/8877) shares one `(q, k)` pair across types and
 adds a per-type bias made of a start part and an end part.
+
+Gold spans are rows `(type, start, end)` (end inclusive), int `[..., P, 3]`, padded with
+rows of −1. `spans_to_dense` turns them into the 0/1 labels `[..., types, n, n]` of
+`zlpr_loss` and `span_f1`; `spans_to_flat` into the class indices
+`type·n² + start·n + end` of `sparse_zlpr_loss` over logits flattened to
+`[..., types·n²]`; `decode_spans` reads rows back from logits or dense labels.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ __all__ = [
     "f1_from_counts",
     "global_pointer_logits",
     "span_f1",
+    "spans_to_dense",
+    "spans_to_flat",
 ]
 
 
@@ -164,6 +172,69 @@ def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, valid=None,
     end = jnp.swapaxes(jnp.asarray(bias_end).astype(compute), -1, -2)
     logits = dot[..., None, :, :] + (start[..., :, None] + end[..., None, :]) / 2
     return _mask_spans(logits, valid, q.dtype)
+
+
+def _check_span_args(spans, num_types, seq_len) -> None:
+    _checks.check_min_rank("spans", spans, 2, "[..., P, 3]")
+    _checks.check_dtype_kind("spans", spans, ("integer",))
+    _checks.check_dim("spans", spans, -1, 3, "rows (type, start, end)")
+    for name, value in (("num_types", num_types), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"`{name}` must be a positive Python int; got {value!r}.")
+    if num_types * seq_len * seq_len >= 2**31:
+        raise ValueError(
+            f"`num_types` · `seq_len`² must be below 2**31 (int32 indices); got "
+            f"num_types={num_types}, seq_len={seq_len}."
+        )
+
+
+def spans_to_flat(spans, num_types: int, seq_len: int) -> jax.Array:
+    """Span rows → flat class indices `type·n² + start·n + end` (−1 for padding).
+
+    The index of span `(type, start, end)` in GlobalPointer logits `[..., types, n, n]`
+    reshaped to `[..., types·n²]`: the positives of `sparse_zlpr_loss`
+    (kexue.fm/archives/8373). A row is a span iff `0 ≤ type < num_types` and
+    `0 ≤ start ≤ end < n`; any other row (the −1 padding rows among them) gives −1,
+    so an out-of-range row never aliases another span. `jax.jit`-safe.
+
+    Args:
+      spans: integer `[..., P, 3]` rows `(type, start, end)`, end inclusive.
+      num_types: number of entity types (positive Python int).
+      seq_len: sequence length `n` (positive Python int).
+
+    Returns:
+      int32 `[..., P]` flat indices in `[0, types·n²)`, or −1.
+    """
+    _check_span_args(spans, num_types, seq_len)
+    spans = jnp.asarray(spans).astype(jnp.int32)
+    kind, start, end = spans[..., 0], spans[..., 1], spans[..., 2]
+    real = (kind >= 0) & (kind < num_types) & (start >= 0) & (start <= end) & (end < seq_len)
+    return jnp.where(real, (kind * seq_len + start) * seq_len + end, -1)
+
+
+def spans_to_dense(spans, num_types: int, seq_len: int) -> jax.Array:
+    """Span rows → dense 0/1 labels `[..., types, n, n]` (kexue.fm/archives/8373).
+
+    `labels[..., type, start, end] = 1` for every span row (a repeated row counts
+    once); rows that are not spans are ignored, as in `spans_to_flat`. `jax.jit`-safe;
+    memory is one `types·n²` int32 tensor per example.
+
+    Args:
+      spans: integer `[..., P, 3]` rows `(type, start, end)`, end inclusive, padded
+        with rows of −1.
+      num_types: number of entity types (positive Python int).
+      seq_len: sequence length `n` (positive Python int).
+
+    Returns:
+      int32 `[..., num_types, n, n]` of 0 and 1.
+    """
+    flat = spans_to_flat(spans, num_types, seq_len)
+    rows = flat.reshape(math.prod(flat.shape[:-1]), flat.shape[-1])  # [examples, P]
+    real = rows >= 0
+    dense = jnp.zeros((rows.shape[0], num_types * seq_len * seq_len), jnp.int32)
+    dense = dense.at[jnp.arange(rows.shape[0])[:, None], jnp.where(real, rows, 0)].max(
+        real.astype(jnp.int32))
+    return dense.reshape(*flat.shape[:-1], num_types, seq_len, seq_len)
 
 
 def decode_spans(logits, *, threshold: float = 0.0) -> np.ndarray:

@@ -130,7 +130,7 @@ def sparse_zlpr_loss(logits, labels, *, where=None) -> jax.Array:
     the log-sum-exp runs over what remains. Exact for any scores; memory is one
     logits-sized buffer and a `[..., P]` index array, never a dense label tensor.
     For GlobalPointer, flatten the logits `[..., types, n, n]` to `[..., types·n²]`
-    and use indices `type·n² + start·n + end`.
+    and the indices `type·n² + start·n + end` of `kexue.ops.spans_to_flat`.
 
     Args:
       logits: `[..., C]` float scores.

@@ -117,11 +117,14 @@ def test_task_loss_runs_two_dropout_passes_and_adds_the_divergence():
     n = batch["tokens"].shape[1]
     first, second = two_passes(nnx.clone(model), batch["tokens"], batch["mask"])
     assert not np.allclose(first, second)
-    labels = _build._span_labels(batch["span_indices"], int(task.config.model.num_types), n)
+    y = np.zeros(first.shape)  # dense 0/1 gold labels from the span rows
+    for row, spans in enumerate(np.asarray(batch["spans"])):
+        for t, i, j in spans[spans[:, 0] >= 0]:
+            y[row, t, i, j] = 1
     mask = np.asarray(batch["mask"])
     valid = (np.triu(np.ones((n, n), bool))[None, None]
              & mask[:, None, :, None] & mask[:, None, None, :])
-    a, c, y = (np.asarray(x, np.float64) for x in (first, second, labels))
+    a, c = (np.asarray(x, np.float64) for x in (first, second))
     divergence = numpy_gp_kl(a, c, valid)
     expected = 0.5 * (numpy_zlpr(a, y, valid) + numpy_zlpr(c, y, valid)) + divergence
     np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
@@ -138,11 +141,11 @@ def test_bio_eval_counts_the_spans_bio_cannot_hold():
     config = smoke_config("configs/cluener_bio.py")
     task = _build.build_task(config, mesh=None)
     n, types = 8, int(task.config.model.num_types)
-    flat = lambda t, i, j: t * n * n + i * n + j  # noqa: E731
     # Example 0: (0, 1, 4) with (2, 2, 3) nested in it; example 1: one plain span.
-    spans = np.array([[flat(0, 1, 4), flat(2, 2, 3), -1], [flat(5, 0, 1), -1, -1]], np.int32)
+    spans = np.array([[(0, 1, 4), (2, 2, 3), (-1, -1, -1)],
+                      [(5, 0, 1), (-1, -1, -1), (-1, -1, -1)]], np.int32)
     batch = {"tokens": np.full((2, n), 5, np.int32), "mask": np.ones((2, n), bool),
-             "span_indices": spans, "example_weights": np.ones(2, np.float32)}
+             "spans": spans, "example_weights": np.ones(2, np.float32)}
     stacked = {"eval": {k: jnp.asarray(v)[:, None] for k, v in batch.items()}}
     model = task.model_factory()
     model.eval()

@@ -1,4 +1,4 @@
-"""GlobalPointer and Efficient GlobalPointer logits, span decoding and span F1.
+"""GlobalPointer and Efficient GlobalPointer logits, span encodings, decoding and span F1.
 
 References are float64 NumPy loops written here (their own RoPE, not `kexue.ops.rope`).
 """
@@ -17,7 +17,10 @@ from kexue.ops.global_pointer import (
     f1_from_counts,
     global_pointer_logits,
     span_f1,
+    spans_to_dense,
+    spans_to_flat,
 )
+from kexue.ops.losses import sparse_zlpr_loss, zlpr_loss
 
 NEG32 = np.float32(_checks.large_negative(jnp.float32))
 
@@ -211,6 +214,121 @@ def test_decode_spans_hand_built():
     q = np.ones((3, 1, 2), np.float32)
     spans = decode_spans(global_pointer_logits(q, q, rope=False, valid=np.array([1, 1, 0])))
     np.testing.assert_array_equal(spans, [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 1]])
+
+
+def random_span_rows(rng, lead, max_spans, types, n):
+    """Rows `[*lead, P, 3]`: spans (some repeated), −1 rows anywhere, and rows that are
+    not spans of `types` types in `n` tokens (unknown type, end < start, end ≥ n, −1 in
+    one column). Some examples get no rows at all."""
+    rows = np.full((int(np.prod(lead)), max_spans, 3), -1, np.int64)
+    for r in range(rows.shape[0]):
+        for p in range(int(rng.integers(0, max_spans + 1))):
+            t, start = int(rng.integers(0, types)), int(rng.integers(0, n))
+            end = int(rng.integers(start, n))
+            kind = rng.random()
+            if kind < 0.1:
+                t = types + int(rng.integers(0, 3))
+            elif kind < 0.2:
+                start, end = end + 1, end
+            elif kind < 0.3:
+                end = n + int(rng.integers(0, 3))
+            elif kind < 0.35:
+                start = -1
+            rows[r, p] = (t, start, end)
+        if max_spans >= 2 and rng.random() < 0.5:
+            rows[r, 1] = rows[r, 0]
+        rng.shuffle(rows[r])
+    return rows.reshape(*lead, max_spans, 3)
+
+
+def is_span_ref(row, types, n):
+    t, start, end = (int(x) for x in row)
+    return 0 <= t < types and 0 <= start <= end < n
+
+
+def flat_ref(rows, types, n):
+    out = np.full(rows.shape[:-1], -1, np.int64)
+    for idx in np.ndindex(*rows.shape[:-1]):
+        if is_span_ref(rows[idx], types, n):
+            t, start, end = (int(x) for x in rows[idx])
+            out[idx] = t * n * n + start * n + end
+    return out
+
+
+def dense_ref(rows, types, n):
+    out = np.zeros((*rows.shape[:-2], types, n, n), np.int64)
+    for idx in np.ndindex(*rows.shape[:-2]):
+        for row in rows[idx]:
+            if is_span_ref(row, types, n):
+                out[(*idx, *(int(x) for x in row))] = 1
+    return out
+
+
+@pytest.mark.parametrize("lead,max_spans", [((), 5), ((4,), 6), ((2, 3), 4), ((3,), 0)])
+def test_span_encodings_match_reference(rng, lead, max_spans):
+    types, n = 3, 5
+    rows = random_span_rows(rng, lead, max_spans, types, n)
+    flat = spans_to_flat(rows, types, n)
+    dense = spans_to_dense(rows, types, n)
+    assert flat.dtype == jnp.int32 and flat.shape == (*lead, max_spans)
+    assert dense.dtype == jnp.int32 and dense.shape == (*lead, types, n, n)
+    np.testing.assert_array_equal(flat, flat_ref(rows, types, n))
+    np.testing.assert_array_equal(dense, dense_ref(rows, types, n))
+    # Traced: the same under jit (static sizes) and vmap over the leading axis.
+    np.testing.assert_array_equal(
+        jax.jit(spans_to_flat, static_argnums=(1, 2))(rows, types, n), flat)
+    np.testing.assert_array_equal(
+        jax.jit(spans_to_dense, static_argnums=(1, 2))(rows, types, n), dense)
+    if lead:
+        np.testing.assert_array_equal(
+            jax.vmap(lambda r: spans_to_dense(r, types, n))(jnp.asarray(rows)), dense)
+
+
+def test_span_encodings_round_trip(rng):
+    """rows → dense → rows (decode_spans) gives the distinct spans; flat indexes dense."""
+    batch, types, n = 6, 4, 7
+    rows = random_span_rows(rng, (batch,), 8, types, n)
+    rows[0] = -1  # an example without spans
+    dense = np.asarray(spans_to_dense(rows, types, n))
+    back = decode_spans(dense.astype(np.float32), threshold=0.5)
+    want = sorted({(b, *(int(x) for x in row)) for b in range(batch) for row in rows[b]
+                   if is_span_ref(row, types, n)})
+    assert [tuple(r) for r in back.tolist()] == want
+    flat = np.asarray(spans_to_flat(rows, types, n))
+    for b in range(batch):
+        real = flat[b][flat[b] >= 0]
+        assert np.all(dense[b].reshape(-1)[real] == 1)
+        assert len(set(real.tolist())) == dense[b].sum()
+        # Decoded rows encode back to the same flat indices.
+        decoded = back[back[:, 0] == b][:, 1:]
+        again = np.asarray(spans_to_flat(decoded.reshape(-1, 3), types, n))
+        assert sorted(again.tolist()) == sorted(set(real.tolist()))
+
+
+def test_span_encodings_give_the_same_zlpr_loss(rng):
+    """The sparse loss on flat indices equals the dense loss on dense labels."""
+    batch, types, n = 3, 2, 6
+    rows = random_span_rows(rng, (batch,), 5, types, n)
+    logits = rng.normal(scale=2.0, size=(batch, types, n, n)).astype(np.float32)
+    sparse = sparse_zlpr_loss(logits.reshape(batch, -1), spans_to_flat(rows, types, n))
+    dense = zlpr_loss(logits, spans_to_dense(rows, types, n), axis=(-3, -2, -1))
+    np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_span_encodings_reject_bad_arguments():
+    rows = np.zeros((2, 3, 3), np.int32)
+    with pytest.raises(ValueError, match=r"`spans` must have a integer dtype"):
+        spans_to_flat(rows.astype(np.float32), 2, 4)
+    with pytest.raises(ValueError, match=r"`spans` must have size 3 on axis -1"):
+        spans_to_dense(rows[..., :2], 2, 4)
+    with pytest.raises(ValueError, match=r"`spans` must have at least 2 axes"):
+        spans_to_flat(rows[0, 0], 2, 4)
+    with pytest.raises(ValueError, match=r"`num_types` must be a positive Python int"):
+        spans_to_flat(rows, 0, 4)
+    with pytest.raises(ValueError, match=r"`seq_len` must be a positive Python int"):
+        spans_to_dense(rows, 2, 4.0)
+    with pytest.raises(ValueError, match=r"below 2\*\*31"):
+        spans_to_flat(rows, 10, 2**14)
 
 
 def counts_ref(logits, labels, valid, threshold):
