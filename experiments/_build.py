@@ -64,7 +64,7 @@ OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
     "adamw": ("learning_rate", "b1", "b2", "eps", "weight_decay", "warmup_steps",
               "schedule"),
     "amos": ("learning_rate", "beta", "zeta", "momentum"),
-    "amos_style": ("learning_rate", "base", "half_life", "kind", "q", "warmup_steps",
+    "amos_style": ("learning_rate", "direction", "half_life", "kind", "q", "warmup_steps",
                    "b1", "b2"),
 }
 ADAMW_SCHEDULES = ("constant", "cosine")
@@ -84,7 +84,7 @@ def optimizer_config(name: str, *, learning_rate: float | None = None,
         "adamw": {"learning_rate": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-8,
                   "weight_decay": 0.01, "warmup_steps": 50, "schedule": "cosine"},
         "amos": {"learning_rate": 0.05, "beta": 0.98, "zeta": 0.25, "momentum": 0.9},
-        "amos_style": {"learning_rate": 0.01, "base": "adam", "half_life": 1000,
+        "amos_style": {"learning_rate": 0.01, "direction": "adam", "half_life": 1000,
                        "kind": "inverse_square", "q": 1.0, "warmup_steps": 0, "b1": 0.9,
                        "b2": 0.98},
     }
@@ -326,14 +326,15 @@ def build_optimizer(config: ml_collections.ConfigDict,
                         momentum=c.get("momentum", None))
     else:
         c = section.amos_style
-        base = c.get("base", "adam")
-        base_kwargs = {"b1": c.get("b1", 0.9), "b2": c.get("b2", 0.999)} if base == "adam" else {}
+        direction = c.get("direction", "adam")
+        direction_kwargs = ({"b1": c.get("b1", 0.9), "b2": c.get("b2", 0.999)}
+                            if direction == "adam" else {})
         tx = optim.amos_style(
-            c.learning_rate, base=base,
+            c.learning_rate, direction=direction,
             sigma_fn=optim.eta_fn_from_init(_initial_params(model_factory)),
             half_life=c.get("half_life", max(num_steps // 2, 1)),
             kind=c.get("kind", "inverse_square"), q=c.get("q", 1.0),
-            warmup_steps=c.get("warmup_steps", 0), base_kwargs=base_kwargs)
+            warmup_steps=c.get("warmup_steps", 0), direction_kwargs=direction_kwargs)
     clip = float(section.get("clip_norm", 0.0))
     return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
 
@@ -530,7 +531,7 @@ def _mlm(config):
     lengths = tuple(config.eval.lengths)
 
     def forward(model, batch, positions=None):
-        return model(batch["tokens"], mask=batch["mask"], positions=positions)
+        return model(batch["tokens"], valid=batch["valid"], positions=positions)
 
     def loss_fn(model, batch, rng):
         positions = None
@@ -541,7 +542,7 @@ def _mlm(config):
             positions = jnp.linspace(0.0, 1.0, n)[None, :] * span
         if "predict_positions" in batch:  # data.mlm_max_predictions: head at those only
             where = batch["predict_positions"]
-            logits = model(batch["tokens"], mask=batch["mask"], positions=positions,
+            logits = model(batch["tokens"], valid=batch["valid"], positions=positions,
                            predict_positions=where)
             labels = jnp.take_along_axis(batch["labels"], where, axis=1)
             weights = batch["predict_weights"]
@@ -598,20 +599,20 @@ def _ner(config):
     def loss_fn(model, batch, rng):
         del rng
         n = batch["tokens"].shape[1]
-        logits = model(batch["tokens"], mask=batch["mask"])
+        logits = model(batch["tokens"], valid=batch["valid"])
         labels = labels_for(batch, n)
         if alpha > 0:  # a second pass: the module's dropout stream draws new masks
-            again = model(batch["tokens"], mask=batch["mask"])
-            return model.rdrop_loss(logits, again, labels, alpha=alpha, mask=batch["mask"])
-        return model.loss(logits, labels, mask=batch["mask"]), {}
+            again = model(batch["tokens"], valid=batch["valid"])
+            return model.rdrop_loss(logits, again, labels, alpha=alpha, valid=batch["valid"])
+        return model.loss(logits, labels, valid=batch["valid"]), {}
 
     def stats(model, batch):
         n = batch["tokens"].shape[1]
-        logits = model(batch["tokens"], mask=batch["mask"])
-        scores = model.span_scores(logits, mask=batch["mask"]) if bio else logits
+        logits = model(batch["tokens"], valid=batch["valid"])
+        scores = model.span_scores(logits, valid=batch["valid"]) if bio else logits
         counts = ops.span_f1(scores, ops.spans_to_dense(batch["spans"], types, n),
-                             valid=batch["mask"])
-        loss = model.loss(logits, labels_for(batch, n), mask=batch["mask"])
+                             valid=batch["valid"])
+        loss = model.loss(logits, labels_for(batch, n), valid=batch["valid"])
         rows = jnp.sum(batch["example_weights"])
         out = {"tp": counts["tp"], "fp": counts["fp"], "fn": counts["fn"],
                "loss_sum": loss * rows, "rows": rows}
@@ -631,7 +632,7 @@ def _ner(config):
                           bio_unrepresentable=total["bio_unrepresentable"])
         return _ratio(total["loss_sum"], total["rows"]), scores
 
-    return loss_fn, eval_fn, {"eval": None}, lambda batch: int(np.sum(batch["mask"]))
+    return loss_fn, eval_fn, {"eval": None}, lambda batch: int(np.sum(batch["valid"]))
 
 
 def _multilabel(config):
@@ -651,12 +652,12 @@ def _multilabel(config):
 
     def loss_fn(model, batch, rng):
         del rng
-        logits = model(batch["tokens"], mask=batch["mask"])
+        logits = model(batch["tokens"], valid=batch["valid"])
         total, rows = loss_of(logits, batch["type_labels"], batch["example_weights"])
         return _ratio(total, rows), {}
 
     def stats(model, batch):
-        logits = model(batch["tokens"], mask=batch["mask"])
+        logits = model(batch["tokens"], valid=batch["valid"])
         weights = batch["example_weights"][:, None]
         predicted = (logits > 0) * weights  # ZLPR and sigmoid both decide at logit 0
         gold = (batch["type_labels"] > 0) * weights
@@ -674,4 +675,4 @@ def _multilabel(config):
             "micro_recall": micro["recall"], "macro_f1": jnp.sum(per_class) / classes,
             **{f"f1_{name}": per_class[i] for i, name in enumerate(names)}}
 
-    return loss_fn, eval_fn, {"eval": None}, lambda batch: int(np.sum(batch["mask"]))
+    return loss_fn, eval_fn, {"eval": None}, lambda batch: int(np.sum(batch["valid"]))

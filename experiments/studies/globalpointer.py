@@ -69,7 +69,7 @@ NUM_TYPES = 10  # CLUENER 2020
 def _optimizer_text(overrides: Mapping[str, Any]) -> str:
     if overrides.get("optimizer.name", "amos_style") != "amos_style":
         return f"{overrides['optimizer.name']} (the config's defaults)"
-    return ("the config's amos_style (Adam base, learning rate 0.01, inverse-square decay "
+    return ("the config's amos_style (Adam direction, learning rate 0.01, inverse-square decay "
             "with half-life steps/2)")
 
 
@@ -168,7 +168,7 @@ def _loss_memory_and_time(preset: str, lengths: tuple[int, ...], repeats: int,
             gold = np.full((b, spans, 3), -1, np.int32)
             gold[:, : spans // 2] = np.stack([kinds, starts, ends], axis=-1)
             batch = {"tokens": jnp.asarray(rng.integers(4, vocab_size, (b, n)), jnp.int32),
-                     "mask": jnp.asarray(np.arange(n)[None, :] < lengths_b[:, None]),
+                     "valid": jnp.asarray(np.arange(n)[None, :] < lengths_b[:, None]),
                      "spans": jnp.asarray(gold),
                      "example_weights": jnp.ones((b,), jnp.float32)}
 

@@ -24,17 +24,17 @@ Batches by `data.task` (B = `data.batch_size // process_count`, n = `seq_len`):
   chosen with probability `mlm_probability`; a chosen token becomes `<mask>` (80%),
   a uniformly random regular token (10%) or stays (10%). `tokens` int32 [B, n] (the
   corrupted input), `labels` int32 [B, n] (the original tokens), `weights` float32
-  [B, n] (1 at chosen positions), `mask` bool [B, n] (real tokens). With
+  [B, n] (1 at chosen positions), `valid` bool [B, n] (real tokens). With
   `mlm_max_predictions = P > 0` (training split only; evaluation keeps every chosen
   token), at most P tokens per window are chosen, and `predict_positions` int32
   [B, P] and `predict_weights` float32 [B, P] list them (see `mlm_mask`).
-* "ner" and "multilabel" (character-level): `tokens` int32 [B, n], `mask` bool [B, n],
-  `spans` int32 [B, max_spans, 3]: the distinct gold spans as rows `(type, start,
-  end)` (end inclusive), in ascending order, padded with rows of -1 (the span rows of
-  `kexue.ops.spans_to_dense` / `spans_to_flat` and of `GlobalPointerNER.loss`);
-  `type_labels` int32 [B, num_types]: 1 where the type occurs; `example_weights`
-  float32 [B]: 0 on padding rows. Spans that end beyond the first n characters are
-  dropped with the truncated text.
+* "ner" and "multilabel" (character-level): `tokens` int32 [B, n], `valid` bool [B, n]
+  (real tokens), `spans` int32 [B, max_spans, 3]: the distinct gold spans as rows
+  `(type, start, end)` (end inclusive), in ascending order, padded with rows of -1
+  (the span rows of `kexue.ops.spans_to_dense` / `spans_to_flat` and of
+  `GlobalPointerNER.loss`); `type_labels` int32 [B, num_types]: 1 where the type
+  occurs; `example_weights` float32 [B]: 0 on padding rows. Spans that end beyond the
+  first n characters are dropped with the truncated text.
 
 A controlled class imbalance for the cluener tasks (training split only): with
 `data.rare_types = "movie,book"` and `data.type_keep_fraction = r`, only
@@ -437,7 +437,7 @@ def mlm_mask(
 
     Returns:
       `tokens` (corrupted, int32), `labels` (the input tokens, int32), `weights`
-      (float32, 1 at chosen positions), `mask` (bool, = valid); with `max_predictions`
+      (float32, 1 at chosen positions), `valid` (bool, the input); with `max_predictions`
       also `predict_positions` (int32 [..., P]: the chosen positions, ascending, then
       0 as padding) and `predict_weights` (float32 [..., P]: 1 on real entries).
     """
@@ -459,7 +459,7 @@ def mlm_mask(
     corrupted = np.where(to_mask, tokenizer.mask_id, tokens)
     corrupted = np.where(to_random, rng.integers(low, high, tokens.shape), corrupted)
     out = {"tokens": corrupted.astype(np.int32), "labels": tokens,
-           "weights": chosen.astype(np.float32), "mask": np.asarray(valid, dtype=bool)}
+           "weights": chosen.astype(np.float32), "valid": np.asarray(valid, dtype=bool)}
     if max_predictions:
         out.update(prediction_list(chosen, max_predictions))
     return out
@@ -508,7 +508,7 @@ def ner_example(
     spans[:len(rows)] = rows
     type_labels = np.zeros(num_types, dtype=np.int32)
     type_labels[span_type[keep]] = 1
-    return {"tokens": tokens, "mask": np.arange(seq_len) < length, "spans": spans,
+    return {"tokens": tokens, "valid": np.arange(seq_len) < length, "spans": spans,
             "type_labels": type_labels, "example_weights": np.float32(1.0)}
 
 

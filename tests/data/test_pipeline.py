@@ -189,7 +189,7 @@ def test_mlm_batches(data_dir, text_corpus):
     config = _lm_config(data_dir, text_corpus, task="mlm", seq_len=32, batch_size=8)
     batch = next(make_dataset(config, "train", process_index=0, process_count=1))
     assert {k: v.shape for k, v in batch.items()} == {
-        "tokens": (8, 32), "labels": (8, 32), "weights": (8, 32), "mask": (8, 32)}
+        "tokens": (8, 32), "labels": (8, 32), "weights": (8, 32), "valid": (8, 32)}
     chosen = batch["weights"] > 0
     assert chosen.any()
     np.testing.assert_array_equal(batch["tokens"][~chosen], batch["labels"][~chosen])
@@ -265,10 +265,10 @@ def test_ner_batches_match_raw_json(data_dir, cluener_subset):
     for batch in it:
         for i in range(len(batch["tokens"])):
             if batch["example_weights"][i] == 0:
-                assert not batch["mask"][i].any() and (batch["spans"][i] == -1).all()
+                assert not batch["valid"][i].any() and (batch["spans"][i] == -1).all()
                 continue
             rows += 1
-            length = int(batch["mask"][i].sum())
+            length = int(batch["valid"][i].sum())
             prefix = it.tokenizer.decode(batch["tokens"][i][:length])
             record = next(r for t, r in records.items()
                           if len(t) == length and all(a == b or a == "\ufffd"
