@@ -72,11 +72,11 @@ def head_step(head: SpanHead, n: int, batch: int, width: int, types: int):
     keys = jax.random.split(jax.random.key(n), 2)
     h = jax.random.normal(keys[0], (batch, n, width), jnp.float32)
     labels = (jax.random.uniform(keys[1], (batch, types, n, n)) < 0.01).astype(jnp.float32)
-    valid = jnp.triu(jnp.ones((n, n), bool))
+    upper = jnp.triu(jnp.ones((n, n), bool))  # spans with start <= end
 
     def loss(params, h):
         logits = nnx.merge(graphdef, params)(h)
-        return jnp.mean(ops.zlpr_loss(logits, labels, mask=valid, axis=(-2, -1)))
+        return jnp.mean(ops.zlpr_loss(logits, labels, where=upper, axis=(-2, -1)))
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     return lambda: grad(params, h)

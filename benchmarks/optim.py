@@ -79,10 +79,10 @@ def optimizers(params: Any) -> dict[str, optax.GradientTransformation]:
         "optax.adamw": optax.adamw(1e-3, weight_decay=0.01),
         "amos": optim.amos(0.01, eta_fn),
         "amos (factored)": optim.amos(0.01, eta_fn, optim.reduce_largest_axes()),
-        "amos_style (adam)": optim.amos_style(1e-2, base="adam", sigma_fn=eta_fn,
+        "amos_style (adam)": optim.amos_style(1e-2, direction="adam", sigma_fn=eta_fn,
                                               half_life=10_000),
-        "amos_style (factored)": optim.amos_style(1e-2, base="factored", sigma_fn=eta_fn,
-                                                  half_life=10_000),
+        "amos_style (factored)": optim.amos_style(1e-2, direction="factored",
+                                                  sigma_fn=eta_fn, half_life=10_000),
     }
 
 

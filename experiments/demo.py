@@ -98,7 +98,7 @@ def zlpr_training(config, key: jax.Array) -> None:
     optimizers = {
         "amos": optim.amos(config.amos_learning_rate, optim.eta_fn_from_init(params)),
         "amos_style(adam)": optim.amos_style(
-            config.amos_style_learning_rate, base="adam",
+            config.amos_style_learning_rate, direction="adam",
             sigma_fn=optim.eta_fn_from_init(params), half_life=config.amos_style_half_life),
     }
     batches_per_epoch = config.train_size // config.batch_size

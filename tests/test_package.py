@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OPS_PUBLIC = [
     "apply_rope", "apply_rope_nd", "dot_product_attention", "entropy_invariant_scale",
     "padding_mask", "causal_mask", "prefix_lm_mask", "global_pointer_logits",
-    "efficient_global_pointer_logits", "decode_spans", "span_f1", "zlpr_loss",
+    "efficient_global_pointer_logits", "decode_spans", "span_f1", "spans_to_dense",
+    "spans_to_flat", "zlpr_loss",
     "sparse_zlpr_loss", "global_pointer_kl", "softmax_kl", "gaussian_kl",
     "bhattacharyya_distance", "wasserstein2_distance",
 ]

@@ -71,7 +71,7 @@ NUM_TYPES = 10  # CLUENER 2020
 def _optimizer_text(overrides: Mapping[str, Any]) -> str:
     if overrides.get("optimizer.name", "amos_style") != "amos_style":
         return f"{overrides['optimizer.name']} (the config's defaults)"
-    return ("the config's amos_style (Adam base, learning rate 0.01, inverse-square decay "
+    return ("the config's amos_style (Adam direction, learning rate 0.01, inverse-square decay "
             "with half-life steps/2)")
 
 
@@ -159,12 +159,12 @@ def _loss_memory_and_time(preset: str, lengths: tuple[int, ...], repeats: int,
             lengths_b = rng.integers(n // 2, n + 1, b)
             starts = rng.integers(0, n // 2, (b, spans // 2))
             ends = starts + rng.integers(0, 4, (b, spans // 2))
-            rows = np.full((b, spans, 3), -1, np.int32)
-            rows[:, : spans // 2] = np.stack(
-                [rng.integers(0, NUM_TYPES, (b, spans // 2)), starts, ends], axis=-1)
+            kinds = rng.integers(0, NUM_TYPES, (b, spans // 2))
+            gold = np.full((b, spans, 3), -1, np.int32)
+            gold[:, : spans // 2] = np.stack([kinds, starts, ends], axis=-1)
             batch = {"tokens": jnp.asarray(rng.integers(4, vocab_size, (b, n)), jnp.int32),
                      "valid": jnp.asarray(np.arange(n)[None, :] < lengths_b[:, None]),
-                     "spans": jnp.asarray(rows),
+                     "spans": jnp.asarray(gold),
                      "example_weights": jnp.ones((b,), jnp.float32)}
 
             def loss_and_grad(params, rest, batch, graphdef=graphdef, loss_fn=loss_fn):

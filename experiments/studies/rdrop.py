@@ -57,7 +57,7 @@ EVALS = 4  # dev evaluations per run (every steps / EVALS)
 def _optimizer_text(overrides: Mapping[str, Any]) -> str:
     if overrides.get("optimizer.name", "amos_style") != "amos_style":
         return f"{overrides['optimizer.name']} (the config's defaults)"
-    return ("the config's amos_style (Adam base, learning rate 0.01, inverse-square decay "
+    return ("the config's amos_style (Adam direction, learning rate 0.01, inverse-square decay "
             "with half-life steps/2)")
 
 

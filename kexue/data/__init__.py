@@ -14,7 +14,7 @@
 * `wordpiece`: `WordPieceTokenizer` (BERT `vocab.txt`, character offsets),
   `char_to_token_spans`, `token_to_char_spans`.
 * `pipeline`: `DataConfig`, `make_dataset`, `DataIterator`, `DatasetMetadata`, LM windows, MLM
-  masking, GlobalPointer labels.
+  masking, NER examples with their gold span rows.
 """
 
 from kexue.data.cluener import (

@@ -24,16 +24,17 @@ Batches by `task` (B = `batch_size // process_count`, n = `seq_len`):
   chosen with probability `mlm_probability`; a chosen token becomes `<mask>` (80%),
   a uniformly random regular token (10%) or stays (10%). `tokens` int32 [B, n] (the
   corrupted input), `labels` int32 [B, n] (the original tokens), `weights` float32
-  [B, n] (1 at chosen positions), `mask` bool [B, n] (real tokens). With
+  [B, n] (1 at chosen positions), `valid` bool [B, n] (real tokens). With
   `mlm_max_predictions = P > 0` (training split only; evaluation keeps every chosen
   token), at most P tokens per window are chosen, and `predict_positions` int32
   [B, P] and `predict_weights` float32 [B, P] list them (see `mlm_mask`).
-* "ner" and "multilabel" (character-level): `tokens` int32 [B, n], `mask` bool [B, n],
-  `span_indices` int32 [B, max_spans]: the gold spans as `type * n * n + start * n +
-  end` (end inclusive), ascending, padded with -1; `type_labels` int32 [B, num_types]:
-  1 where the type occurs; `example_weights` float32 [B]: 0 on padding rows; and,
-  with `dense_labels`, `span_labels` int32 [B, num_types, n, n]. Spans that end
-  beyond the first n characters are dropped with the truncated text.
+* "ner" and "multilabel" (character-level): `tokens` int32 [B, n], `valid` bool [B, n]
+  (real tokens), `spans` int32 [B, max_spans, 3]: the distinct gold spans as rows
+  `(type, start, end)` (end inclusive), in ascending order, padded with rows of -1
+  (the span rows of `kexue.ops.spans_to_dense` / `spans_to_flat` and of
+  `GlobalPointerNER.loss`); `type_labels` int32 [B, num_types]: 1 where the type
+  occurs; `example_weights` float32 [B]: 0 on padding rows. Spans that end beyond the
+  first n characters are dropped with the truncated text.
 
 A controlled class imbalance for the cluener tasks (training split only): with
 `rare_types = "movie,book"` and `type_keep_fraction = r`, only
@@ -110,8 +111,7 @@ class DataConfig:
       mlm_random_fraction: mlm: chosen tokens replaced by a random token.
       mlm_max_predictions: mlm train split: at most this many chosen tokens per window,
         also listed as predict_positions (0: no cap).
-      max_spans: ner: capacity of the gold-span rows per example.
-      dense_labels: ner: also emit dense span labels [types, n, n].
+      max_spans: ner: rows of `spans` per example.
       num_threads: Grain reader threads per process (0: read in the caller).
       prefetch: Grain prefetch buffer (elements).
       download: build (or download) the dataset when it is missing.
@@ -143,7 +143,6 @@ class DataConfig:
     mlm_random_fraction: float = 0.1
     mlm_max_predictions: int = 0
     max_spans: int = 32
-    dense_labels: bool = False
     num_threads: int = 2
     prefetch: int = 16
     download: bool = True
@@ -442,7 +441,7 @@ def mlm_mask(
 
     Returns:
       `tokens` (corrupted, int32), `labels` (the input tokens, int32), `weights`
-      (float32, 1 at chosen positions), `mask` (bool, = valid); with `max_predictions`
+      (float32, 1 at chosen positions), `valid` (bool, the input); with `max_predictions`
       also `predict_positions` (int32 [..., P]: the chosen positions, ascending, then
       0 as padding) and `predict_weights` (float32 [..., P]: 1 on real entries).
     """
@@ -464,7 +463,7 @@ def mlm_mask(
     corrupted = np.where(to_mask, tokenizer.mask_id, tokens)
     corrupted = np.where(to_random, rng.integers(low, high, tokens.shape), corrupted)
     out = {"tokens": corrupted.astype(np.int32), "labels": tokens,
-           "weights": chosen.astype(np.float32), "mask": np.asarray(valid, dtype=bool)}
+           "weights": chosen.astype(np.float32), "valid": np.asarray(valid, dtype=bool)}
     if max_predictions:
         out.update(prediction_list(chosen, max_predictions))
     return out
@@ -491,7 +490,7 @@ def prediction_list(chosen: np.ndarray, size: int) -> dict[str, np.ndarray]:
 
 def ner_example(
     text: str, span_type: np.ndarray, span_start: np.ndarray, span_end: np.ndarray, *,
-    tokenizer: Tokenizer, seq_len: int, num_types: int, max_spans: int, dense: bool = False,
+    tokenizer: Tokenizer, seq_len: int, num_types: int, max_spans: int,
 ) -> dict[str, np.ndarray]:
     """One character-level NER example (see the module doc for the fields).
 
@@ -505,27 +504,20 @@ def ner_example(
     span_type, span_start, span_end = (np.asarray(a, dtype=np.int64).reshape(-1)
                                        for a in (span_type, span_start, span_end))
     keep = span_end < length
-    flat = np.unique(span_type[keep] * seq_len * seq_len + span_start[keep] * seq_len
-                     + span_end[keep])
-    if len(flat) > max_spans:
-        raise ValueError(f"an example of {text[:30]!r}... has {len(flat)} spans, more than "
+    rows = np.unique(np.stack([span_type, span_start, span_end], axis=-1)[keep], axis=0)
+    if len(rows) > max_spans:
+        raise ValueError(f"an example of {text[:30]!r}... has {len(rows)} spans, more than "
                          f"data.max_spans={max_spans}; raise data.max_spans")
-    span_indices = np.full(max_spans, -1, dtype=np.int32)
-    span_indices[:len(flat)] = flat
+    spans = np.full((max_spans, 3), -1, dtype=np.int32)
+    spans[:len(rows)] = rows
     type_labels = np.zeros(num_types, dtype=np.int32)
     type_labels[span_type[keep]] = 1
-    example = {"tokens": tokens, "mask": np.arange(seq_len) < length,
-               "span_indices": span_indices, "type_labels": type_labels,
-               "example_weights": np.float32(1.0)}
-    if dense:
-        labels = np.zeros(num_types * seq_len * seq_len, dtype=np.int32)
-        labels[flat] = 1
-        example["span_labels"] = labels.reshape(num_types, seq_len, seq_len)
-    return example
+    return {"tokens": tokens, "valid": np.arange(seq_len) < length, "spans": spans,
+            "type_labels": type_labels, "example_weights": np.float32(1.0)}
 
 
 def _padding_row(example: Mapping[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-    fill = {"tokens": pad_id, "span_indices": -1}
+    fill = {"tokens": pad_id, "spans": -1}
     return {key: np.full_like(value, fill.get(key, 0)) for key, value in example.items()}
 
 
@@ -716,15 +708,12 @@ def make_dataset(
                                 max_predictions=s.mlm_max_predictions if training else 0)
     else:
         num_types = len(type_names)
-        if num_types * s.seq_len * s.seq_len >= 2**31:
-            raise ValueError(f"num_types * seq_len**2 = {num_types * s.seq_len ** 2} "
-                             "overflows int32 span indices")
 
         def to_example(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
             return ner_example(_text(example["text"]), example["span_type"],
                                example["span_start"], example["span_end"],
                                tokenizer=tokenizer, seq_len=s.seq_len, num_types=num_types,
-                               max_spans=s.max_spans, dense=s.dense_labels)
+                               max_spans=s.max_spans)
 
         batches = examples.map(to_example).to_iter_dataset(read).batch(
             local_batch, drop_remainder=training)

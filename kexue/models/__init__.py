@@ -63,7 +63,6 @@ from kexue.models.roformer import (
     bio_num_tags,
     bio_span_scores,
     bio_tags_from_spans,
-    spans_to_indices,
 )
 from kexue.models.tf_checkpoint import TFCheckpoint
 from kexue.models.vit import ViT, patch_positions
@@ -108,5 +107,4 @@ __all__ = [
     "merge_pretrained_config",
     "patch_positions",
     "sample_logits",
-    "spans_to_indices",
 ]

@@ -60,16 +60,18 @@ class CausalLM(nnx.Module):
         out = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return out.astype(jnp.float32)
 
-    def __call__(self, tokens: jax.Array, *, mask=None, positions=None,
+    def __call__(self, tokens: jax.Array, *, valid=None, positions=None, mask=None,
                  deterministic: bool | None = None) -> jax.Array:
         """float32 next-token logits `[b, n, V]` for `tokens [b, n]`.
 
-        `mask [b, n]` marks real tokens (padding neither attends nor is attended to);
-        `positions` default to `0 … n−1`.
+        `valid [b, n]` marks real tokens (padding neither attends nor is attended to);
+        `positions` default to `0 … n−1`; `mask`, an optional bool attention mask
+        broadcastable to `[b, n, n]` (True = may attend), further restricts the causal
+        one.
         """
         n = tokens.shape[-1]
-        padding = None if mask is None else ops.padding_mask(mask)
-        attention_mask = ops.combine_masks(ops.causal_mask(n), padding)
+        padding = None if valid is None else ops.padding_mask(valid)
+        attention_mask = ops.combine_masks(ops.causal_mask(n), padding, mask)
         hidden, _ = self.transformer(self.embed(tokens), positions=positions,
                                      mask=attention_mask, deterministic=deterministic)
         return self.logits(hidden)

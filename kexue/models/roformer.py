@@ -40,10 +40,10 @@ GP_LOSSES = ("dense", "sparse")
 POOLINGS = ("cls", "mean")
 
 
-def attention_mask_from(mask, attention_mask=None):
-    """Combine token validity `mask [b, n]` (→ padding mask) with an explicit mask."""
-    padding = None if mask is None else ops.padding_mask(mask)
-    return ops.combine_masks(padding, attention_mask)
+def attention_mask_from(valid=None, mask=None):
+    """Combine token validity `valid [b, n]` (→ padding mask) with an attention `mask`."""
+    padding = None if valid is None else ops.padding_mask(valid)
+    return ops.combine_masks(padding, mask)
 
 
 class RoFormerEncoder(nnx.Module):
@@ -95,25 +95,25 @@ class RoFormerEncoder(nnx.Module):
                              "(`type_vocab_size` = 0); pass None.")
         return x
 
-    def __call__(self, tokens: jax.Array, *, mask=None, positions=None, attention_mask=None,
+    def __call__(self, tokens: jax.Array, *, valid=None, positions=None, mask=None,
                  token_types=None, deterministic: bool | None = None) -> jax.Array:
         """Hidden states `[b, n, D]` of `tokens [b, n]`.
 
         Args:
           tokens: int token ids `[b, n]`.
-          mask: optional `[b, n]` bool/int, True for real tokens; padded tokens neither
-            attend nor are attended to.
+          valid: optional `[b, n]` bool/int token validity, True for real tokens; padded
+            tokens neither attend nor are attended to.
           positions: optional `[b, n]` or `[n]` int or float positions (default `0…n−1`);
             int only with a learned position table, whose rows they index.
-          attention_mask: optional bool mask broadcastable to `[b, n, n]` (e.g. a
-            prefix-LM mask), combined with `mask`.
+          mask: optional bool attention mask broadcastable to `[b, n, n]`, True = may
+            attend (e.g. `ops.prefix_lm_mask`), combined with the padding of `valid`.
           token_types: optional int `[b, n]` segment ids in `[0, type_vocab_size)`
             (default 0 for every token); only with `type_vocab_size > 0`.
           deterministic: disable dropout (None: the module's train/eval setting).
         """
         x = self.embed_inputs(tokens, positions=positions, token_types=token_types)
         hidden, _ = self.transformer(x, positions=positions,
-                                     mask=attention_mask_from(mask, attention_mask),
+                                     mask=attention_mask_from(valid, mask),
                                      deterministic=deterministic)
         return hidden
 
@@ -143,7 +143,7 @@ class RoFormerMLM(nnx.Module):
         self.output_bias = make_param(rngs, nnx.initializers.zeros, (c.vocab_size,),
                                       ("vocab",), c.weight_dtype)
 
-    def __call__(self, tokens, *, mask=None, positions=None, attention_mask=None,
+    def __call__(self, tokens, *, valid=None, positions=None, mask=None,
                  token_types=None, predict_positions=None,
                  deterministic: bool | None = None) -> jax.Array:
         """float32 vocabulary logits `[b, n, V]` (arguments as `RoFormerEncoder`).
@@ -153,7 +153,7 @@ class RoFormerMLM(nnx.Module):
         the masked positions alone, and the vocabulary projection is most of a small
         model's step (`data.mlm_max_predictions` lists them).
         """
-        h = self.encoder(tokens, mask=mask, positions=positions, attention_mask=attention_mask,
+        h = self.encoder(tokens, valid=valid, positions=positions, mask=mask,
                          token_types=token_types, deterministic=deterministic)
         if predict_positions is not None:
             predict_positions = jnp.asarray(predict_positions)
@@ -212,65 +212,78 @@ class GlobalPointerNER(nnx.Module):
             self.key = Dense(c.width, (num_types, head_dim), in_axes=("embed",),
                              out_axes=("types", "head_dim"), **dense)
 
-    def __call__(self, tokens, *, mask=None, positions=None,
+    def __call__(self, tokens, *, valid=None, positions=None, mask=None,
                  deterministic: bool | None = None) -> jax.Array:
         """float32 span logits `[b, types, n, n]`; impossible spans are large negative.
 
-        `mask [b, n]` marks real tokens; `positions` feed the encoder's RoPE only (the
-        span head always uses `0 … n−1`).
+        `valid [b, n]` marks real tokens (spans touching padding are impossible);
+        `positions` feed the encoder's RoPE only (the span head always uses `0 … n−1`);
+        `mask` is an optional attention mask for the encoder (as `RoFormerEncoder`).
         """
         c = self.config
-        h = self.encoder(tokens, mask=mask, positions=positions, deterministic=deterministic)
+        h = self.encoder(tokens, valid=valid, positions=positions, mask=mask,
+                         deterministic=deterministic)
         q = self.query(h).astype(jnp.float32)
         k = self.key(h).astype(jnp.float32)
         if self.efficient:
             qk = jnp.concatenate([q, k], axis=-1)
             return ops.efficient_global_pointer_logits(
                 q, k, self.bias_start(qk).astype(jnp.float32),
-                self.bias_end(qk).astype(jnp.float32), mask=mask, rope=self.rope,
+                self.bias_end(qk).astype(jnp.float32), valid=valid, rope=self.rope,
                 base=c.rope_base, layout=c.rope_layout)
-        return ops.global_pointer_logits(q, k, mask=mask, rope=self.rope, base=c.rope_base,
+        return ops.global_pointer_logits(q, k, valid=valid, rope=self.rope, base=c.rope_base,
                                          layout=c.rope_layout)
 
     @staticmethod
-    def span_validity(logits: jax.Array, mask=None) -> jax.Array:
+    def span_validity(logits: jax.Array, valid=None) -> jax.Array:
         """Bool `[b, 1, n, n]`: span `(i, j)` exists (`i ≤ j`, both ends real tokens)."""
         b, _, n, _ = logits.shape
-        valid = jnp.triu(jnp.ones((n, n), bool))
-        if mask is not None:
-            token = jnp.asarray(mask).astype(bool)
-            valid = valid & token[:, None, :, None] & token[:, None, None, :]
-        return jnp.broadcast_to(valid, (b, 1, n, n))
+        exists = jnp.triu(jnp.ones((n, n), bool))
+        if valid is not None:
+            token = jnp.asarray(valid).astype(bool)
+            exists = exists & token[:, None, :, None] & token[:, None, None, :]
+        return jnp.broadcast_to(exists, (b, 1, n, n))
 
-    def loss(self, logits: jax.Array, labels: jax.Array, *, mask=None) -> jax.Array:
+    def loss(self, logits: jax.Array, labels: jax.Array, *, valid=None) -> jax.Array:
         """Mean ZLPR loss over examples and types (each type is one multi-label problem).
 
         Args:
           logits: `[b, types, n, n]` from `__call__`.
-          labels: for ``loss="dense"``, 0/1 `[b, types, n, n]`; for ``loss="sparse"``,
-            int spans `[b, P, 3]` of `(type, start, end)` rows, padded with rows of −1
-            (`ops.sparse_zlpr_loss`, no dense label tensor is built).
-          mask: optional `[b, n]` token validity; spans touching padding, and spans
+          labels: the gold spans as int rows `[b, P, 3]` of `(type, start, end)`, padded
+            with rows of −1 (the `spans` of a `kexue.data` NER batch). The dense loss
+            turns them into 0/1 labels (`ops.spans_to_dense`) and also takes such labels
+            `[b, types, n, n]` directly; the sparse loss reads the flat indices
+            (`ops.spans_to_flat`, `ops.sparse_zlpr_loss`) and builds no dense tensor.
+          valid: optional `[b, n]` token validity; spans touching padding, and spans
             with `end < start`, are excluded.
         """
         b, types, n, _ = logits.shape
-        valid = self.span_validity(logits, mask)
+        exists = self.span_validity(logits, valid)
+        labels = jnp.asarray(labels)
+        rows = labels.ndim == 3 and labels.shape[0] == b and labels.shape[-1] == 3
         if self.loss_kind == "dense":
-            if labels.shape != logits.shape:
-                raise ValueError(f"`labels` for the dense GlobalPointer loss must have the "
+            if rows:
+                labels = ops.spans_to_dense(labels, types, n)
+            elif labels.shape != logits.shape:
+                raise ValueError(f"`labels` for the dense GlobalPointer loss must be spans "
+                                 f"[b={b}, P, 3] of (type, start, end) or 0/1 labels of the "
                                  f"logits' shape {logits.shape}; got {labels.shape}.")
-            per_type = ops.zlpr_loss(logits, labels, mask=valid, axis=(-2, -1))
+            per_type = ops.zlpr_loss(logits, labels, where=exists, axis=(-2, -1))
         else:
-            if labels.ndim != 3 or labels.shape[0] != b or labels.shape[-1] != 3:
+            if not rows:
                 raise ValueError(f"`labels` for the sparse GlobalPointer loss must be spans "
                                  f"[b={b}, P, 3] of (type, start, end); got {labels.shape}.")
-            per_type = ops.sparse_zlpr_loss(logits.reshape(b, types, n * n),
-                                            spans_to_indices(labels, types, n),
-                                            mask=valid.reshape(b, 1, n * n))
+            # Type α owns the flat classes α·n² … (α+1)·n² − 1, so its positives among
+            # `[b, types, n²]` are the flat indices minus α·n²; the spans of other types
+            # (and the −1 padding) fall outside [0, n²), which sparse_zlpr_loss ignores.
+            flat = ops.spans_to_flat(labels, types, n)
+            per_type_labels = flat[:, None, :] - (jnp.arange(types) * n * n)[None, :, None]
+            per_type = ops.sparse_zlpr_loss(logits.reshape(b, types, n * n), per_type_labels,
+                                            where=exists.reshape(b, 1, n * n))
         return jnp.mean(per_type)
 
     def rdrop_loss(self, logits_a: jax.Array, logits_b: jax.Array, labels: jax.Array, *,
-                   alpha: float, mask=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   alpha: float, valid=None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """R-Drop objective over two dropout passes (kexue.fm/archives/8496, 9039).
 
         `½ (L(s) + L(t)) + (α / 4) · mean_{b, types} D(s, t)`, with `L` this model's ZLPR
@@ -282,36 +295,22 @@ class GlobalPointerNER(nnx.Module):
 
         Args:
           logits_a, logits_b: `[b, types, n, n]` logits of two passes (different dropout).
-          labels, mask: as for `loss`.
+          labels, valid: as for `loss`.
           alpha: weight `α ≥ 0` of the divergence (0: the mean of the two losses).
 
         Returns:
           `(loss, {"zlpr": ½ (L(s) + L(t)), "gp_kl": mean D(s, t)})`, float32 scalars.
         """
-        base = 0.5 * (self.loss(logits_a, labels, mask=mask)
-                      + self.loss(logits_b, labels, mask=mask))
+        zlpr = 0.5 * (self.loss(logits_a, labels, valid=valid)
+                      + self.loss(logits_b, labels, valid=valid))
         divergence = jnp.mean(ops.global_pointer_kl(
-            logits_a, logits_b, mask=self.span_validity(logits_a, mask), axis=(-2, -1)))
-        return base + 0.25 * alpha * divergence, {"zlpr": base, "gp_kl": divergence}
+            logits_a, logits_b, where=self.span_validity(logits_a, valid), axis=(-2, -1)))
+        return zlpr + 0.25 * alpha * divergence, {"zlpr": zlpr, "gp_kl": divergence}
 
     @staticmethod
     def decode(logits, *, threshold: float = 0.0) -> np.ndarray:
         """Spans `(batch, type, start, end)` with `logit > threshold` (`ops.decode_spans`)."""
         return ops.decode_spans(logits, threshold=threshold)
-
-
-def spans_to_indices(spans: jax.Array, num_types: int, seq_len: int) -> jax.Array:
-    """`(type, start, end)` rows `[b, P, 3]` → per-type flat indices `[b, types, P]`.
-
-    Index `start·n + end` in row `type` (−1 elsewhere and for padding rows), the
-    positive classes of `ops.sparse_zlpr_loss` over logits reshaped to `[b, types, n²]`.
-    """
-    spans = jnp.asarray(spans).astype(jnp.int32)
-    kind, start, end = spans[..., 0], spans[..., 1], spans[..., 2]
-    ok = (kind >= 0) & (start >= 0) & (end >= 0)
-    flat = jnp.where(ok, start * seq_len + end, -1)  # [b, P]
-    types = jnp.arange(num_types)[None, :, None]
-    return jnp.where(kind[:, None, :] == types, flat[:, None, :], -1)
 
 
 def bio_num_tags(num_types: int) -> int:
@@ -352,24 +351,24 @@ def bio_tags_from_spans(spans: jax.Array, seq_len: int) -> tuple[jax.Array, jax.
     return tags.astype(jnp.int32), kept
 
 
-def bio_span_scores(tags: jax.Array, num_types: int, *, mask=None) -> jax.Array:
+def bio_span_scores(tags: jax.Array, num_types: int, *, valid=None) -> jax.Array:
     """Decoded BIO spans as GlobalPointer-shaped scores `[b, types, n, n]`: +1 / −1.
 
     A span `(α, i, j)` is decoded iff token `i` is B-α, tokens `i+1 … j` are I-α and
     token `j+1` is not I-α (or `j` is the last token): a B starts a span, the I's of
     its type that follow extend it, and an I that does not continue a span of its type
     (after O, another type, or the sequence start) starts nothing. Padding tokens
-    (`mask` False) read as O. The scores feed `ops.span_f1` / `ops.decode_spans` at
+    (`valid` False) read as O. The scores feed `ops.span_f1` / `ops.decode_spans` at
     threshold 0, like GlobalPointer logits.
 
     Args:
       tags: int `[b, n]` tag ids (`bio_num_tags`).
       num_types: entity types.
-      mask: optional `[b, n]` token validity.
+      valid: optional `[b, n]` token validity.
     """
     tags = jnp.asarray(tags).astype(jnp.int32)
-    if mask is not None:
-        tags = jnp.where(jnp.asarray(mask).astype(bool), tags, 0)
+    if valid is not None:
+        tags = jnp.where(jnp.asarray(valid).astype(bool), tags, 0)
     types = jnp.arange(num_types)
     is_begin = tags[:, None, :] == (1 + 2 * types)[None, :, None]              # [b, T, n]
     is_inside = tags[:, None, :] == (2 + 2 * types)[None, :, None]
@@ -401,25 +400,29 @@ class BIOTagger(nnx.Module):
                           out_axes=("classes",), dtype=c.compute_dtype,
                           param_dtype=c.weight_dtype, init_std=c.init_std, rngs=rngs)
 
-    def __call__(self, tokens, *, mask=None, positions=None,
+    def __call__(self, tokens, *, valid=None, positions=None, mask=None,
                  deterministic: bool | None = None) -> jax.Array:
-        """float32 tag logits `[b, n, 2·types + 1]`."""
-        h = self.encoder(tokens, mask=mask, positions=positions, deterministic=deterministic)
+        """float32 tag logits `[b, n, 2·types + 1]` (arguments as `RoFormerEncoder`)."""
+        h = self.encoder(tokens, valid=valid, positions=positions, mask=mask,
+                         deterministic=deterministic)
         return self.head(h).astype(jnp.float32)
 
     @staticmethod
-    def loss(logits: jax.Array, tags: jax.Array, *, mask=None) -> jax.Array:
-        """Mean softmax cross-entropy over the real tokens (`mask`; None: all)."""
-        weights = None if mask is None else jnp.asarray(mask).astype(jnp.float32)
-        return cross_entropy(logits, tags, weights)
+    def loss(logits: jax.Array, labels: jax.Array, *, valid=None) -> jax.Array:
+        """Mean softmax cross-entropy of int tag `labels [b, n]` over the real tokens.
 
-    def span_scores(self, logits: jax.Array, *, mask=None) -> jax.Array:
+        `valid [b, n]` marks the real tokens (None: all count).
+        """
+        weights = None if valid is None else jnp.asarray(valid).astype(jnp.float32)
+        return cross_entropy(logits, labels, weights)
+
+    def span_scores(self, logits: jax.Array, *, valid=None) -> jax.Array:
         """`bio_span_scores` of the arg-max tags: `[b, types, n, n]` of ±1."""
-        return bio_span_scores(jnp.argmax(logits, axis=-1), self.num_types, mask=mask)
+        return bio_span_scores(jnp.argmax(logits, axis=-1), self.num_types, valid=valid)
 
-    def decode(self, logits, *, mask=None) -> np.ndarray:
+    def decode(self, logits, *, valid=None) -> np.ndarray:
         """Spans `(batch, type, start, end)` of the arg-max tags (`ops.decode_spans`)."""
-        return ops.decode_spans(self.span_scores(logits, mask=mask))
+        return ops.decode_spans(self.span_scores(logits, valid=valid))
 
 
 class MultiLabelClassifier(nnx.Module):
@@ -440,15 +443,17 @@ class MultiLabelClassifier(nnx.Module):
                           dtype=c.compute_dtype, param_dtype=c.weight_dtype,
                           init_std=c.init_std, rngs=rngs)
 
-    def __call__(self, tokens, *, mask=None, positions=None,
+    def __call__(self, tokens, *, valid=None, positions=None, mask=None,
                  deterministic: bool | None = None) -> jax.Array:
-        """float32 class scores `[b, C]`."""
-        h = self.encoder(tokens, mask=mask, positions=positions, deterministic=deterministic)
+        """float32 class scores `[b, C]` (arguments as `RoFormerEncoder`; mean pooling
+        averages over the `valid` tokens)."""
+        h = self.encoder(tokens, valid=valid, positions=positions, mask=mask,
+                         deterministic=deterministic)
         if self.pooling == "cls":
             pooled = h[:, 0]
         else:
-            weights = (jnp.ones(h.shape[:2], jnp.float32) if mask is None
-                       else jnp.asarray(mask).astype(jnp.float32))
+            weights = (jnp.ones(h.shape[:2], jnp.float32) if valid is None
+                       else jnp.asarray(valid).astype(jnp.float32))
             total = jnp.einsum("bn,bnd->bd", weights, h.astype(jnp.float32))
             pooled = total / jnp.maximum(jnp.sum(weights, -1, keepdims=True), 1.0)
         return self.head(pooled).astype(jnp.float32)

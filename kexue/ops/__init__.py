@@ -17,6 +17,8 @@ from kexue.ops.global_pointer import (
     f1_from_counts,
     global_pointer_logits,
     span_f1,
+    spans_to_dense,
+    spans_to_flat,
 )
 from kexue.ops.losses import global_pointer_kl, softmax_kl, sparse_zlpr_loss, zlpr_loss
 from kexue.ops.masks import causal_mask, combine_masks, padding_mask, prefix_lm_mask
@@ -42,6 +44,8 @@ __all__ = [
     "rope_sin_cos",
     "softmax_kl",
     "span_f1",
+    "spans_to_dense",
+    "spans_to_flat",
     "sparse_zlpr_loss",
     "wasserstein2_distance",
     "zlpr_loss",

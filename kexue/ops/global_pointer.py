@@ -14,6 +14,12 @@ an entity of type `α` iff `s_α(i, j) > 0`, the threshold of the ZLPR loss
 
 Efficient GlobalPointer (kexue.fm/archives/8877) shares one `(q, k)` pair across types and
 adds a per-type bias made of a start part and an end part.
+
+Gold spans are rows `(type, start, end)` (end inclusive), int `[..., P, 3]`, padded with
+rows of −1. `spans_to_dense` turns them into the 0/1 labels `[..., types, n, n]` of
+`zlpr_loss` and `span_f1`; `spans_to_flat` into the class indices
+`type·n² + start·n + end` of `sparse_zlpr_loss` over logits flattened to
+`[..., types·n²]`; `decode_spans` reads rows back from logits or dense labels.
 """
 
 from __future__ import annotations
@@ -33,31 +39,33 @@ __all__ = [
     "f1_from_counts",
     "global_pointer_logits",
     "span_f1",
+    "spans_to_dense",
+    "spans_to_flat",
 ]
 
 
-def _check_token_mask(mask, name: str, leading: tuple[int, ...], leading_name: str) -> None:
-    """`mask` is a bool/integer `[..., n]` array broadcasting to `leading` (batch…, n)."""
-    _checks.check_dtype_kind(name, mask, ("bool", "integer"))
-    _checks.check_min_rank(name, mask, 1, "[..., n]")
-    _checks.check_broadcasts_to(name, _checks.shape_of(mask), leading_name, leading)
+def _check_valid(valid, leading: tuple[int, ...], leading_name: str) -> None:
+    """`valid` is a bool/integer `[..., n]` array broadcasting to `leading` (batch…, n)."""
+    _checks.check_dtype_kind("valid", valid, ("bool", "integer"))
+    _checks.check_min_rank("valid", valid, 1, "[..., n]")
+    _checks.check_broadcasts_to("valid", _checks.shape_of(valid), leading_name, leading)
 
 
-def _span_validity(n: int, mask) -> jax.Array:
+def _span_validity(n: int, valid) -> jax.Array:
     """Bool `[..., 1, n, n]`: span `(i, j)` exists (`i ≤ j`) and both ends are valid tokens."""
     upper = jnp.triu(jnp.ones((n, n), dtype=bool))
-    if mask is None:
+    if valid is None:
         return upper
-    valid = jnp.asarray(mask).astype(bool)
-    pair = valid[..., :, None] & valid[..., None, :]
+    token = jnp.asarray(valid).astype(bool)
+    pair = token[..., :, None] & token[..., None, :]
     return (pair & upper)[..., None, :, :]
 
 
-def _mask_spans(logits: jax.Array, mask, out_dtype) -> jax.Array:
+def _mask_spans(logits: jax.Array, valid, out_dtype) -> jax.Array:
     """Replace impossible spans of `logits [..., types, n, n]` and cast to `out_dtype`."""
-    valid = _span_validity(logits.shape[-1], mask)
+    exists = _span_validity(logits.shape[-1], valid)
     fill = jnp.asarray(_checks.large_negative(out_dtype), logits.dtype)
-    return jnp.where(valid, logits, fill).astype(out_dtype)
+    return jnp.where(exists, logits, fill).astype(out_dtype)
 
 
 def _rotate(x: jax.Array, rope: bool, base: float, layout: str) -> jax.Array:
@@ -73,7 +81,7 @@ def _check_rope_dim(rope: bool, name: str, d: int) -> None:
         )
 
 
-def global_pointer_logits(q, k, *, mask=None, rope: bool = True, base: float = 10000.0,
+def global_pointer_logits(q, k, *, valid=None, rope: bool = True, base: float = 10000.0,
                           layout: str = "interleaved") -> jax.Array:
     """GlobalPointer span logits `s_α(i, j) = (R_i q_{i,α})ᵀ (R_j k_{j,α}) / √d`.
 
@@ -84,8 +92,8 @@ def global_pointer_logits(q, k, *, mask=None, rope: bool = True, base: float = 1
     Args:
       q: `[..., n, types, d]` start vectors, one per entity type, any float dtype.
       k: `[..., n, types, d]` end vectors, same shape as `q`.
-      mask: optional bool or integer `[..., n]` marking valid (non-padding) tokens,
-        broadcastable to `q.shape[:-2]`.
+      valid: optional bool or integer `[..., n]` token validity (True or nonzero = real
+        token, False or 0 = padding), broadcastable to `q.shape[:-2]`.
       rope: rotate `q` and `k` by their positions `0 … n−1` (`apply_rope`) first.
       base: RoPE frequency base.
       layout: RoPE feature pairing, ``"interleaved"`` (RoFormer) or ``"half"``.
@@ -101,14 +109,14 @@ def global_pointer_logits(q, k, *, mask=None, rope: bool = True, base: float = 1
     q, k = jnp.asarray(q), jnp.asarray(k)
     d = q.shape[-1]
     _check_rope_dim(rope, "q", d)
-    if mask is not None:
-        _check_token_mask(mask, "mask", tuple(q.shape[:-2]), "q.shape[:-2]")
+    if valid is not None:
+        _check_valid(valid, tuple(q.shape[:-2]), "q.shape[:-2]")
     qr, kr = _rotate(q, rope, base, layout), _rotate(k, rope, base, layout)
     logits = jnp.einsum("...itd,...jtd->...tij", qr, kr) / math.sqrt(d)
-    return _mask_spans(logits, mask, q.dtype)
+    return _mask_spans(logits, valid, q.dtype)
 
 
-def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, mask=None,
+def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, valid=None,
                                     rope: bool = True, base: float = 10000.0,
                                     layout: str = "interleaved") -> jax.Array:
     """Efficient GlobalPointer logits: one shared `(q, k)` plus a per-type start/end bias.
@@ -127,7 +135,7 @@ def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, mask=None,
       bias_start: `[..., n, types]` per-type score for a span starting at each token.
       bias_end: `[..., n, types]` per-type score for a span ending at each token; same
         shape as `bias_start`, whose leading axes match `q.shape[:-1]`.
-      mask: optional bool or integer `[..., n]` marking valid tokens, broadcastable to
+      valid: optional bool or integer `[..., n]` token validity, broadcastable to
         `q.shape[:-1]`.
       rope: rotate `q` and `k` by their positions `0 … n−1` first.
       base: RoPE frequency base.
@@ -154,8 +162,8 @@ def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, mask=None,
     q, k = jnp.asarray(q), jnp.asarray(k)
     d = q.shape[-1]
     _check_rope_dim(rope, "q", d)
-    if mask is not None:
-        _check_token_mask(mask, "mask", tuple(q.shape[:-1]), "q.shape[:-1]")
+    if valid is not None:
+        _check_valid(valid, tuple(q.shape[:-1]), "q.shape[:-1]")
     qr = _rotate(q[..., None, :], rope, base, layout)[..., 0, :]
     kr = _rotate(k[..., None, :], rope, base, layout)[..., 0, :]
     dot = jnp.einsum("...id,...jd->...ij", qr, kr) / math.sqrt(d)
@@ -163,7 +171,70 @@ def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, mask=None,
     start = jnp.swapaxes(jnp.asarray(bias_start).astype(compute), -1, -2)  # [..., types, n]
     end = jnp.swapaxes(jnp.asarray(bias_end).astype(compute), -1, -2)
     logits = dot[..., None, :, :] + (start[..., :, None] + end[..., None, :]) / 2
-    return _mask_spans(logits, mask, q.dtype)
+    return _mask_spans(logits, valid, q.dtype)
+
+
+def _check_span_args(spans, num_types, seq_len) -> None:
+    _checks.check_min_rank("spans", spans, 2, "[..., P, 3]")
+    _checks.check_dtype_kind("spans", spans, ("integer",))
+    _checks.check_dim("spans", spans, -1, 3, "rows (type, start, end)")
+    for name, value in (("num_types", num_types), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"`{name}` must be a positive Python int; got {value!r}.")
+    if num_types * seq_len * seq_len >= 2**31:
+        raise ValueError(
+            f"`num_types` · `seq_len`² must be below 2**31 (int32 indices); got "
+            f"num_types={num_types}, seq_len={seq_len}."
+        )
+
+
+def spans_to_flat(spans, num_types: int, seq_len: int) -> jax.Array:
+    """Span rows → flat class indices `type·n² + start·n + end` (−1 for padding).
+
+    The index of span `(type, start, end)` in GlobalPointer logits `[..., types, n, n]`
+    reshaped to `[..., types·n²]`: the positives of `sparse_zlpr_loss`
+    (kexue.fm/archives/8373). A row is a span iff `0 ≤ type < num_types` and
+    `0 ≤ start ≤ end < n`; any other row (the −1 padding rows among them) gives −1,
+    so an out-of-range row never aliases another span. `jax.jit`-safe.
+
+    Args:
+      spans: integer `[..., P, 3]` rows `(type, start, end)`, end inclusive.
+      num_types: number of entity types (positive Python int).
+      seq_len: sequence length `n` (positive Python int).
+
+    Returns:
+      int32 `[..., P]` flat indices in `[0, types·n²)`, or −1.
+    """
+    _check_span_args(spans, num_types, seq_len)
+    spans = jnp.asarray(spans).astype(jnp.int32)
+    kind, start, end = spans[..., 0], spans[..., 1], spans[..., 2]
+    real = (kind >= 0) & (kind < num_types) & (start >= 0) & (start <= end) & (end < seq_len)
+    return jnp.where(real, (kind * seq_len + start) * seq_len + end, -1)
+
+
+def spans_to_dense(spans, num_types: int, seq_len: int) -> jax.Array:
+    """Span rows → dense 0/1 labels `[..., types, n, n]` (kexue.fm/archives/8373).
+
+    `labels[..., type, start, end] = 1` for every span row (a repeated row counts
+    once); rows that are not spans are ignored, as in `spans_to_flat`. `jax.jit`-safe;
+    memory is one `types·n²` int32 tensor per example.
+
+    Args:
+      spans: integer `[..., P, 3]` rows `(type, start, end)`, end inclusive, padded
+        with rows of −1.
+      num_types: number of entity types (positive Python int).
+      seq_len: sequence length `n` (positive Python int).
+
+    Returns:
+      int32 `[..., num_types, n, n]` of 0 and 1.
+    """
+    flat = spans_to_flat(spans, num_types, seq_len)
+    rows = flat.reshape(math.prod(flat.shape[:-1]), flat.shape[-1])  # [examples, P]
+    real = rows >= 0
+    dense = jnp.zeros((rows.shape[0], num_types * seq_len * seq_len), jnp.int32)
+    dense = dense.at[jnp.arange(rows.shape[0])[:, None], jnp.where(real, rows, 0)].max(
+        real.astype(jnp.int32))
+    return dense.reshape(*flat.shape[:-1], num_types, seq_len, seq_len)
 
 
 def decode_spans(logits, *, threshold: float = 0.0) -> np.ndarray:
@@ -223,35 +294,35 @@ def f1_from_counts(tp, fp, fn) -> dict[str, jax.Array]:
     }
 
 
-def span_f1(pred_logits, labels, *, mask=None, threshold: float = 0.0) -> dict[str, jax.Array]:
+def span_f1(logits, labels, *, valid=None, threshold: float = 0.0) -> dict[str, jax.Array]:
     """Span-level true/false positives, false negatives, precision, recall and F1.
 
-    A span `(type, i, j)` is predicted iff `pred_logits > threshold` and gold iff
+    A span `(type, i, j)` is predicted iff `logits > threshold` and gold iff
     `labels > 0`. `jax.jit`-safe; sum the counts over batches and call
     `f1_from_counts` for corpus-level scores (kexue.fm/archives/8373).
 
     Args:
-      pred_logits: `[..., types, n, n]` float logits.
-      labels: gold spans, 0/1 (bool, integer or float), same shape as `pred_logits`.
-      mask: optional bool or integer `[..., n]` of valid tokens; spans with an invalid
+      logits: `[..., types, n, n]` float predicted span scores.
+      labels: gold spans, 0/1 (bool, integer or float), same shape as `logits`
+        (`spans_to_dense` makes them from span rows).
+      valid: optional bool or integer `[..., n]` token validity; spans with an invalid
         start or end, or with `end < start`, are then not counted.
       threshold: decision threshold on the logits.
 
     Returns:
       dict of float32 scalars, see `f1_from_counts`.
     """
-    _checks.check_min_rank("pred_logits", pred_logits, 3, "[..., types, n, n]")
-    _checks.check_floating("pred_logits", pred_logits)
-    _checks.check_same_shape("pred_logits", pred_logits, "labels", labels)
-    shape = _checks.shape_of(pred_logits)
-    if mask is not None:
-        leading = shape[:-3] + shape[-1:]
-        _check_token_mask(mask, "mask", leading, "pred_logits.shape[:-3] + (n,)")
-    pred = jnp.asarray(pred_logits) > threshold
+    _checks.check_min_rank("logits", logits, 3, "[..., types, n, n]")
+    _checks.check_floating("logits", logits)
+    _checks.check_same_shape("logits", logits, "labels", labels)
+    shape = _checks.shape_of(logits)
+    if valid is not None:
+        _check_valid(valid, shape[:-3] + shape[-1:], "logits.shape[:-3] + (n,)")
+    pred = jnp.asarray(logits) > threshold
     gold = jnp.asarray(labels) > 0
-    if mask is not None:
-        valid = _span_validity(shape[-1], mask)
-        pred, gold = pred & valid, gold & valid
+    if valid is not None:
+        exists = _span_validity(shape[-1], valid)
+        pred, gold = pred & exists, gold & exists
     tp = jnp.sum(pred & gold)
     fp = jnp.sum(pred & ~gold)
     fn = jnp.sum(~pred & gold)

@@ -10,8 +10,9 @@ class is on iff `s > 0`), without a number of labels to choose. It is the loss o
 GlobalPointer (`kexue.ops.global_pointer`), whose logits are flattened span scores.
 
 All losses compute in at least float32 and return float32 (float64 for float64 inputs).
-Masked entries contribute nothing, and values and gradients stay finite even when every
-entry of a row is masked.
+An optional bool `where` (as in optax) selects the entries that count: the others
+contribute nothing, and values and gradients stay finite even when no entry of a row
+is selected.
 """
 
 from __future__ import annotations
@@ -46,13 +47,13 @@ def _normalize_axis(axis: Axis, rank: int, name: str = "axis") -> tuple[int, ...
     return normalized
 
 
-def _prepare_mask(mask, target_shape: tuple[int, ...], target_name: str):
-    """Check a bool/integer entry mask broadcasting to `target_shape`; return it as bool."""
-    if mask is None:
+def _prepare_where(where, target_shape: tuple[int, ...], target_name: str):
+    """Check a bool/integer `where` broadcasting to `target_shape`; return it as bool."""
+    if where is None:
         return None
-    _checks.check_dtype_kind("mask", mask, ("bool", "integer"))
-    _checks.check_broadcasts_to("mask", _checks.shape_of(mask), target_name, target_shape)
-    return jnp.broadcast_to(jnp.asarray(mask).astype(bool), target_shape)
+    _checks.check_dtype_kind("where", where, ("bool", "integer"))
+    _checks.check_broadcasts_to("where", _checks.shape_of(where), target_name, target_shape)
+    return jnp.broadcast_to(jnp.asarray(where).astype(bool), target_shape)
 
 
 def _log1p_sum_exp(a: jax.Array, keep: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
@@ -66,21 +67,22 @@ def _log1p_sum_exp(a: jax.Array, keep: jax.Array | None, axes: tuple[int, ...]) 
     return jax.nn.softplus(jax.nn.logsumexp(a, axis=axes))
 
 
-def zlpr_loss(logits, targets, *, mask=None, axis: Axis = -1) -> jax.Array:
-    """ZLPR multi-label loss with hard (0/1) or soft (in [0, 1]) targets.
+def zlpr_loss(logits, labels, *, where=None, axis: Axis = -1) -> jax.Array:
+    """ZLPR multi-label loss with hard (0/1) or soft (in [0, 1]) labels.
 
     kexue.fm/archives/7359 (hard) and 9064 (soft):
-    `log(1 + Σ_i (1 − t_i) e^{s_i}) + log(1 + Σ_i t_i e^{−s_i})`, which for 0/1 targets is
+    `log(1 + Σ_i (1 − t_i) e^{s_i}) + log(1 + Σ_i t_i e^{−s_i})` with `t = labels`, which
+    for 0/1 labels is
     `log(1 + Σ_{neg} e^{s}) + log(1 + Σ_{pos} e^{−s})`. Each part is a logsumexp of
     `s + log(1 − t)` (resp. `−s + log t`) with a zero logit appended; entries whose
     weight `1 − t` (resp. `t`) is 0 are left out instead of taking `log 0`.
 
     Args:
       logits: `[...]` float scores `s` (e.g. GlobalPointer logits `[..., types, n, n]`).
-      targets: same shape as `logits`; bool, integer 0/1 or float in `[0, 1]`
-        (concrete targets outside `[0, 1]` raise `ValueError`; traced ones cannot be
+      labels: same shape as `logits`; bool, integer 0/1 or float in `[0, 1]`
+        (concrete labels outside `[0, 1]` raise `ValueError`; traced ones cannot be
         checked).
-      mask: optional bool/integer array broadcastable to `logits.shape`; False entries
+      where: optional bool/integer array broadcastable to `logits.shape`; False entries
         contribute nothing (no value, no gradient).
       axis: axis or axes reduced over (the classes), e.g. `(-2, -1)` per GlobalPointer
         type or `(-3, -2, -1)` per example.
@@ -89,15 +91,15 @@ def zlpr_loss(logits, targets, *, mask=None, axis: Axis = -1) -> jax.Array:
       Per-example loss with the `axis` axes removed, float32 (float64 for float64 input).
     """
     _checks.check_floating("logits", logits)
-    _checks.check_dtype_kind("targets", targets, ("bool", "integer", "floating"))
-    _checks.check_same_shape("logits", logits, "targets", targets)
-    _checks.check_values_in_unit_interval("targets", targets)
+    _checks.check_dtype_kind("labels", labels, ("bool", "integer", "floating"))
+    _checks.check_same_shape("logits", logits, "labels", labels)
+    _checks.check_values_in_unit_interval("labels", labels)
     shape = _checks.shape_of(logits)
     axes = _normalize_axis(axis, len(shape))
-    keep = _prepare_mask(mask, shape, "logits")
+    keep = _prepare_where(where, shape, "logits")
     dtype = _checks.compute_dtype(jnp.result_type(logits))
     s = jnp.asarray(logits).astype(dtype)
-    t = jnp.asarray(targets).astype(dtype)
+    t = jnp.asarray(labels).astype(dtype)
     if keep is not None:
         s = jnp.where(keep, s, 0)
     w_neg, w_pos = 1 - t, t
@@ -109,16 +111,16 @@ def zlpr_loss(logits, targets, *, mask=None, axis: Axis = -1) -> jax.Array:
     return _log1p_sum_exp(a_neg, keep_neg, axes) + _log1p_sum_exp(a_pos, keep_pos, axes)
 
 
-def sparse_zlpr_loss(logits, positive_indices, *, mask=None) -> jax.Array:
+def sparse_zlpr_loss(logits, labels, *, where=None) -> jax.Array:
     """ZLPR loss with the positives given as class indices (no dense label tensor).
 
-    kexue.fm/archives/7359, 8373: equals `zlpr_loss(logits, targets, mask=mask)` with
-    `targets[..., c] = 1` for every listed `c`, but reads only the `P` positive scores:
+    kexue.fm/archives/7359, 8373: equals `zlpr_loss(logits, dense, where=where)` with
+    `dense[..., c] = 1` for every listed `c`, but reads only the `P` positive scores:
 
       pos = log(1 + Σ_{pos} e^{−s}),
       neg = log(1 + Σ_{neg} e^{s}).
 
-    The usual sparse form writes `neg` as `all + log(1 − e^{logsumexp(s_pos) − all})` with
+    The direct form writes `neg` as `all + log(1 − e^{logsumexp(s_pos) − all})` with
     `all = log(1 + Σ_{all} e^{s})`. That subtraction cancels catastrophically once the
     positives dominate, which a trained model reaches (in float32 it returns garbage
     when `logsumexp(s_pos)` exceeds `log(1 + Σ_{neg} e^s)` by about 16, and its clipped
@@ -128,14 +130,14 @@ def sparse_zlpr_loss(logits, positive_indices, *, mask=None) -> jax.Array:
     the log-sum-exp runs over what remains. Exact for any scores; memory is one
     logits-sized buffer and a `[..., P]` index array, never a dense label tensor.
     For GlobalPointer, flatten the logits `[..., types, n, n]` to `[..., types·n²]`
-    and use indices `type·n² + start·n + end`.
+    and the indices `type·n² + start·n + end` of `kexue.ops.spans_to_flat`.
 
     Args:
       logits: `[..., C]` float scores.
-      positive_indices: integer `[..., P]` class indices of the positives, leading axes
+      labels: integer `[..., P]` class indices of the positives, leading axes
         broadcastable to `logits.shape[:-1]`. Indices outside `[0, C)` (use −1) are
         padding and ignored; a repeated index counts once, as in the dense form.
-      mask: optional bool/integer array broadcastable to `logits.shape`; False classes
+      where: optional bool/integer array broadcastable to `logits.shape`; False classes
         contribute nothing, also when listed as positives.
 
     Returns:
@@ -143,13 +145,13 @@ def sparse_zlpr_loss(logits, positive_indices, *, mask=None) -> jax.Array:
     """
     _checks.check_min_rank("logits", logits, 1, "[..., C]")
     _checks.check_floating("logits", logits)
-    _checks.check_min_rank("positive_indices", positive_indices, 1, "[..., P]")
-    _checks.check_dtype_kind("positive_indices", positive_indices, ("integer",))
+    _checks.check_min_rank("labels", labels, 1, "[..., P]")
+    _checks.check_dtype_kind("labels", labels, ("integer",))
     shape = _checks.shape_of(logits)
-    idx_shape = _checks.shape_of(positive_indices)
-    _checks.check_broadcasts_to("positive_indices.shape[:-1]", idx_shape[:-1],
+    idx_shape = _checks.shape_of(labels)
+    _checks.check_broadcasts_to("labels.shape[:-1]", idx_shape[:-1],
                                 "logits.shape[:-1]", shape[:-1])
-    keep = _prepare_mask(mask, shape, "logits")
+    keep = _prepare_where(where, shape, "logits")
     num_classes = shape[-1]
     dtype = _checks.compute_dtype(jnp.result_type(logits))
     neg_inf = _checks.large_negative(dtype)
@@ -158,7 +160,7 @@ def sparse_zlpr_loss(logits, positive_indices, *, mask=None) -> jax.Array:
         s = jnp.where(keep, s, neg_inf)
 
     # Sort so padding (-1) comes first and repeats are adjacent; keep each index once.
-    idx = jnp.asarray(positive_indices)
+    idx = jnp.asarray(labels)
     idx = jnp.where((idx >= 0) & (idx < num_classes), idx, -1)
     idx = jnp.sort(jnp.broadcast_to(idx, shape[:-1] + idx_shape[-1:]), axis=-1)
     repeat = jnp.concatenate(
@@ -181,49 +183,49 @@ def sparse_zlpr_loss(logits, positive_indices, *, mask=None) -> jax.Array:
     return pos + neg
 
 
-def global_pointer_kl(s, t, *, mask=None, axis: Axis = -1) -> jax.Array:
+def global_pointer_kl(s, t, *, where=None, axis: Axis = -1) -> jax.Array:
     """Symmetric KL between two sets of multi-label (sigmoid) logits.
 
-    kexue.fm/archives/9039: `D(s, t) = Σ_i (σ(s_i) − σ(t_i)) (s_i − t_i)` over unmasked
-    entries, which equals `Σ_i [KL(B_s‖B_t) + KL(B_t‖B_s)]` for the per-entry Bernoulli
+    kexue.fm/archives/9039: `D(s, t) = Σ_i (σ(s_i) − σ(t_i)) (s_i − t_i)` over the
+    selected entries, which equals `Σ_i [KL(B_s‖B_t) + KL(B_t‖B_s)]` for the per-entry Bernoulli
     distributions `B_s = Bernoulli(σ(s_i))`. For R-Drop or virtual adversarial training
-    on GlobalPointer / ZLPR logits. Non-negative, symmetric, zero iff `s = t` (unmasked).
+    on GlobalPointer / ZLPR logits. Non-negative, symmetric, zero iff `s = t` (selected).
 
     Args:
       s: float logits.
       t: float logits, same shape as `s`.
-      mask: optional bool/integer array broadcastable to `s.shape`; False entries are
-        excluded (pass the GlobalPointer span mask, or rely on both logits carrying the
-        same large negative value there, which gives 0).
+      where: optional bool/integer array broadcastable to `s.shape`; False entries are
+        excluded (pass the GlobalPointer span validity, or rely on both logits carrying
+        the same large negative value there, which gives 0).
       axis: axis or axes summed over.
 
     Returns:
       Divergence with the `axis` axes removed, float32 (float64 for float64 input).
     """
-    s, t, keep, axes = _prepare_pair(s, t, mask, axis)
+    s, t, keep, axes = _prepare_pair(s, t, where, axis)
     if keep is not None:
         s, t = jnp.where(keep, s, 0), jnp.where(keep, t, 0)
     terms = (jax.nn.sigmoid(s) - jax.nn.sigmoid(t)) * (s - t)
     return jnp.sum(terms, axis=axes)
 
 
-def softmax_kl(s, t, *, mask=None, axis: Axis = -1) -> jax.Array:
+def softmax_kl(s, t, *, where=None, axis: Axis = -1) -> jax.Array:
     """Symmetric KL between two categorical distributions given by logits.
 
     kexue.fm/archives/9039: `KL(p‖q) + KL(q‖p) = Σ_i (p_i − q_i)(s_i − t_i)` with
-    `p = softmax(s)`, `q = softmax(t)` over the unmasked entries of `axis`.
+    `p = softmax(s)`, `q = softmax(t)` over the selected entries of `axis`.
 
     Args:
       s: float logits.
       t: float logits, same shape as `s`.
-      mask: optional bool/integer array broadcastable to `s.shape`; False entries are
-        left out of both softmaxes and of the sum (a fully masked row gives 0).
+      where: optional bool/integer array broadcastable to `s.shape`; False entries are
+        left out of both softmaxes and of the sum (a row with none selected gives 0).
       axis: axis or axes the softmax runs over.
 
     Returns:
       Divergence with the `axis` axes removed, float32 (float64 for float64 input).
     """
-    s, t, keep, axes = _prepare_pair(s, t, mask, axis)
+    s, t, keep, axes = _prepare_pair(s, t, where, axis)
     if keep is not None:
         fill = _checks.large_negative(s.dtype)
         s, t = jnp.where(keep, s, fill), jnp.where(keep, t, fill)
@@ -233,13 +235,13 @@ def softmax_kl(s, t, *, mask=None, axis: Axis = -1) -> jax.Array:
     return jnp.sum(terms, axis=axes)
 
 
-def _prepare_pair(s, t, mask, axis):
-    """Shared checks of the two KL functions; returns compute-dtype arrays, mask, axes."""
+def _prepare_pair(s, t, where, axis):
+    """Shared checks of the two KL functions; returns compute-dtype arrays, where, axes."""
     _checks.check_floating("s", s)
     _checks.check_floating("t", t)
     _checks.check_same_shape("s", s, "t", t)
     shape = _checks.shape_of(s)
     axes = _normalize_axis(axis, len(shape))
-    keep = _prepare_mask(mask, shape, "s")
+    keep = _prepare_where(where, shape, "s")
     dtype = _checks.compute_dtype(jnp.result_type(s, t))
     return jnp.asarray(s).astype(dtype), jnp.asarray(t).astype(dtype), keep, axes

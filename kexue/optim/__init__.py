@@ -3,7 +3,7 @@
     from kexue import optim
     tx = optim.amos(0.02, optim.eta_fn_from_init(params))
     tx = optim.amos(0.02, optim.eta_fn_from_init(params), optim.reduce_largest_axes())
-    tx = optim.amos_style(1e-2, base="adam", sigma_fn=optim.eta_fn_from_init(params),
+    tx = optim.amos_style(1e-2, direction="adam", sigma_fn=optim.eta_fn_from_init(params),
                           half_life=10_000)
 
 Named optimizers from plain arguments, with their defaults in one place:

@@ -9,10 +9,10 @@ tensor (with `k` entries and expected scale `σ`, the `η` of Amos):
 * `decay(t)` from `amos_decay_schedule` (inverse-square or inverse-time law with a
   half-life of `T` steps, optional linear warm-up).
 
-`u_t` is any base direction: Adam, factored second moments (Adafactor-style) or the
+`u_t` is any update direction: Adam, factored second moments (Adafactor-style) or the
 sign. `amos_style` chains
 
-    base → normalize_updates(σ) → × (−α₀ decay(t)) → − ρ_t θ
+    direction → normalize_updates(σ) → × (−α₀ decay(t)) → − ρ_t θ
 
 so its output is added to the parameters with `optax.apply_updates`.
 """
@@ -32,7 +32,7 @@ from kexue.optim.rules import ParamRule, check_scale, flatten_with_parameter_pat
 from kexue.optim.schedules import amos_decay_schedule
 
 __all__ = [
-    "BASES",
+    "DIRECTIONS",
     "DecoupledWeightDecayState",
     "amos_style",
     "amos_style_weight_decay",
@@ -40,7 +40,7 @@ __all__ = [
     "normalize_updates",
 ]
 
-BASES = ("adam", "factored", "sign")
+DIRECTIONS = ("adam", "factored", "sign")
 
 
 def _robust_norm(u: jax.Array) -> jax.Array:
@@ -184,38 +184,38 @@ def amos_style_weight_decay(
     return decoupled_weight_decay(schedule, mask=mask)
 
 
-def _base_direction(base: str, kwargs: Mapping[str, Any]) -> optax.GradientTransformation:
-    if base == "adam":
+def _direction(direction: str, kwargs: Mapping[str, Any]) -> optax.GradientTransformation:
+    if direction == "adam":
         return optax.scale_by_adam(**kwargs)
-    if base == "factored":
+    if direction == "factored":
         return optax.scale_by_factored_rms(**kwargs)
-    if base == "sign":
+    if direction == "sign":
         return optax.scale_by_sign(**kwargs)
-    raise ValueError(f"`base` must be one of {list(BASES)}; got {base!r}")
+    raise ValueError(f"`direction` must be one of {list(DIRECTIONS)}; got {direction!r}")
 
 
 def amos_style(
     learning_rate: float,
     *,
-    base: str = "adam",
+    direction: str = "adam",
     sigma_fn: ParamRule,
     half_life: float,
     kind: str = "inverse_square",
     q: float = 1.0,
     warmup_steps: int = 0,
-    base_kwargs: Mapping[str, Any] | None = None,
+    direction_kwargs: Mapping[str, Any] | None = None,
     weight_decay_mask: Any = None,
 ) -> optax.GradientTransformation:
     """An Amos-style optimizer: `θ ← θ − (α_t u_t + ρ_t θ)` (kexue.fm/archives/9344).
 
-    `α_t u_t = α₀ · √k σ · d_t/‖d_t‖ · decay(t)` with `d_t` the base direction, and
+    `α_t u_t = α₀ · √k σ · d_t/‖d_t‖ · decay(t)` with `d_t` the update direction, and
     `ρ_t = α₀²/(2q) · decay(t)`, both with `decay = amos_decay_schedule(kind,
     half_life=half_life, warmup_steps=warmup_steps)`.
 
     Args:
       learning_rate: `α₀ > 0`, the relative size of a step (each tensor moves by
         `α₀ √k σ` per step before decay).
-      base: the direction `d_t`: "adam" (`optax.scale_by_adam`), "factored"
+      direction: the direction `d_t`: "adam" (`optax.scale_by_adam`), "factored"
         (`optax.scale_by_factored_rms`, Adafactor's factored second moments, small
         slots) or "sign" (`optax.scale_by_sign`, no slots).
       sigma_fn: per-tensor scale `σ`, `rule(path, shape) -> float`, e.g.
@@ -224,7 +224,7 @@ def amos_style(
       kind: "inverse_square" (`1/(1 + (√2−1)t/T)²`) or "inverse_time" (`1/(1 + t/T)`).
       q: weight-decay constant, `≈ 1`.
       warmup_steps: linear warm-up of `decay` (and so of both rates); 0 for none.
-      base_kwargs: keyword arguments for the base transformation (e.g.
+      direction_kwargs: keyword arguments for the direction's transformation (e.g.
         `{"b1": 0.9, "b2": 0.98}` for Adam).
       weight_decay_mask: as `optax.masked`'s mask; decay only where True. None
         decays every tensor, as Amos does.
@@ -233,16 +233,16 @@ def amos_style(
       An `optax.GradientTransformation` (an `optax.chain`).
 
     Raises:
-      ValueError: unknown `base` or `kind`; non-positive `learning_rate`, `q` or
+      ValueError: unknown `direction` or `kind`; non-positive `learning_rate`, `q` or
         `half_life`; negative `warmup_steps`; at `init`, `sigma_fn` failing for a
         parameter (the message names its path).
     """
     alpha0 = check_number("learning_rate", learning_rate)
-    direction = _base_direction(base, dict(base_kwargs or {}))
+    update_direction = _direction(direction, dict(direction_kwargs or {}))
     learning_rate_schedule = amos_decay_schedule(kind, half_life=half_life,
                                                  warmup_steps=warmup_steps, init_value=alpha0)
     return optax.chain(
-        direction,
+        update_direction,
         normalize_updates(sigma_fn),
         optax.scale_by_learning_rate(learning_rate_schedule),
         amos_style_weight_decay(alpha0, half_life=half_life, kind=kind, q=q,

@@ -78,16 +78,18 @@ def amos_factored_recipe(learning_rate: float = 0.05, *, num_steps: int, initial
 
 
 def amos_style_recipe(learning_rate: float = 0.01, *, num_steps: int, initial_params: Any,
-                      base: str = "adam", half_life: int = 1000,
+                      direction: str = "adam", half_life: int = 1000,
                       kind: str = "inverse_square", q: float = 1.0, warmup_steps: int = 0,
                       b1: float = 0.9, b2: float = 0.98) -> optax.GradientTransformation:
-    """The Amos-style chain (kexue.fm/archives/9344) over the `base` direction, with σ
-    of each tensor read off its initial values; `b1`, `b2` configure the Adam base."""
+    """The Amos-style chain (kexue.fm/archives/9344) over the `direction` ("adam",
+    "factored" or "sign"), with σ of each tensor read off its initial values; `b1`, `b2`
+    configure the Adam direction."""
     del num_steps
-    base_kwargs = {"b1": b1, "b2": b2} if base == "adam" else {}
-    return amos_style(learning_rate, base=base, sigma_fn=eta_fn_from_init(initial_params),
-                      half_life=half_life, kind=kind, q=q, warmup_steps=warmup_steps,
-                      base_kwargs=base_kwargs)
+    direction_kwargs = {"b1": b1, "b2": b2} if direction == "adam" else {}
+    return amos_style(learning_rate, direction=direction,
+                      sigma_fn=eta_fn_from_init(initial_params), half_life=half_life,
+                      kind=kind, q=q, warmup_steps=warmup_steps,
+                      direction_kwargs=direction_kwargs)
 
 
 #: name -> recipe. `amos_factored` takes the settings of `amos`.

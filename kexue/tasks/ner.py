@@ -37,6 +37,11 @@ def _is_tagger(model: Any) -> bool:
     return hasattr(model, "span_scores")
 
 
+def _labels(model: Any, spans: jax.Array, n: int) -> jax.Array:
+    """What the model's loss takes: BIO tags `[b, n]` for a tagger, else the span rows."""
+    return bio_tags_from_spans(spans, n)[0] if _is_tagger(model) else spans
+
+
 @dataclasses.dataclass(frozen=True)
 class NERTask:
     """Span extraction over `num_types` entity types.
@@ -63,7 +68,7 @@ class NERTask:
                                  f"got a {type(model).__name__}")
             again = model(tokens, valid=valid)  # a second pass: new dropout masks
             return model.rdrop_loss(logits, again, spans, alpha=self.rdrop_alpha, valid=valid)
-        return model.loss(logits, spans, valid=valid), {}
+        return model.loss(logits, _labels(model, spans, tokens.shape[1]), valid=valid), {}
 
     def eval_streams(self) -> dict[str, int | None]:
         return {EVAL: None}
@@ -77,7 +82,7 @@ class NERTask:
         scores = model.span_scores(logits, valid=valid) if tagger else logits
         counts = ops.span_f1(scores, ops.spans_to_dense(spans, self.num_types, n),
                              valid=valid)
-        loss = model.loss(logits, spans, valid=valid)
+        loss = model.loss(logits, _labels(model, spans, n), valid=valid)
         rows = jnp.sum(batch["example_weights"])
         sums = {"tp": counts["tp"], "fp": counts["fp"], "fn": counts["fn"],
                 "loss_sum": loss * rows, "rows": rows}

@@ -53,7 +53,7 @@ def _train_texts(synthetic, **overrides) -> list[str]:
     texts = []
     for _ in range(it.metadata.num_examples):  # one epoch, in file order (no shuffle)
         batch = next(it)
-        length = int(batch["mask"][0].sum())
+        length = int(batch["valid"][0].sum())
         texts.append(it.tokenizer.decode(batch["tokens"][0][:length]))
     return texts
 

@@ -189,7 +189,7 @@ def test_mlm_batches(data_dir, text_corpus):
     config = _lm_config(data_dir, text_corpus, task="mlm", seq_len=32, batch_size=8)
     batch = next(make_dataset(config, "train", process_index=0, process_count=1))
     assert {k: v.shape for k, v in batch.items()} == {
-        "tokens": (8, 32), "labels": (8, 32), "weights": (8, 32), "mask": (8, 32)}
+        "tokens": (8, 32), "labels": (8, 32), "weights": (8, 32), "valid": (8, 32)}
     chosen = batch["weights"] > 0
     assert chosen.any()
     np.testing.assert_array_equal(batch["tokens"][~chosen], batch["labels"][~chosen])
@@ -251,7 +251,7 @@ def _raw_spans(record, types):
 
 def test_ner_batches_match_raw_json(data_dir, cluener_subset):
     n = 56
-    it = make_dataset(_ner_config(data_dir, cluener_subset, dense_labels=True), "eval",
+    it = make_dataset(_ner_config(data_dir, cluener_subset), "eval",
                       process_index=0, process_count=1)
     meta = it.metadata
     assert meta.num_types == 10 and meta.type_names[0] == "address"
@@ -264,22 +264,19 @@ def test_ner_batches_match_raw_json(data_dir, cluener_subset):
     for batch in it:
         for i in range(len(batch["tokens"])):
             if batch["example_weights"][i] == 0:
-                assert not batch["mask"][i].any() and (batch["span_indices"][i] == -1).all()
+                assert not batch["valid"][i].any() and (batch["spans"][i] == -1).all()
                 continue
             rows += 1
-            length = int(batch["mask"][i].sum())
+            length = int(batch["valid"][i].sum())
             prefix = it.tokenizer.decode(batch["tokens"][i][:length])
             record = next(r for t, r in records.items()
                           if len(t) == length and all(a == b or a == "\ufffd"
                                                       for a, b in zip(prefix, t, strict=True)))
-            spans = [s for s in _raw_spans(record, meta.type_names) if s[2] < n]
-            flat = sorted(t * n * n + s * n + e for t, s, e in spans)
-            indices = batch["span_indices"][i]
-            assert indices[:len(flat)].tolist() == flat and (indices[len(flat):] == -1).all()
-            dense = np.zeros((10, n, n), np.int32)
-            for t, s, e in spans:
-                dense[t, s, e] = 1
-            np.testing.assert_array_equal(batch["span_labels"][i], dense)
+            spans = sorted({s for s in _raw_spans(record, meta.type_names) if s[2] < n})
+            got = batch["spans"][i]
+            assert batch["spans"].dtype == np.int32 and got.shape == (32, 3)
+            assert [tuple(r) for r in got[:len(spans)].tolist()] == spans
+            assert (got[len(spans):] == -1).all()
             types = np.zeros(10, np.int32)
             types[[t for t, _, _ in spans]] = 1
             np.testing.assert_array_equal(batch["type_labels"][i], types)

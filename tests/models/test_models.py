@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kexue import models
+from kexue import models, ops
 from kexue.parallel import nnx_state_shardings
 from tests.models._configs import forward, model_config
 
@@ -139,8 +139,8 @@ def test_padding_changes_nothing_at_real_tokens(rng, scale):
     other_pad[:, n:] = rng.integers(0, 64, (2, pad))
     valid = np.arange(n + pad)[None, :] < n
     alone = forward(model, jnp.asarray(tokens))
-    with_pad = forward(model, jnp.asarray(padded), mask=jnp.asarray(np.repeat(valid, 2, 0)))
-    with_other = forward(model, jnp.asarray(other_pad), mask=jnp.asarray(np.repeat(valid, 2, 0)))
+    with_pad = forward(model, jnp.asarray(padded), valid=jnp.asarray(np.repeat(valid, 2, 0)))
+    with_other = forward(model, jnp.asarray(other_pad), valid=jnp.asarray(np.repeat(valid, 2, 0)))
     np.testing.assert_allclose(np.asarray(with_pad[:, :n]), np.asarray(alone), atol=2e-5)
     np.testing.assert_allclose(np.asarray(with_other[:, :n]), np.asarray(alone), atol=2e-5)
 
@@ -155,11 +155,42 @@ def test_causal_lm_logits_ignore_future_tokens(rng):
     assert not np.allclose(np.asarray(a[:, 5:]), np.asarray(b[:, 5:]))
 
 
+def test_encoder_attention_mask_hides_keys(rng):
+    """`mask` is an attention mask: under a prefix-LM mask the prefix sees only itself."""
+    model = build(model_config("roformer", num_layers=2))
+    n, prefix = 8, 3
+    tokens = rng.integers(0, 64, (2, n))
+    changed = tokens.copy()
+    changed[:, prefix:] = (tokens[:, prefix:] + rng.integers(1, 64, (2, n - prefix))) % 64
+    mask = ops.prefix_lm_mask(jnp.full((2,), prefix), n)
+    a, b = (np.asarray(forward(model, jnp.asarray(t), mask=mask)) for t in (tokens, changed))
+    np.testing.assert_allclose(a[:, :prefix], b[:, :prefix], atol=1e-6)
+    assert not np.allclose(a[:, prefix:], b[:, prefix:])
+    plain_a, plain_b = (np.asarray(forward(model, jnp.asarray(t))) for t in (tokens, changed))
+    assert not np.allclose(plain_a[:, :prefix], plain_b[:, :prefix])
+
+
+def test_causal_lm_attention_mask_restricts_the_causal_one(rng):
+    model = build(model_config("causal_lm", num_layers=2))
+    n = 6
+    tokens = rng.integers(0, 64, (1, n))
+    changed = tokens.copy()
+    changed[:, 0] = (tokens[:, 0] + 1) % 64
+    itself = jnp.eye(n, dtype=bool)  # every position sees only itself
+    a, b = (np.asarray(forward(model, jnp.asarray(t), mask=itself)) for t in (tokens, changed))
+    np.testing.assert_allclose(a[:, 1:], b[:, 1:], atol=1e-6)
+    assert not np.allclose(a[:, 0], b[:, 0])
+    # An all-True mask leaves the causal model as it is.
+    np.testing.assert_allclose(
+        np.asarray(forward(model, jnp.asarray(tokens), mask=jnp.ones((n, n), bool))),
+        np.asarray(forward(model, jnp.asarray(tokens))), atol=1e-6)
+
+
 def test_global_pointer_masks_impossible_spans_and_decodes(rng):
     model = build(model_config("global_pointer_ner", efficient=True))
-    mask = np.arange(6)[None, :] < np.array([[6], [4]])
+    valid = np.arange(6)[None, :] < np.array([[6], [4]])
     logits = np.asarray(forward(model, jnp.asarray(rng.integers(0, 64, (2, 6))),
-                                mask=jnp.asarray(mask)))
+                                valid=jnp.asarray(valid)))
     lower = np.tril(np.ones((6, 6), bool), -1)
     assert (logits[:, :, lower] < -1e8).all()
     assert (logits[1, :, 4:, :] < -1e8).all() and (logits[1, :, :, 4:] < -1e8).all()
@@ -190,7 +221,7 @@ def test_entropy_invariant_equals_standard_at_512_keys(rng):
     for scale in ("standard", "entropy_invariant"):
         model = build(model_config("roformer", attention_scale=scale))
         outputs[scale] = (forward(model, tokens),
-                          forward(model, tokens, mask=jnp.ones((1, 512), bool)))
+                          forward(model, tokens, valid=jnp.ones((1, 512), bool)))
     for got, want in zip(outputs["entropy_invariant"], outputs["standard"], strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
     short = tokens[:, :64]
@@ -208,8 +239,8 @@ def test_global_pointer_sparse_loss_equals_dense(rng):
     dense_model = build(model_config("global_pointer_ner"))
     sparse_model = build(model_config("global_pointer_ner", gp_loss="sparse"))
     b, n, types = 2, 7, 3
-    mask = jnp.asarray(np.arange(n)[None, :] < np.array([[7], [5]]))
-    logits = forward(dense_model, jnp.asarray(rng.integers(0, 64, (b, n))), mask=mask)
+    valid = jnp.asarray(np.arange(n)[None, :] < np.array([[7], [5]]))
+    logits = forward(dense_model, jnp.asarray(rng.integers(0, 64, (b, n))), valid=valid)
     spans = np.full((b, 4, 3), -1)
     spans[0, :3] = [(0, 1, 3), (2, 0, 0), (2, 4, 6)]
     spans[1, :2] = [(1, 2, 2), (0, 0, 4)]
@@ -218,9 +249,12 @@ def test_global_pointer_sparse_loss_equals_dense(rng):
         for t, s, e in row:
             if t >= 0:
                 dense[i, t, s, e] = 1
-    want = dense_model.loss(logits, jnp.asarray(dense), mask=mask)
-    got = sparse_model.loss(logits, jnp.asarray(spans), mask=mask)
+    want = dense_model.loss(logits, jnp.asarray(dense), valid=valid)
+    got = sparse_model.loss(logits, jnp.asarray(spans), valid=valid)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    # The dense loss reads the same span rows as the sparse one.
+    from_rows = dense_model.loss(logits, jnp.asarray(spans), valid=valid)
+    np.testing.assert_allclose(float(from_rows), float(want), rtol=1e-6)
     with pytest.raises(ValueError, match=r"spans \[b=2, P, 3\]"):
         sparse_model.loss(logits, jnp.asarray(dense))
 

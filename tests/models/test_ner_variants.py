@@ -56,7 +56,7 @@ def test_bio_tagger_parameters_have_logical_axes():
 def test_bio_tagger_logits_shape_and_dtype(rng):
     model = build(bio_config())
     tokens = jnp.asarray(rng.integers(0, 64, (2, 9)), jnp.int32)
-    logits = forward(model, tokens, mask=jnp.ones((2, 9), bool))
+    logits = forward(model, tokens, valid=jnp.ones((2, 9), bool))
     assert logits.shape == (2, 9, 7) and logits.dtype == jnp.float32
 
 
@@ -85,9 +85,9 @@ def test_gp_without_rope_equals_plain_inner_products_of_the_projections(rng):
     model = build(model_config("global_pointer_ner", gp_rope=False))
     b, n = 2, 7
     tokens = jnp.asarray(rng.integers(0, 64, (b, n)), jnp.int32)
-    mask = jnp.asarray(np.arange(n)[None, :] < np.array([[n], [5]]))
-    logits = np.asarray(forward(model, tokens, mask=mask), np.float64)
-    h = np.asarray(forward(model.encoder, tokens, mask=mask), np.float64)
+    valid = jnp.asarray(np.arange(n)[None, :] < np.array([[n], [5]]))
+    logits = np.asarray(forward(model, tokens, valid=valid), np.float64)
+    h = np.asarray(forward(model.encoder, tokens, valid=valid), np.float64)
     wq, bq = (np.asarray(model.query.kernel[...], np.float64),
               np.asarray(model.query.bias[...], np.float64))
     wk, bk = (np.asarray(model.key.kernel[...], np.float64),
@@ -95,11 +95,11 @@ def test_gp_without_rope_equals_plain_inner_products_of_the_projections(rng):
     q = np.einsum("bnD,Dtd->bntd", h, wq) + bq
     k = np.einsum("bnD,Dtd->bntd", h, wk) + bk
     expected = np.einsum("bitd,bjtd->btij", q, k) / np.sqrt(q.shape[-1])
-    valid = np.broadcast_to(
+    exists = np.broadcast_to(
         np.triu(np.ones((n, n), bool))[None, None]
-        & np.asarray(mask)[:, None, :, None] & np.asarray(mask)[:, None, None, :], logits.shape)
-    np.testing.assert_allclose(logits[valid], expected[valid], rtol=1e-4, atol=1e-5)
-    assert np.all(logits[~valid] < -1e3)
+        & np.asarray(valid)[:, None, :, None] & np.asarray(valid)[:, None, None, :], logits.shape)
+    np.testing.assert_allclose(logits[exists], expected[exists], rtol=1e-4, atol=1e-5)
+    assert np.all(logits[~exists] < -1e3)
 
 
 # ------------------------------------------------------------------ BIO tags and decoding
@@ -142,8 +142,8 @@ def test_bio_decoding_matches_the_hand_written_example():
 
 def test_bio_decoding_treats_padding_as_outside():
     tags = jnp.asarray([HAND_TAGS], jnp.int32)
-    mask = jnp.asarray([np.arange(len(HAND_TAGS)) < 10])  # cuts the span (0, 9, 10) to (0, 9, 9)
-    assert decoded(models.bio_span_scores(tags, 2, mask=mask)) == sorted(
+    valid = jnp.asarray([np.arange(len(HAND_TAGS)) < 10])  # cuts the span (0, 9, 10) to (0, 9, 9)
+    assert decoded(models.bio_span_scores(tags, 2, valid=valid)) == sorted(
         [(0, 0, 2), (1, 4, 5), (0, 8, 8), (0, 9, 9)])
 
 
@@ -151,9 +151,9 @@ def test_bio_decoding_matches_a_loop_reference_on_random_tags(rng):
     types, b, n = 3, 16, 15
     tags = rng.integers(0, models.bio_num_tags(types), (b, n))
     lengths = rng.integers(1, n + 1, b)
-    mask = np.arange(n)[None, :] < lengths[:, None]
+    valid = np.arange(n)[None, :] < lengths[:, None]
     scores = jax.jit(models.bio_span_scores, static_argnums=1)(jnp.asarray(tags), types,
-                                                                mask=jnp.asarray(mask))
+                                                                valid=jnp.asarray(valid))
     rows = models.GlobalPointerNER.decode(scores)
     for example in range(b):
         got = sorted((int(t), int(i), int(j)) for e, t, i, j in rows if e == example)
@@ -164,8 +164,8 @@ def test_bio_tagger_decode_reads_the_argmax_tags():
     model = build(bio_config())
     tags = np.array([[1, 2, 0, 5, 6, 6, 0], [3, 3, 4, 0, 0, 0, 0]])
     logits = jnp.asarray(np.eye(7)[tags] * 5.0, jnp.float32)
-    mask = jnp.asarray([[True] * 7, [True] * 3 + [False] * 4])
-    rows = model.decode(logits, mask=mask)
+    valid = jnp.asarray([[True] * 7, [True] * 3 + [False] * 4])
+    rows = model.decode(logits, valid=valid)
     assert sorted(map(tuple, rows.tolist())) == [(0, 0, 0, 1), (0, 2, 3, 5), (1, 1, 0, 0),
                                                  (1, 1, 1, 2)]
 
@@ -208,12 +208,12 @@ def test_bio_round_trip_of_disjoint_spans(rng):
 def test_bio_loss_is_cross_entropy_over_real_tokens(rng):
     logits = rng.normal(size=(2, 5, 7))
     tags = rng.integers(0, 7, (2, 5))
-    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
+    valid = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(log_probs, tags[..., None], -1)[..., 0]
-    expected = nll[mask].mean()
+    expected = nll[valid].mean()
     got = models.BIOTagger.loss(jnp.asarray(logits, jnp.float32), jnp.asarray(tags),
-                                mask=jnp.asarray(mask))
+                                valid=jnp.asarray(valid))
     np.testing.assert_allclose(float(got), expected, rtol=1e-5)
 
 

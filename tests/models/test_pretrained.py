@@ -90,12 +90,12 @@ def compare_with_hf(checkpoint: models.PretrainedCheckpoint, hf_model, rng) -> d
     hidden_ref, logits_ref = hf_outputs(hf_model, tokens, valid, types)
     model = models.build_pretrained(checkpoint, dropout_rate=0.0)
     encoder = model.encoder if checkpoint.has_mlm_head else model
-    hidden = encoder(jnp.asarray(tokens), mask=jnp.asarray(valid),
+    hidden = encoder(jnp.asarray(tokens), valid=jnp.asarray(valid),
                      token_types=jnp.asarray(types))
     assert hidden.dtype == jnp.float32
     differences = {"hidden": max_difference(hidden, hidden_ref, valid)}
     if checkpoint.has_mlm_head:
-        logits = model(jnp.asarray(tokens), mask=jnp.asarray(valid),
+        logits = model(jnp.asarray(tokens), valid=jnp.asarray(valid),
                        token_types=jnp.asarray(types))
         differences["logits"] = max_difference(logits, logits_ref, valid)
     print(f"{checkpoint.architecture} {checkpoint.format}: max |kexue − HF| {differences}")
@@ -254,7 +254,7 @@ def test_encoder_weights_load_into_a_globalpointer_model(rng, tmp_path):
     assert sorted(left) == ["key/bias", "key/kernel", "query/bias", "query/kernel"]
     tokens, valid, types = random_batch(rng)
     hidden_ref, _ = hf_outputs(hf_model, tokens, valid, np.zeros_like(types))
-    hidden = ner.encoder(jnp.asarray(tokens), mask=jnp.asarray(valid))  # token type 0
+    hidden = ner.encoder(jnp.asarray(tokens), valid=jnp.asarray(valid))  # token type 0
     assert max_difference(hidden, hidden_ref, valid) < TOLERANCE
     # the same through a `config.model` section and the factory
     mlm = models.build_model(checkpoint.model_spec(dropout_rate=0.0), rngs=nnx.Rngs(2))

@@ -22,9 +22,9 @@ def mesh():
 
 def mlm_batch(rng, b=8, n=12):
     tokens = rng.integers(0, 64, (b, n))
-    mask = np.arange(n)[None, :] < rng.integers(n // 2, n + 1, (b, 1))
-    weights = (rng.random((b, n)) < 0.3) & mask
-    return {"tokens": tokens, "mask": mask, "targets": rng.integers(0, 64, (b, n)),
+    valid = np.arange(n)[None, :] < rng.integers(n // 2, n + 1, (b, 1))
+    weights = (rng.random((b, n)) < 0.3) & valid
+    return {"tokens": tokens, "valid": valid, "labels": rng.integers(0, 64, (b, n)),
             "weights": weights.astype(np.float32)}
 
 
@@ -32,21 +32,21 @@ def gp_batch(rng, b=8, n=10):
     batch = mlm_batch(rng, b, n)
     spans = np.full((b, 3, 3), -1)
     for i in range(b):
-        length = int(batch["mask"][i].sum())
+        length = int(batch["valid"][i].sum())
         start = rng.integers(0, length)
         spans[i, 0] = (rng.integers(0, 3), start, rng.integers(start, length))
-    return {"tokens": batch["tokens"], "mask": batch["mask"], "spans": spans}
+    return {"tokens": batch["tokens"], "valid": batch["valid"], "spans": spans}
 
 
 def loss_of(name):
     if name == "global_pointer_ner":
         def loss(model, batch):
-            logits = model(batch["tokens"], mask=batch["mask"])
-            return model.loss(logits, batch["spans"], mask=batch["mask"])
+            logits = model(batch["tokens"], valid=batch["valid"])
+            return model.loss(logits, batch["spans"], valid=batch["valid"])
     else:
         def loss(model, batch):
-            logits = model(batch["tokens"], mask=batch["mask"])
-            return models.cross_entropy(logits, batch["targets"], batch["weights"])
+            logits = model(batch["tokens"], valid=batch["valid"])
+            return models.cross_entropy(logits, batch["labels"], batch["weights"])
     return loss
 
 

@@ -30,11 +30,11 @@ def test_mlm_overfits_a_batch(rng):
     masked = rng.random((8, 16)) < 0.25
     # Loss on every position (masked ones must be memorised, the rest copied).
     batch = {"inputs": jnp.asarray(np.where(masked, 0, tokens)),  # 0 = [MASK]
-             "targets": jnp.asarray(tokens), "weights": jnp.ones((8, 16), jnp.float32)}
+             "labels": jnp.asarray(tokens), "weights": jnp.ones((8, 16), jnp.float32)}
 
     def loss_fn(model, batch):
         logits = model(batch["inputs"])
-        return models.cross_entropy(logits, batch["targets"], batch["weights"])
+        return models.cross_entropy(logits, batch["labels"], batch["weights"])
 
     losses = train(model, loss_fn, batch)
     assert losses[0] > 3.5  # ≈ log 64 at init
@@ -46,23 +46,23 @@ def test_global_pointer_ner_overfits_a_batch(rng):
                                rngs=nnx.Rngs(0))
     b, n = 8, 12
     lengths = rng.integers(6, n + 1, b)
-    mask = np.arange(n)[None, :] < lengths[:, None]
+    valid = np.arange(n)[None, :] < lengths[:, None]
     spans = np.full((b, 2, 3), -1)
     for i, length in enumerate(lengths):
         for s in range(2):
             start = rng.integers(0, length)
             spans[i, s] = (rng.integers(0, 3), start, min(start + rng.integers(0, 3), length - 1))
-    batch = {"tokens": jnp.asarray(rng.integers(0, 64, (b, n))), "mask": jnp.asarray(mask),
+    batch = {"tokens": jnp.asarray(rng.integers(0, 64, (b, n))), "valid": jnp.asarray(valid),
              "spans": jnp.asarray(spans)}
 
     def loss_fn(model, batch):
-        logits = model(batch["tokens"], mask=batch["mask"])
-        return model.loss(logits, batch["spans"], mask=batch["mask"])
+        logits = model(batch["tokens"], valid=batch["valid"])
+        return model.loss(logits, batch["spans"], valid=batch["valid"])
 
     losses = train(model, loss_fn, batch)
     assert losses[-1] < 0.3 * losses[0], losses
     model.eval()
-    logits = model(batch["tokens"], mask=batch["mask"])
+    logits = model(batch["tokens"], valid=batch["valid"])
     predicted = {tuple(row) for row in models.GlobalPointerNER.decode(logits)}
     gold = {(i, *map(int, row)) for i in range(b) for row in spans[i] if row[0] >= 0}
     assert len(predicted & gold) >= 0.8 * len(gold)

@@ -1,4 +1,4 @@
-"""GlobalPointer and Efficient GlobalPointer logits, span decoding and span F1.
+"""GlobalPointer and Efficient GlobalPointer logits, span encodings, decoding and span F1.
 
 References are float64 NumPy loops written here (their own RoPE, not `kexue.ops.rope`).
 """
@@ -17,7 +17,10 @@ from kexue.ops.global_pointer import (
     f1_from_counts,
     global_pointer_logits,
     span_f1,
+    spans_to_dense,
+    spans_to_flat,
 )
+from kexue.ops.losses import sparse_zlpr_loss, zlpr_loss
 
 NEG32 = np.float32(_checks.large_negative(jnp.float32))
 
@@ -36,11 +39,11 @@ def rope_ref(x: np.ndarray, layout: str, base: float = 10000.0) -> np.ndarray:
     return out
 
 
-def gp_ref(q, k, mask, rope, layout):
-    """`[B, T, n, n]` reference logits; impossible spans are None-marked by `valid`."""
+def gp_ref(q, k, valid, rope, layout):
+    """`[B, T, n, n]` reference logits; impossible spans are marked False in `exists`."""
     batch, n, types, d = q.shape
     out = np.zeros((batch, types, n, n))
-    valid = np.zeros((batch, types, n, n), dtype=bool)
+    exists = np.zeros((batch, types, n, n), dtype=bool)
     for b in range(batch):
         for t in range(types):
             qt, kt = q[b, :, t].astype(np.float64), k[b, :, t].astype(np.float64)
@@ -49,11 +52,11 @@ def gp_ref(q, k, mask, rope, layout):
             for i in range(n):
                 for j in range(n):
                     out[b, t, i, j] = qt[i] @ kt[j] / np.sqrt(d)
-                    valid[b, t, i, j] = j >= i and bool(mask[b, i]) and bool(mask[b, j])
-    return out, valid
+                    exists[b, t, i, j] = j >= i and bool(valid[b, i]) and bool(valid[b, j])
+    return out, exists
 
 
-def random_mask(rng, batch, n):
+def random_valid(rng, batch, n):
     lengths = rng.integers(1, n + 1, size=batch)
     lengths[0] = n
     return np.arange(n)[None, :] < lengths[:, None]
@@ -65,21 +68,21 @@ def test_global_pointer_matches_reference(rng, rope, layout):
     batch, n, types, d = 2, 5, 3, 8
     q = rng.normal(size=(batch, n, types, d)).astype(np.float32)
     k = rng.normal(size=(batch, n, types, d)).astype(np.float32)
-    mask = random_mask(rng, batch, n)
-    got = np.asarray(global_pointer_logits(q, k, mask=mask, rope=rope, layout=layout))
-    want, valid = gp_ref(q, k, mask, rope, layout)
+    valid = random_valid(rng, batch, n)
+    got = np.asarray(global_pointer_logits(q, k, valid=valid, rope=rope, layout=layout))
+    want, exists = gp_ref(q, k, valid, rope, layout)
     assert got.shape == (batch, types, n, n) and got.dtype == np.float32
-    np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(got[~valid], NEG32)
+    np.testing.assert_allclose(got[exists], want[exists], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[~exists], NEG32)
 
 
-def test_global_pointer_without_mask_masks_lower_triangle(rng):
+def test_global_pointer_without_valid_masks_lower_triangle(rng):
     q = rng.normal(size=(4, 2, 6)).astype(np.float32)  # unbatched [n, types, d]
     k = rng.normal(size=(4, 2, 6)).astype(np.float32)
     got = np.asarray(global_pointer_logits(q, k))
-    want, valid = gp_ref(q[None], k[None], np.ones((1, 4), bool), True, "interleaved")
+    want, exists = gp_ref(q[None], k[None], np.ones((1, 4), bool), True, "interleaved")
     assert got.shape == (2, 4, 4)
-    np.testing.assert_allclose(got[valid[0]], want[0][valid[0]], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[exists[0]], want[0][exists[0]], rtol=1e-5, atol=1e-5)
     lower = np.tril(np.ones((4, 4), bool), -1)
     assert np.all(got[:, lower] == NEG32) and np.all(got[:, ~lower] > NEG32)
 
@@ -108,15 +111,15 @@ def test_rope_makes_logits_relative(rng):
 def test_global_pointer_bfloat16(rng):
     q = rng.normal(size=(2, 4, 2, 8)).astype(np.float32)
     k = rng.normal(size=(2, 4, 2, 8)).astype(np.float32)
-    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=np.int32)
+    valid = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=np.int32)
     got = global_pointer_logits(jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16),
-                                mask=mask)
+                                valid=valid)
     assert got.dtype == jnp.bfloat16
-    want, valid = gp_ref(q, k, mask, True, "interleaved")
+    want, exists = gp_ref(q, k, valid, True, "interleaved")
     got32 = np.asarray(got.astype(jnp.float32))
-    np.testing.assert_allclose(got32[valid], want[valid], rtol=0.05, atol=0.1)
+    np.testing.assert_allclose(got32[exists], want[exists], rtol=0.05, atol=0.1)
     assert np.all(np.isfinite(got32))
-    np.testing.assert_array_equal(got32[~valid], float(jnp.bfloat16(
+    np.testing.assert_array_equal(got32[~exists], float(jnp.bfloat16(
         _checks.large_negative(jnp.bfloat16))))
 
 
@@ -124,27 +127,27 @@ def test_global_pointer_jit_vmap_grad(rng):
     batch, n, types, d = 3, 4, 2, 4
     q = jnp.asarray(rng.normal(size=(batch, n, types, d)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(batch, n, types, d)), jnp.float32)
-    mask = jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
-    eager = global_pointer_logits(q, k, mask=mask)
-    np.testing.assert_allclose(jax.jit(global_pointer_logits)(q, k, mask=mask), eager,
+    valid = jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
+    eager = global_pointer_logits(q, k, valid=valid)
+    np.testing.assert_allclose(jax.jit(global_pointer_logits)(q, k, valid=valid), eager,
                                rtol=1e-6, atol=1e-6)
-    vmapped = jax.vmap(lambda a, b, c: global_pointer_logits(a, b, mask=c))(q, k, mask)
+    vmapped = jax.vmap(lambda a, b, c: global_pointer_logits(a, b, valid=c))(q, k, valid)
     np.testing.assert_allclose(vmapped, eager, rtol=1e-6, atol=1e-6)
 
-    gq, gk = jax.grad(lambda a, b: jnp.sum(global_pointer_logits(a, b, mask=mask)),
+    gq, gk = jax.grad(lambda a, b: jnp.sum(global_pointer_logits(a, b, valid=valid)),
                       argnums=(0, 1))(q, k)
     assert np.all(np.isfinite(gq)) and np.all(np.isfinite(gk))
     # Padding tokens (and the fully padded third example) get no gradient.
-    padded = ~np.asarray(mask)
+    padded = ~np.asarray(valid)
     assert np.all(np.asarray(gq)[padded] == 0) and np.all(np.asarray(gk)[padded] == 0)
     assert np.any(np.asarray(gq)[~padded] != 0)
 
 
-def egp_ref(q, k, bias_start, bias_end, mask):
+def egp_ref(q, k, bias_start, bias_end, valid):
     batch, n, d = q.shape
     types = bias_start.shape[-1]
     out = np.zeros((batch, types, n, n))
-    valid = np.zeros_like(out, dtype=bool)
+    exists = np.zeros_like(out, dtype=bool)
     for b in range(batch):
         qr, kr = rope_ref(q[b], "interleaved"), rope_ref(k[b], "interleaved")
         for t in range(types):
@@ -152,8 +155,8 @@ def egp_ref(q, k, bias_start, bias_end, mask):
                 for j in range(n):
                     out[b, t, i, j] = (qr[i] @ kr[j] / np.sqrt(d)
                                        + (bias_start[b, i, t] + bias_end[b, j, t]) / 2)
-                    valid[b, t, i, j] = j >= i and bool(mask[b, i]) and bool(mask[b, j])
-    return out, valid
+                    exists[b, t, i, j] = j >= i and bool(valid[b, i]) and bool(valid[b, j])
+    return out, exists
 
 
 def test_efficient_global_pointer_matches_reference(rng):
@@ -161,15 +164,15 @@ def test_efficient_global_pointer_matches_reference(rng):
     q, k = (rng.normal(size=(batch, n, d)).astype(np.float32) for _ in range(2))
     bias_start, bias_end = (rng.normal(size=(batch, n, types)).astype(np.float32)
                             for _ in range(2))
-    mask = random_mask(rng, batch, n)
-    got = np.asarray(efficient_global_pointer_logits(q, k, bias_start, bias_end, mask=mask))
-    want, valid = egp_ref(q, k, bias_start, bias_end, mask)
+    valid = random_valid(rng, batch, n)
+    got = np.asarray(efficient_global_pointer_logits(q, k, bias_start, bias_end, valid=valid))
+    want, exists = egp_ref(q, k, bias_start, bias_end, valid)
     assert got.shape == (batch, types, n, n)
-    np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(got[~valid], NEG32)
+    np.testing.assert_allclose(got[exists], want[exists], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[~exists], NEG32)
     # With zero bias every type sees the same shared score.
     zero = np.zeros_like(bias_start)
-    shared = np.asarray(efficient_global_pointer_logits(q, k, zero, zero, mask=mask))
+    shared = np.asarray(efficient_global_pointer_logits(q, k, zero, zero, valid=valid))
     np.testing.assert_array_equal(shared[:, 0], shared[:, 1])
 
 
@@ -209,35 +212,150 @@ def test_decode_spans_hand_built():
     assert empty.shape == (0, 4) and empty.dtype == np.int64
     # Masked spans of real GlobalPointer logits never decode.
     q = np.ones((3, 1, 2), np.float32)
-    spans = decode_spans(global_pointer_logits(q, q, rope=False, mask=np.array([1, 1, 0])))
+    spans = decode_spans(global_pointer_logits(q, q, rope=False, valid=np.array([1, 1, 0])))
     np.testing.assert_array_equal(spans, [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 1]])
 
 
-def counts_ref(pred_logits, labels, mask, threshold):
+def random_span_rows(rng, lead, max_spans, types, n):
+    """Rows `[*lead, P, 3]`: spans (some repeated), −1 rows anywhere, and rows that are
+    not spans of `types` types in `n` tokens (unknown type, end < start, end ≥ n, −1 in
+    one column). Some examples get no rows at all."""
+    rows = np.full((int(np.prod(lead)), max_spans, 3), -1, np.int64)
+    for r in range(rows.shape[0]):
+        for p in range(int(rng.integers(0, max_spans + 1))):
+            t, start = int(rng.integers(0, types)), int(rng.integers(0, n))
+            end = int(rng.integers(start, n))
+            kind = rng.random()
+            if kind < 0.1:
+                t = types + int(rng.integers(0, 3))
+            elif kind < 0.2:
+                start, end = end + 1, end
+            elif kind < 0.3:
+                end = n + int(rng.integers(0, 3))
+            elif kind < 0.35:
+                start = -1
+            rows[r, p] = (t, start, end)
+        if max_spans >= 2 and rng.random() < 0.5:
+            rows[r, 1] = rows[r, 0]
+        rng.shuffle(rows[r])
+    return rows.reshape(*lead, max_spans, 3)
+
+
+def is_span_ref(row, types, n):
+    t, start, end = (int(x) for x in row)
+    return 0 <= t < types and 0 <= start <= end < n
+
+
+def flat_ref(rows, types, n):
+    out = np.full(rows.shape[:-1], -1, np.int64)
+    for idx in np.ndindex(*rows.shape[:-1]):
+        if is_span_ref(rows[idx], types, n):
+            t, start, end = (int(x) for x in rows[idx])
+            out[idx] = t * n * n + start * n + end
+    return out
+
+
+def dense_ref(rows, types, n):
+    out = np.zeros((*rows.shape[:-2], types, n, n), np.int64)
+    for idx in np.ndindex(*rows.shape[:-2]):
+        for row in rows[idx]:
+            if is_span_ref(row, types, n):
+                out[(*idx, *(int(x) for x in row))] = 1
+    return out
+
+
+@pytest.mark.parametrize("lead,max_spans", [((), 5), ((4,), 6), ((2, 3), 4), ((3,), 0)])
+def test_span_encodings_match_reference(rng, lead, max_spans):
+    types, n = 3, 5
+    rows = random_span_rows(rng, lead, max_spans, types, n)
+    flat = spans_to_flat(rows, types, n)
+    dense = spans_to_dense(rows, types, n)
+    assert flat.dtype == jnp.int32 and flat.shape == (*lead, max_spans)
+    assert dense.dtype == jnp.int32 and dense.shape == (*lead, types, n, n)
+    np.testing.assert_array_equal(flat, flat_ref(rows, types, n))
+    np.testing.assert_array_equal(dense, dense_ref(rows, types, n))
+    # Traced: the same under jit (static sizes) and vmap over the leading axis.
+    np.testing.assert_array_equal(
+        jax.jit(spans_to_flat, static_argnums=(1, 2))(rows, types, n), flat)
+    np.testing.assert_array_equal(
+        jax.jit(spans_to_dense, static_argnums=(1, 2))(rows, types, n), dense)
+    if lead:
+        np.testing.assert_array_equal(
+            jax.vmap(lambda r: spans_to_dense(r, types, n))(jnp.asarray(rows)), dense)
+
+
+def test_span_encodings_round_trip(rng):
+    """rows → dense → rows (decode_spans) gives the distinct spans; flat indexes dense."""
+    batch, types, n = 6, 4, 7
+    rows = random_span_rows(rng, (batch,), 8, types, n)
+    rows[0] = -1  # an example without spans
+    dense = np.asarray(spans_to_dense(rows, types, n))
+    back = decode_spans(dense.astype(np.float32), threshold=0.5)
+    want = sorted({(b, *(int(x) for x in row)) for b in range(batch) for row in rows[b]
+                   if is_span_ref(row, types, n)})
+    assert [tuple(r) for r in back.tolist()] == want
+    flat = np.asarray(spans_to_flat(rows, types, n))
+    for b in range(batch):
+        real = flat[b][flat[b] >= 0]
+        assert np.all(dense[b].reshape(-1)[real] == 1)
+        assert len(set(real.tolist())) == dense[b].sum()
+        # Decoded rows encode back to the same flat indices.
+        decoded = back[back[:, 0] == b][:, 1:]
+        again = np.asarray(spans_to_flat(decoded.reshape(-1, 3), types, n))
+        assert sorted(again.tolist()) == sorted(set(real.tolist()))
+
+
+def test_span_encodings_give_the_same_zlpr_loss(rng):
+    """The sparse loss on flat indices equals the dense loss on dense labels."""
+    batch, types, n = 3, 2, 6
+    rows = random_span_rows(rng, (batch,), 5, types, n)
+    logits = rng.normal(scale=2.0, size=(batch, types, n, n)).astype(np.float32)
+    sparse = sparse_zlpr_loss(logits.reshape(batch, -1), spans_to_flat(rows, types, n))
+    dense = zlpr_loss(logits, spans_to_dense(rows, types, n), axis=(-3, -2, -1))
+    np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_span_encodings_reject_bad_arguments():
+    rows = np.zeros((2, 3, 3), np.int32)
+    with pytest.raises(ValueError, match=r"`spans` must have a integer dtype"):
+        spans_to_flat(rows.astype(np.float32), 2, 4)
+    with pytest.raises(ValueError, match=r"`spans` must have size 3 on axis -1"):
+        spans_to_dense(rows[..., :2], 2, 4)
+    with pytest.raises(ValueError, match=r"`spans` must have at least 2 axes"):
+        spans_to_flat(rows[0, 0], 2, 4)
+    with pytest.raises(ValueError, match=r"`num_types` must be a positive Python int"):
+        spans_to_flat(rows, 0, 4)
+    with pytest.raises(ValueError, match=r"`seq_len` must be a positive Python int"):
+        spans_to_dense(rows, 2, 4.0)
+    with pytest.raises(ValueError, match=r"below 2\*\*31"):
+        spans_to_flat(rows, 10, 2**14)
+
+
+def counts_ref(logits, labels, valid, threshold):
     tp = fp = fn = 0
-    batch, types, n, _ = pred_logits.shape
+    batch, types, n, _ = logits.shape
     for b in range(batch):
         for t in range(types):
             for i in range(n):
                 for j in range(n):
-                    if mask is not None and not (j >= i and mask[b, i] and mask[b, j]):
+                    if valid is not None and not (j >= i and valid[b, i] and valid[b, j]):
                         continue
-                    p, g = pred_logits[b, t, i, j] > threshold, labels[b, t, i, j] > 0
+                    p, g = logits[b, t, i, j] > threshold, labels[b, t, i, j] > 0
                     tp += p and g
                     fp += p and not g
                     fn += g and not p
     return tp, fp, fn
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_span_f1_counts(rng, with_mask):
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_span_f1_counts(rng, with_valid):
     shape = (3, 2, 5, 5)
     logits = rng.normal(size=shape).astype(np.float32)
     labels = (rng.random(shape) < 0.3).astype(np.int32)
-    mask = random_mask(rng, 3, 5) if with_mask else None
-    got = jax.jit(span_f1, static_argnames="threshold")(logits, labels, mask=mask,
+    valid = random_valid(rng, 3, 5) if with_valid else None
+    got = jax.jit(span_f1, static_argnames="threshold")(logits, labels, valid=valid,
                                                         threshold=0.2)
-    tp, fp, fn = counts_ref(logits, labels, mask, 0.2)
+    tp, fp, fn = counts_ref(logits, labels, valid, 0.2)
     assert (float(got["tp"]), float(got["fp"]), float(got["fn"])) == (tp, fp, fn)
     np.testing.assert_allclose(got["precision"], tp / (tp + fp), rtol=1e-6)
     np.testing.assert_allclose(got["recall"], tp / (tp + fn), rtol=1e-6)
@@ -268,10 +386,10 @@ def test_errors_name_the_argument():
         global_pointer_logits(q[0, 0], q[0, 0])
     with pytest.raises(ValueError, match=r"`q` must have an even last axis"):
         global_pointer_logits(q[..., :3], q[..., :3])
-    with pytest.raises(ValueError, match=r"`mask` with shape \(2, 5\) does not broadcast"):
-        global_pointer_logits(q, q, mask=np.ones((2, 5), bool))
-    with pytest.raises(ValueError, match=r"`mask` must have a bool or integer dtype"):
-        global_pointer_logits(q, q, mask=np.ones((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"`valid` with shape \(2, 5\) does not broadcast"):
+        global_pointer_logits(q, q, valid=np.ones((2, 5), bool))
+    with pytest.raises(ValueError, match=r"`valid` must have a bool or integer dtype"):
+        global_pointer_logits(q, q, valid=np.ones((2, 4), np.float32))
     with pytest.raises(ValueError, match=r"`layout` must be one of"):
         global_pointer_logits(q, q, layout="pairs")
     with pytest.raises(ValueError, match=r"`k` must be a floating-point array"):
@@ -283,5 +401,5 @@ def test_errors_name_the_argument():
         efficient_global_pointer_logits(shared, shared, q[:, :, 0, :2], q[:, :, 0, :3])
     with pytest.raises(ValueError, match=r"`logits` must be square"):
         decode_spans(np.zeros((2, 3, 4)))
-    with pytest.raises(ValueError, match=r"`pred_logits` and `labels` must have the same"):
+    with pytest.raises(ValueError, match=r"`logits` and `labels` must have the same"):
         span_f1(np.zeros((2, 3, 3)), np.zeros((2, 3, 4)))

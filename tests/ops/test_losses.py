@@ -51,13 +51,13 @@ def zlpr_grad_ref(s: np.ndarray, t: np.ndarray) -> np.ndarray:
     return neg - pos
 
 
-def random_targets(rng, shape, p=0.3):
+def random_labels(rng, shape, p=0.3):
     return rng.random(shape) < p
 
 
 def test_zlpr_hard_matches_reference_and_gradient(rng):
     s = rng.normal(scale=2.0, size=(4, 12)).astype(np.float32)
-    t = random_targets(rng, s.shape)
+    t = random_labels(rng, s.shape)
     t[0] = False  # no positives in one row, only positives in another
     t[1] = True
     got = zlpr(s, t)
@@ -71,7 +71,7 @@ def test_zlpr_hard_matches_reference_and_gradient(rng):
 def test_zlpr_equals_pairwise_multilabel_softmax(rng):
     """log(1 + Σ_{i∈neg∪{0}, j∈pos∪{0}, (i,j)≠(0,0)} e^{s_i − s_j}) with s_0 = 0 (archive 7359)."""
     s = rng.normal(size=(3, 7)).astype(np.float32)
-    t = random_targets(rng, s.shape, 0.4)
+    t = random_labels(rng, s.shape, 0.4)
     want = []
     for b in range(3):
         neg = [0.0] + [float(x) for x in s[b][~t[b]]]
@@ -81,24 +81,24 @@ def test_zlpr_equals_pairwise_multilabel_softmax(rng):
     np.testing.assert_allclose(zlpr(s, t), want, rtol=1e-5)
 
 
-def test_zlpr_soft_targets(rng):
+def test_zlpr_soft_labels(rng):
     s = rng.normal(size=(3, 9)).astype(np.float32)
     soft = rng.random(s.shape).astype(np.float32)
     soft[:, 0], soft[:, 1] = 0.0, 1.0
     np.testing.assert_allclose(zlpr(s, soft), zlpr_ref(s, soft), rtol=1e-5)
-    hard = random_targets(rng, s.shape)
+    hard = random_labels(rng, s.shape)
     np.testing.assert_allclose(zlpr(s, hard.astype(np.float32)), zlpr(s, hard),
                                rtol=1e-6)
     np.testing.assert_allclose(zlpr(s, hard.astype(np.int32)), zlpr_ref(s, hard),
                                rtol=1e-5)
-    # Gradient with respect to soft targets (distillation) is finite, also at 0 and 1.
+    # Gradient with respect to soft labels (distillation) is finite, also at 0 and 1.
     grad_t = grad_of(lambda t: jnp.sum(zlpr(s, t)))(jnp.asarray(soft))
     assert np.all(np.isfinite(grad_t))
 
 
 def test_zlpr_axis_tuple_is_flattening(rng):
     s = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
-    t = random_targets(rng, s.shape, 0.1)
+    t = random_labels(rng, s.shape, 0.1)
     per_type = zlpr(s, t, axis=(-2, -1))
     assert per_type.shape == (2, 3)
     np.testing.assert_allclose(per_type, zlpr_ref(s.reshape(6, 16), t.reshape(6, 16))
@@ -110,28 +110,28 @@ def test_zlpr_axis_tuple_is_flattening(rng):
     np.testing.assert_allclose(first_axis, zlpr(s, t), rtol=1e-6)
 
 
-def test_zlpr_mask_excludes_entries(rng):
+def test_zlpr_where_excludes_entries(rng):
     s = rng.normal(size=(4, 10)).astype(np.float32)
-    t = random_targets(rng, s.shape, 0.4)
+    t = random_labels(rng, s.shape, 0.4)
     mask = rng.random(s.shape) < 0.6
     mask[3] = False  # a fully masked row
     want = zlpr_ref(s, t, mask)
     assert want[3] == 0.0
     garbage = np.where(mask, s, np.float32(np.nan))  # masked scores may hold anything
-    got, grad = vgrad(lambda x: jnp.sum(zlpr(x, t, mask=mask)))(garbage)
-    per_row = zlpr(garbage, t, mask=mask)
+    got, grad = vgrad(lambda x: jnp.sum(zlpr(x, t, where=mask)))(garbage)
+    per_row = zlpr(garbage, t, where=mask)
     np.testing.assert_allclose(per_row, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, want.sum(), rtol=1e-5)
     grad = np.asarray(grad)
     assert np.all(np.isfinite(grad)) and np.all(grad[~mask] == 0)
-    # A `[C]` mask broadcasts over the batch.
-    np.testing.assert_allclose(zlpr(s, t, mask=mask[0]),
+    # A `[C]` where broadcasts over the batch.
+    np.testing.assert_allclose(zlpr(s, t, where=mask[0]),
                                zlpr_ref(s, t, np.broadcast_to(mask[0], s.shape)), rtol=1e-5)
 
 
 def test_zlpr_stable_for_large_and_masked_logits(rng):
     s = (rng.normal(size=(2, 8)) * 300).astype(np.float32)
-    t = random_targets(rng, s.shape, 0.5)
+    t = random_labels(rng, s.shape, 0.5)
     got = zlpr(s, t)
     np.testing.assert_allclose(got, zlpr_ref(s, t), rtol=1e-5)
     # GlobalPointer-style masked logits (finite large negative) as plain negatives.
@@ -144,7 +144,7 @@ def test_zlpr_stable_for_large_and_masked_logits(rng):
 
 def test_zlpr_bf16_jit_vmap(rng):
     s = rng.normal(size=(3, 8)).astype(np.float32)
-    t = random_targets(rng, s.shape)
+    t = random_labels(rng, s.shape)
     got = zlpr_loss(jnp.asarray(s, jnp.bfloat16), t)  # eager
     assert got.dtype == jnp.float32
     s_rounded = np.asarray(jnp.asarray(s, jnp.bfloat16).astype(jnp.float32))
@@ -155,7 +155,7 @@ def test_zlpr_bf16_jit_vmap(rng):
 
 
 def sparse_case(rng, batch=4, classes=20, max_pos=6):
-    """Logits, padded positive indices (with repeats and padding), dense 0/1 targets."""
+    """Logits, padded positive indices (with repeats and padding), dense 0/1 labels."""
     s = rng.normal(scale=2.0, size=(batch, classes)).astype(np.float32)
     indices = np.full((batch, max_pos), -1, np.int32)
     dense = np.zeros((batch, classes), bool)
@@ -170,12 +170,12 @@ def sparse_case(rng, batch=4, classes=20, max_pos=6):
 
 @jax.jit
 def sparse_value_and_grad(s, indices, mask):
-    return jax.value_and_grad(lambda x: jnp.sum(sparse_zlpr_loss(x, indices, mask=mask)))(s)
+    return jax.value_and_grad(lambda x: jnp.sum(sparse_zlpr_loss(x, indices, where=mask)))(s)
 
 
 @jax.jit
-def dense_value_and_grad(s, targets, mask):
-    return jax.value_and_grad(lambda x: jnp.sum(zlpr_loss(x, targets, mask=mask)))(s)
+def dense_value_and_grad(s, labels, mask):
+    return jax.value_and_grad(lambda x: jnp.sum(zlpr_loss(x, labels, where=mask)))(s)
 
 
 def test_sparse_zlpr_equals_dense_with_grads(rng):
@@ -187,7 +187,7 @@ def test_sparse_zlpr_equals_dense_with_grads(rng):
             dense_value, dense_grad = dense_value_and_grad(s, dense, m)
             np.testing.assert_allclose(sparse_value, dense_value, rtol=1e-5)
             np.testing.assert_allclose(sparse_grad, dense_grad, rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(sparse_zlpr(s, indices, mask=m),
+            np.testing.assert_allclose(sparse_zlpr(s, indices, where=m),
                                        zlpr_ref(s, dense, m), rtol=1e-5, atol=1e-6)
 
 
@@ -218,8 +218,7 @@ def test_sparse_zlpr_edge_cases(rng):
     np.testing.assert_allclose(sparse_zlpr(s, every), zlpr_ref(s, np.ones_like(s, bool)),
                                rtol=1e-5, atol=1e-5)
     # Confident positives far above the negatives (a trained model): exactly the dense
-    # value and gradient, where the subtraction form `all + log(1 − e^{lse_pos − all})`
-    # cancels to garbage.
+    # value and gradient, where the subtraction form of the loss cancels to garbage.
     confident = s.copy()
     confident[:, 0] = rng.uniform(20.0, 60.0, size=3)
     first = np.zeros_like(s, bool)
@@ -230,9 +229,9 @@ def test_sparse_zlpr_edge_cases(rng):
     np.testing.assert_allclose(value, zlpr_ref(confident, first).sum(), rtol=1e-5)
     np.testing.assert_allclose(value, dense_value, rtol=1e-5)
     np.testing.assert_allclose(grad, dense_grad, rtol=1e-5, atol=1e-7)
-    # Fully masked rows: zero loss, finite zero gradient.
+    # Rows with no entry selected: zero loss, finite zero gradient.
     value, grad = vgrad(lambda x: jnp.sum(
-        sparse_zlpr(x, every, mask=np.zeros(8, bool))))(jnp.asarray(s))
+        sparse_zlpr(x, every, where=np.zeros(8, bool))))(jnp.asarray(s))
     assert float(value) == 0.0 and np.all(np.asarray(grad) == 0)
     # `[P]` indices broadcast over the batch; jit, vmap and bf16 logits.
     shared = np.array([2, 5, -1], np.int32)
@@ -274,7 +273,7 @@ def test_global_pointer_kl(rng):
     assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[..., lower] == 0)
     garbage = np.where(lower, np.float32(np.inf), s)
     value, grad = vgrad(
-        lambda x: jnp.sum(gp_kl(x, t, mask=~lower, axis=(-2, -1))))(garbage)
+        lambda x: jnp.sum(gp_kl(x, t, where=~lower, axis=(-2, -1))))(garbage)
     np.testing.assert_allclose(value, want_gp, rtol=1e-5)
     assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[..., lower] == 0)
     # Gradient is (σ(s) − σ(t)) + σ'(s)(s − t); bf16 input gives a float32 result.
@@ -311,8 +310,8 @@ def test_softmax_kl(rng):
     mask = rng.random(s.shape) < 0.7
     mask[0] = False
     garbage = np.where(mask, s, np.float32(np.nan))
-    value, grad = vgrad(lambda x: jnp.sum(sm_kl(x, t, mask=mask)))(garbage)
-    np.testing.assert_allclose(sm_kl(garbage, t, mask=mask),
+    value, grad = vgrad(lambda x: jnp.sum(sm_kl(x, t, where=mask)))(garbage)
+    np.testing.assert_allclose(sm_kl(garbage, t, where=mask),
                                softmax_sym_kl_ref(s, t, mask), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(value, softmax_sym_kl_ref(s, t, mask).sum(), rtol=1e-5)
     assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[~mask] == 0)
@@ -325,19 +324,19 @@ def test_softmax_kl(rng):
 
 def test_errors_name_the_argument():
     s = np.zeros((2, 5), np.float32)
-    with pytest.raises(ValueError, match=r"`logits` and `targets` must have the same shape"):
+    with pytest.raises(ValueError, match=r"`logits` and `labels` must have the same shape"):
         zlpr(s, np.zeros((2, 4)))
     with pytest.raises(ValueError, match=r"`logits` must be a floating-point array"):
         zlpr(s.astype(np.int32), s)
-    with pytest.raises(ValueError, match=r"`mask` with shape \(3,\) does not broadcast"):
-        zlpr(s, s, mask=np.ones(3, bool))
+    with pytest.raises(ValueError, match=r"`where` with shape \(3,\) does not broadcast"):
+        zlpr(s, s, where=np.ones(3, bool))
     with pytest.raises(ValueError, match=r"`axis`=2 is out of range"):
         zlpr(s, s, axis=2)
     with pytest.raises(ValueError, match=r"`axis` must not repeat"):
         zlpr(s, s, axis=(1, -1))
-    with pytest.raises(ValueError, match=r"`positive_indices` must have a integer dtype"):
+    with pytest.raises(ValueError, match=r"`labels` must have a integer dtype"):
         sparse_zlpr(s, np.zeros((2, 3), np.float32))
-    with pytest.raises(ValueError, match=r"`positive_indices.shape\[:-1\]` with shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"`labels.shape\[:-1\]` with shape \(3,\)"):
         sparse_zlpr(s, np.zeros((3, 2), np.int32))
     with pytest.raises(ValueError, match=r"`s` and `t` must have the same shape"):
         gp_kl(s, s[:, :4])

@@ -97,7 +97,7 @@ def test_entropy_invariant_equals_standard_at_the_entropy_base(seed, base, maske
 
 
 @given(seed=seeds, shape=st.sampled_from([(4, 7), (2, 3, 11)]))
-def test_zlpr_soft_form_equals_hard_form_on_binary_targets(seed, shape):
+def test_zlpr_soft_form_equals_hard_form_on_binary_labels(seed, shape):
     rng = np.random.default_rng(seed)
     logits = rng.normal(scale=3.0, size=shape).astype(np.float32)
     hard = rng.random(shape) < 0.3
@@ -138,6 +138,6 @@ def test_global_pointer_kl_is_the_summed_bernoulli_kls(seed, shape):
     np.testing.assert_allclose(ops.global_pointer_kl(s, t), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_zlpr_targets_outside_unit_interval_are_rejected():
-    with pytest.raises(ValueError, match=r"`targets` must lie in \[0, 1\].*\[-0.5, 1.0\]"):
+def test_zlpr_labels_outside_unit_interval_are_rejected():
+    with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 1\].*\[-0.5, 1.0\]"):
         ops.zlpr_loss(np.zeros((2, 2), np.float32), np.array([[0.0, 1.0], [-0.5, 0.5]]))

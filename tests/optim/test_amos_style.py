@@ -75,7 +75,7 @@ def test_sign_chain_matches_the_formula_step_by_step(rng, kind, warmup):
     params = _random_tree(rng)
     grads = [_random_tree(rng) for _ in range(6)]
     alpha0, q, half_life = 0.3, 0.7, 4
-    tx = optim.amos_style(alpha0, base="sign", sigma_fn=_sigma_fn, half_life=half_life,
+    tx = optim.amos_style(alpha0, direction="sign", sigma_fn=_sigma_fn, half_life=half_life,
                           kind=kind, q=q, warmup_steps=warmup)
     p, state = params, tx.init(params)
     step = jax.jit(tx.update)
@@ -92,7 +92,7 @@ def test_weight_decay_alone_shrinks_by_rho_t(rng):
     """With a zero direction only `−ρ_t θ` is left: θ_{t+1} = (1 − α₀²/(2q) decay(t)) θ_t."""
     params = _random_tree(rng)
     alpha0, q, half_life = 0.5, 2.0, 3
-    tx = optim.amos_style(alpha0, base="adam", sigma_fn=_sigma_fn, half_life=half_life, q=q)
+    tx = optim.amos_style(alpha0, direction="adam", sigma_fn=_sigma_fn, half_life=half_life, q=q)
     decay = optim.amos_decay_schedule("inverse_square", half_life=half_life)
     zero = jax.tree.map(jnp.zeros_like, params)
     p, state = params, tx.init(params)
@@ -116,7 +116,7 @@ def test_weight_decay_mask_and_constant_rate(rng):
 def test_amos_style_works_in_multisteps_and_apply_if_finite(rng):
     params = _random_tree(rng)
     tx = optax.apply_if_finite(optax.MultiSteps(
-        optim.amos_style(0.1, base="factored", sigma_fn=_sigma_fn, half_life=10),
+        optim.amos_style(0.1, direction="factored", sigma_fn=_sigma_fn, half_life=10),
         every_k_schedule=2), max_consecutive_errors=2)
     state = tx.init(params)
     p = params
@@ -130,8 +130,8 @@ def test_amos_style_works_in_multisteps_and_apply_if_finite(rng):
 
 def test_errors():
     params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}
-    with pytest.raises(ValueError, match="base"):
-        optim.amos_style(0.1, base="lion", sigma_fn=_sigma_fn, half_life=10)
+    with pytest.raises(ValueError, match="`direction` must be one of"):
+        optim.amos_style(0.1, direction="lion", sigma_fn=_sigma_fn, half_life=10)
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="learning_rate"):
             optim.amos_style(bad, sigma_fn=_sigma_fn, half_life=10)

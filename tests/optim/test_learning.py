@@ -59,11 +59,11 @@ def _train(tx, params, x, y):
 OPTIMIZERS = {
     "amos": lambda eta: optim.amos(0.05, eta),
     "amos_factored": lambda eta: optim.amos(0.05, eta, optim.reduce_largest_axes()),
-    "amos_style_adam": lambda eta: optim.amos_style(0.03, base="adam", sigma_fn=eta,
+    "amos_style_adam": lambda eta: optim.amos_style(0.03, direction="adam", sigma_fn=eta,
                                                     half_life=300),
-    "amos_style_factored": lambda eta: optim.amos_style(0.03, base="factored", sigma_fn=eta,
-                                                        half_life=300),
-    "amos_style_sign": lambda eta: optim.amos_style(0.03, base="sign", sigma_fn=eta,
+    "amos_style_factored": lambda eta: optim.amos_style(0.03, direction="factored",
+                                                        sigma_fn=eta, half_life=300),
+    "amos_style_sign": lambda eta: optim.amos_style(0.03, direction="sign", sigma_fn=eta,
                                                     half_life=300),
 }
 

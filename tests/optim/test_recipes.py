@@ -38,9 +38,9 @@ def _by_hand(name, params, num_steps):
     if name in ("amos", "amos_factored"):
         shape_fn = optim.reduce_largest_axes() if name == "amos_factored" else None
         return optim.amos(0.05, eta, shape_fn, beta=0.98, zeta=0.25, momentum=0.9)
-    return optim.amos_style(0.01, base="adam", sigma_fn=eta, half_life=1000,
+    return optim.amos_style(0.01, direction="adam", sigma_fn=eta, half_life=1000,
                             kind="inverse_square", q=1.0, warmup_steps=0,
-                            base_kwargs={"b1": 0.9, "b2": 0.98})
+                            direction_kwargs={"b1": 0.9, "b2": 0.98})
 
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
@@ -74,7 +74,7 @@ def test_defaults_are_the_recipe_signatures():
     assert optim.optimizer_defaults("amos") == optim.optimizer_defaults("amos_factored") == {
         "learning_rate": 0.05, "beta": 0.98, "zeta": 0.25, "momentum": 0.9}
     assert set(optim.optimizer_defaults("amos_style")) == {
-        "learning_rate", "base", "half_life", "kind", "q", "warmup_steps", "b1", "b2"}
+        "learning_rate", "direction", "half_life", "kind", "q", "warmup_steps", "b1", "b2"}
 
 
 @pytest.mark.parametrize("kwargs, message", [
