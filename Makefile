@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 CONFIG  ?= configs/lm_stdlib.py
 WORKDIR ?= runs/lm_stdlib
 
-.PHONY: run demo test lint bench bench-peers clean
+.PHONY: run demo test lint bench bench-peers accel-wheels clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -39,6 +39,10 @@ bench: $(VENV)/.installed
 bench-peers: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[peers]'
 	$(PY) -m benchmarks.peers
+
+# The wheels a GPU machine without a package index lacks, into .whl/, and their check.
+accel-wheels: $(VENV)/.installed
+	PYTHON=$(PY) bash benchmarks/accelerator_wheels.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis
