@@ -7,7 +7,9 @@ PY     := $(VENV)/bin/python
 CONFIG  ?= configs/lm_stdlib.py
 WORKDIR ?= runs/lm_stdlib
 
-.PHONY: run demo test lint bench bench-peers clean
+ACCEL_OUT ?= runs/accelerator
+
+.PHONY: run demo test lint bench bench-peers accel accel-wheels clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -39,6 +41,15 @@ bench: $(VENV)/.installed
 bench-peers: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[peers]'
 	$(PY) -m benchmarks.peers
+
+# The accelerator campaign (benchmarks/accelerator.py): every part at full size on the
+# device JAX finds, <part>.json / <part>.md into $(ACCEL_OUT); under 8 minutes on one H200.
+accel: $(VENV)/.installed
+	$(PY) -m benchmarks.accelerator --out $(ACCEL_OUT)
+
+# The wheels a GPU machine without a package index lacks, into .whl/, and their check.
+accel-wheels: $(VENV)/.installed
+	PYTHON=$(PY) bash benchmarks/accelerator_wheels.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis

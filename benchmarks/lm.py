@@ -44,8 +44,9 @@ import optax
 from flax import nnx
 
 from benchmarks import heads
+from benchmarks import optim as bench_optim
 from benchmarks.common import interleaved_median_times, machine_description, markdown_table, today
-from kexue import models, optim, tasks
+from kexue import models, tasks
 from kexue.models import REMAT_POLICIES
 from kexue.parallel import make_mesh
 from kexue.train import (
@@ -109,12 +110,23 @@ def nominal_peak() -> tuple[str, float] | None:
     return None
 
 
-def gpt_125m() -> dict[str, Any]:
-    """A GPT-2-small-sized LM (~124M parameters with the tied 50304-token embedding),
-    bf16 compute, cuDNN fused attention on GPU."""
-    return dict(width=768, num_layers=12, num_heads=12, mlp_dim=3072, vocab_size=50304,
-                tie_embeddings=True, norm="rmsnorm", rope_layout="half", dtype="bfloat16",
+def gpt_model(width: int, num_layers: int, num_heads: int) -> dict[str, Any]:
+    """A GPT-2-shaped LM section: `mlp_dim = 4·width`, the tied 50304-token embedding,
+    RMSNorm, half-layout RoPE, bf16 compute, cuDNN fused attention on GPU."""
+    return dict(width=width, num_layers=num_layers, num_heads=num_heads, mlp_dim=4 * width,
+                vocab_size=50304, tie_embeddings=True, norm="rmsnorm", rope_layout="half",
+                dtype="bfloat16",
                 attention_implementation="cudnn" if jax.default_backend() == "gpu" else None)
+
+
+def gpt_125m() -> dict[str, Any]:
+    """GPT-2 small's shape (~124M parameters): width 768, 12 layers, 12 heads."""
+    return gpt_model(768, 12, 12)
+
+
+def gpt_350m() -> dict[str, Any]:
+    """GPT-2 medium's shape (~355M parameters): width 1024, 24 layers, 16 heads."""
+    return gpt_model(1024, 24, 16)
 
 
 def full_cases() -> list[LMCase]:
@@ -168,10 +180,16 @@ def matmul_peak(sizes: Sequence[int], *, repeats: int = 5,
 LM_TASK = tasks.LMTask()
 
 
+#: Optimizer names of the throughput tables → their entries in `benchmarks.optim.optimizers`.
+OPTIMIZERS = {"adamw": "optax.adamw", "amos": "amos", "amos_style": "amos_style (adam)"}
+
+
 def optimizer(name: str, model_factory: Callable[[], nnx.Module]) -> optax.GradientTransformation:
-    """`kexue.optim.make_optimizer(name)` at its defaults (η / σ read off the init)."""
-    initial = None if name == "adamw" else models.initial_params(model_factory)
-    return optim.make_optimizer(name, num_steps=10_000, initial_params=initial)
+    """AdamW (optax), Amos or Amos-style with an Adam direction (kexue.optim; per-tensor
+    scales read off the initial parameters), as `benchmarks.optim.optimizers` builds them."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {list(OPTIMIZERS)}; got {name!r}")
+    return bench_optim.optimizers(models.initial_params(model_factory))[OPTIMIZERS[name]]
 
 
 def random_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, jax.Array]:
@@ -213,28 +231,58 @@ def step_flops(case: LMCase) -> int:
     return models.flops_per_token(case.spec(), seq_len=case.seq_len) * case.batch * case.seq_len
 
 
-def throughput_rows(cases: Sequence[LMCase], optimizers: Sequence[str], peak: float,
-                    peak_size: int, *, repeats: int) -> tuple[list[list[str]], float]:
-    """One row per (case, optimizer): step time, tokens/s, achieved GFLOP/s, MFU.
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+    """One timed train step: the case, optimizer, parameters, model FLOPs, median seconds."""
+
+    case: LMCase
+    optimizer: str
+    params: int
+    flops: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.case.batch * self.case.seq_len / self.seconds
+
+    @property
+    def achieved(self) -> float:
+        """Model FLOP/s."""
+        return self.flops / self.seconds
+
+
+def throughput(cases: Sequence[LMCase], optimizers: Sequence[str], peak: float,
+               peak_size: int, *, repeats: int) -> tuple[list[Throughput], float]:
+    """Each (case, optimizer) train step timed, and the peak MFU divides by.
 
     The `peak_size` matmul is re-timed in the same interleaved loop as the train
-    steps; MFU divides by the larger of `peak` (the separately measured peak) and that
-    in-loop rate, the best the machine showed (a lower rate only reflects load). The
-    peak used is returned with the rows.
+    steps; the peak returned is the larger of `peak` (the separately measured peak) and
+    that in-loop rate, the best the machine showed (a lower rate only reflects load).
     """
     keys = [(case, name) for case in cases for name in optimizers]
     runners = [matmul(peak_size)] + [train_stepper(case, name) for case, name in keys]
     matmul_time, *times = interleaved_median_times(runners, repeats=repeats, warmup=1)
     peak = max(peak, 2 * peak_size**3 / matmul_time)
-    rows = []
-    for (case, name), seconds in zip(keys, times, strict=True):
-        flops = step_flops(case)
-        achieved = flops / seconds
-        rows.append([case.label, name, f"{case.batch} x {case.seq_len}",
-                     f"{num_params(case):,}", f"{flops / 1e9:.2f}", f"{seconds * 1e3:.0f}",
-                     f"{case.batch * case.seq_len / seconds:,.0f}", f"{achieved / 1e9:.1f}",
-                     f"{achieved / peak:.0%}"])
-    return rows, peak
+    return [Throughput(case, name, num_params(case), step_flops(case), seconds)
+            for (case, name), seconds in zip(keys, times, strict=True)], peak
+
+
+THROUGHPUT_HEADER = ["model", "optimizer", "batch x len", "params", "GFLOP/step", "step (ms)",
+                     "tokens/s", "GFLOP/s", "MFU (of measured peak)"]
+
+
+def throughput_row(t: Throughput, peak: float) -> list[str]:
+    return [t.case.label, t.optimizer, f"{t.case.batch} x {t.case.seq_len}", f"{t.params:,}",
+            f"{t.flops / 1e9:.2f}", f"{t.seconds * 1e3:.0f}", f"{t.tokens_per_s:,.0f}",
+            f"{t.achieved / 1e9:.1f}", f"{t.achieved / peak:.0%}"]
+
+
+def throughput_rows(cases: Sequence[LMCase], optimizers: Sequence[str], peak: float,
+                    peak_size: int, *, repeats: int) -> tuple[list[list[str]], float]:
+    """`throughput` as table rows (`THROUGHPUT_HEADER`): step time, tokens/s, achieved
+    GFLOP/s, MFU against the peak used, which is returned with the rows."""
+    measured, peak = throughput(cases, optimizers, peak, peak_size, repeats=repeats)
+    return [throughput_row(t, peak) for t in measured], peak
 
 
 def breakdown_rows(case: LMCase, peak: float, peak_size: int, *,
@@ -305,22 +353,37 @@ def remat_options() -> dict[str, Any] | None:
 
 
 def max_length(spec: models.ModelSpec, batch: int, start: int, limit: int,
-               budget: int, options: dict[str, Any] | None) -> tuple[int, int, list[int]]:
+               budget: int, options: dict[str, Any] | None, *,
+               deadline: float | None = None) -> tuple[int, int, list[tuple[int, int]]]:
     """Longest power-of-two multiple of `start` (≤ `limit`) whose compiled step fits.
 
-    Returns `(length, its peak bytes, peak bytes of every length tried)`; length 0 when
-    even `start` does not fit.
+    The step's memory grows with the length, so the doublings are bisected: `start`
+    first, then `limit`, then the middle of the lengths still undecided (each try is
+    one compilation). With `deadline` (a `time.time()` value) no new length is tried
+    after it, and the result is a lower bound.
+
+    Returns `(length, its peak bytes, (length, peak bytes) of every length tried in
+    order)`; length 0 when even `start` does not fit.
     """
-    best, best_bytes, tried = 0, 0, []
+    lengths = []
     length = start
     while length <= limit:
-        peak = compiled_peak_bytes(spec, batch, length, options)
-        tried.append(peak)
-        if peak > budget:
-            break
-        best, best_bytes = length, peak
+        lengths.append(length)
         length *= 2
-    return best, best_bytes, tried
+    fits, fails = -1, len(lengths)  # indices: the longest known to fit, shortest known not
+    best_bytes, tried = 0, []
+    while fits + 1 < fails:
+        if deadline is not None and time.time() > deadline:
+            break
+        index = 0 if fits < 0 else len(lengths) - 1 if fails == len(lengths) else (
+            (fits + fails) // 2)
+        peak = compiled_peak_bytes(spec, batch, lengths[index], options)
+        tried.append((lengths[index], peak))
+        if peak <= budget:
+            fits, best_bytes = index, peak
+        else:
+            fails = index
+    return (lengths[fits] if fits >= 0 else 0), best_bytes, tried
 
 
 def run_one_step(spec: models.ModelSpec, batch: int, seq_len: int,

@@ -149,8 +149,10 @@ class KexueSide:
     """kexue's RoFormer MLM and its jitted, donating AdamW training step on one device."""
 
     def __init__(self, cfg: PeerConfig, batch: dict[str, np.ndarray], *, seed: int = 0,
-                 masked_only: bool = False, dtype: str = "float32"):
-        spec = kexue_model_spec(cfg, dtype=dtype)
+                 masked_only: bool = False, dtype: str = "float32",
+                 attention_implementation: str | None = None):
+        spec = kexue_model_spec(cfg, dtype=dtype,
+                                attention_implementation=attention_implementation)
         # The MLM objective of `kexue.tasks`: the head runs at every position, or at the
         # listed masked ones only when the batch carries `predict_positions`.
         loss_fn = tasks.MLMTask(eval_lengths=(cfg.seq,)).loss
@@ -269,13 +271,20 @@ def max_logit_difference(cfg: PeerConfig, batch: dict[str, np.ndarray]) -> float
 
 
 class TorchSide:
-    """HF `RoFormerForMaskedLM` + `torch.optim.AdamW`, eager or under `torch.compile`."""
+    """HF `RoFormerForMaskedLM` + `torch.optim.AdamW`, eager or under `torch.compile`.
+
+    `device` is a torch device ("cpu", "cuda"); `autocast` None runs float32, a dtype
+    name ("bfloat16") runs the forward and loss under `torch.autocast` in that dtype
+    (parameters and optimizer stay float32: the usual mixed precision)."""
 
     def __init__(self, cfg: PeerConfig, batch: dict[str, np.ndarray], *, compiled: bool,
-                 seed: int = 0, masked_only: bool = False):
+                 seed: int = 0, masked_only: bool = False, device: str = "cpu",
+                 autocast: str | None = None):
         import torch
 
-        self.model = hf_roformer(cfg, seed=seed)
+        self.device = torch.device(device)
+        self.autocast = None if autocast is None else getattr(torch, autocast)
+        self.model = hf_roformer(cfg, seed=seed).to(self.device)
         self.params = trainable_params(self.model)
         self.type_vocab_params = self.model.roformer.embeddings.token_type_embeddings.weight.numel()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -287,25 +296,36 @@ class TorchSide:
             self.optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE,
                                                weight_decay=WEIGHT_DECAY)
             self.optimizer_kind = "default"
-        self.input_ids = torch.from_numpy(batch["tokens"].astype(np.int64))
-        self.labels = torch.from_numpy(
+        def tensor(array: np.ndarray):
+            return torch.from_numpy(array).to(self.device)
+
+        self.input_ids = tensor(batch["tokens"].astype(np.int64))
+        self.labels = tensor(
             np.where(batch["weights"] > 0, batch["labels"], -100).astype(np.int64))
         rows, cols = np.nonzero(batch["weights"] > 0)
-        self.rows, self.cols = torch.from_numpy(rows), torch.from_numpy(cols)
-        self.targets = torch.from_numpy(batch["labels"][rows, cols].astype(np.int64))
+        self.rows, self.cols = tensor(rows), tensor(cols)
+        self.targets = tensor(batch["labels"][rows, cols].astype(np.int64))
         loss_fn = self._masked_positions_loss if masked_only else self._loss
         self.loss_fn = torch.compile(loss_fn) if compiled else loss_fn
 
+    def _autocast(self):
+        import torch
+
+        return torch.autocast(self.device.type, dtype=self.autocast,
+                              enabled=self.autocast is not None)
+
     def _loss(self):
-        return self.model(input_ids=self.input_ids, labels=self.labels).loss
+        with self._autocast():
+            return self.model(input_ids=self.input_ids, labels=self.labels).loss
 
     def _masked_positions_loss(self):
         """HF's encoder, then HF's MLM head on the hidden states of the masked tokens."""
         import torch
 
-        hidden = self.model.roformer(input_ids=self.input_ids).last_hidden_state
-        logits = self.model.cls(hidden[self.rows, self.cols])
-        return torch.nn.functional.cross_entropy(logits, self.targets)
+        with self._autocast():
+            hidden = self.model.roformer(input_ids=self.input_ids).last_hidden_state
+            logits = self.model.cls(hidden[self.rows, self.cols])
+            return torch.nn.functional.cross_entropy(logits, self.targets)
 
     def step(self) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -355,32 +375,44 @@ def _first_steps(name: str, step: Callable[[], Any], count: int, result: Result)
 
 def run_config(cfg: PeerConfig, *, repeats: int, check_steps: int = 3, use_torch: bool = True,
                use_compile: bool = True, threads: int | None = None,
-               heads: tuple[str, ...] = HEADS, kexue_dtype: str = "float32") -> Result:
+               heads: tuple[str, ...] = HEADS, kexue_dtype: str = "float32",
+               kexue_attention: str | None = None, torch_device: str = "cpu",
+               torch_autocast: str | None = None, compile_heads: tuple[str, ...] = HEADS,
+               check_logits: bool = True) -> Result:
     """Builds every side for `cfg`, checks losses over `check_steps` steps, times the steps.
 
     `kexue_dtype` is kexue's `model.dtype` (matmul compute dtype; parameters, norms and
-    logits stay float32); the PyTorch side is always float32."""
+    logits stay float32) and `kexue_attention` its `model.attention_implementation`;
+    the PyTorch side runs on `torch_device`, in float32 or under `torch.autocast` in
+    `torch_autocast`. `torch.compile` runs for the heads in `compile_heads` only (each
+    is a separate compilation). `check_logits` compares the two models' logits with the
+    same weights (float32, on the CPU side of torch) first."""
     if not heads or any(head not in HEADS for head in heads):
         raise ValueError(f"heads: expected a non-empty subset of {HEADS}, got {heads!r}")
     batch = make_batch(cfg)
     steps: dict[str, Callable[[], Any]] = {}
     result = None
     for head in heads:
-        side = KexueSide(cfg, batch, masked_only=head == "masked", dtype=kexue_dtype)
+        side = KexueSide(cfg, batch, masked_only=head == "masked", dtype=kexue_dtype,
+                         attention_implementation=kexue_attention)
         result = result or Result(cfg, side.params)
         steps["kexue" + _HEAD_SUFFIX[head]] = side.step
     if use_torch:
         import torch
 
         torch.set_num_threads(threads or cpu_cores())
-        result.max_logit_diff = max_logit_difference(cfg, batch)
+        if check_logits:
+            result.max_logit_diff = max_logit_difference(cfg, batch)
         kinds = [("torch eager", False)] + ([("torch.compile", True)] if use_compile else [])
         if not use_compile:
-            result.compile_note = "torch.compile not run (--no-compile)"
+            result.compile_note = "torch.compile not run"
         for (name, compiled), head in itertools.product(kinds, heads):
+            if compiled and head not in compile_heads:
+                continue
             key = name + _HEAD_SUFFIX[head]
             try:
-                side = TorchSide(cfg, batch, compiled=compiled, masked_only=head == "masked")
+                side = TorchSide(cfg, batch, compiled=compiled, masked_only=head == "masked",
+                                 device=torch_device, autocast=torch_autocast)
                 if compiled:  # compilation happens in the first steps: fail here, not later
                     _first_steps(key, side.step, check_steps, result)
             except Exception as error:
@@ -411,11 +443,14 @@ def _tokens(cfg: PeerConfig, ms: float) -> str:
     return "—" if math.isnan(ms) else f"{cfg.tokens / (ms / 1e3):,.0f}"
 
 
-def results_table(results: list[Result]) -> str:
-    """Like against like: each row compares the sides running the same head."""
-    header = ["config", "MLM head at", "params kexue / HF", "kexue ms/step",
-              "torch eager ms/step", "torch.compile ms/step", "eager / kexue",
-              "compile / kexue", "tokens/s kexue / eager / compile"]
+RESULTS_HEADER = ["config", "MLM head at", "params kexue / HF", "kexue ms/step",
+                  "torch eager ms/step", "torch.compile ms/step", "eager / kexue",
+                  "compile / kexue", "tokens/s kexue / eager / compile"]
+
+
+def results_rows(results: list[Result]) -> list[list[str]]:
+    """Like against like (`RESULTS_HEADER`): each row compares the sides running the same
+    head."""
     rows = []
     for r in results:
         hf = "—" if r.torch_params is None else f"{r.torch_params:,}"
@@ -428,15 +463,22 @@ def results_table(results: list[Result]) -> str:
                          _ms(ours), _ms(eager), _ms(compiled), _ratio(eager, ours),
                          _ratio(compiled, ours),
                          " / ".join(_tokens(r.cfg, ms) for ms in (ours, eager, compiled))])
-    return markdown_table(header, rows)
+    return rows
 
 
-def product_table(results: list[Result]) -> str:
-    """What a user gets: kexue's masked-LM training step (head at the masked positions,
-    `data.mlm_max_predictions`) against `RoFormerForMaskedLM(labels=...)` as shipped."""
-    header = ["config", "kexue (masked positions) ms/step",
-              "HF RoFormerForMaskedLM eager ms/step", "HF under torch.compile ms/step",
-              "eager / kexue", "compile / kexue"]
+def results_table(results: list[Result]) -> str:
+    return markdown_table(RESULTS_HEADER, results_rows(results))
+
+
+PRODUCT_HEADER = ["config", "kexue (masked positions) ms/step",
+                  "HF RoFormerForMaskedLM eager ms/step", "HF under torch.compile ms/step",
+                  "eager / kexue", "compile / kexue"]
+
+
+def product_rows(results: list[Result]) -> list[list[str]]:
+    """What a user gets (`PRODUCT_HEADER`): kexue's masked-LM training step (head at the
+    masked positions, `data.mlm_max_predictions`) against `RoFormerForMaskedLM(labels=...)`
+    as shipped."""
     rows = []
     for r in results:
         ours, eager, compiled = (r.time("kexue", "masked"), r.time("torch eager"),
@@ -445,7 +487,12 @@ def product_table(results: list[Result]) -> str:
             continue
         rows.append([r.cfg.describe(), _ms(ours), _ms(eager), _ms(compiled),
                      _ratio(eager, ours), _ratio(compiled, ours)])
-    return markdown_table(header, rows) if rows else ""
+    return rows
+
+
+def product_table(results: list[Result]) -> str:
+    rows = product_rows(results)
+    return markdown_table(PRODUCT_HEADER, rows) if rows else ""
 
 
 def check_params(result: Result) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -56,7 +57,26 @@ def test_max_length_stops_at_the_budget():
     # A budget below the start length's compiled peak: nothing fits, one length tried.
     length, peak, tried = lm.max_length(TINY.config(), 2, 16, 64, 1024, lm.remat_options())
     assert (length, peak) == (0, 0)
-    assert len(tried) == 1 and tried[0] > 1024
+    assert len(tried) == 1 and tried[0][0] == 16 and tried[0][1] > 1024
+
+
+def test_max_length_bisection_finds_what_a_linear_scan_finds():
+    options = lm.remat_options()
+    lengths = (16, 32, 64, 128, 256)
+    peaks = [lm.compiled_peak_bytes(TINY.config(), 1, n, options) for n in lengths]
+    assert all(a < b for a, b in itertools.pairwise(peaks)), peaks
+    for longest in (0, 2, 4):  # the budget admits lengths[:longest + 1]
+        length, peak, tried = lm.max_length(TINY.config(), 1, 16, 256, peaks[longest], options)
+        assert (length, peak) == (lengths[longest], peaks[longest])
+        assert dict(tried) == {n: peaks[lengths.index(n)] for n, _ in tried}
+        # start, limit, then halving the 3 undecided lengths: fewer than a linear scan.
+        assert len(tried) <= 4
+
+
+def test_max_length_tries_nothing_after_the_deadline():
+    length, peak, tried = lm.max_length(TINY.config(), 1, 16, 256, 2**30, lm.remat_options(),
+                                        deadline=0.0)
+    assert (length, peak, tried) == (0, 0, [])
 
 
 def test_head_rows_count_parameters():
