@@ -239,8 +239,10 @@ def _placed(name: str, tree: Any, abstract: Any, shardings: Any) -> Any:
 
     def put(value: Any, target: jax.ShapeDtypeStruct, sharding: NamedSharding) -> jax.Array:
         # a host array goes straight to its shards (never whole onto one device)
-        value = (value.astype(target.dtype) if isinstance(value, jax.Array)
-                 else np.asarray(value, target.dtype))
+        if not isinstance(value, jax.Array):
+            value = np.asarray(value, target.dtype)
+        elif value.dtype != target.dtype:  # (typed PRNG keys have no astype)
+            value = value.astype(target.dtype)
         return jax.device_put(value, sharding)
 
     return jax.tree.map(put, tree, abstract, shardings)
