@@ -227,8 +227,10 @@ def init_from_pretrained(checkpoint: models.PretrainedCheckpoint,
     def init_params(model: nnx.Module) -> None:
         left = models.load_pretrained_params(model, checkpoint)
         unused = ", ".join(checkpoint.unused) or "none"
+        c = checkpoint.config
         log(f"model.init_from: {len(checkpoint.params)} encoder tensors from "
-            f"{checkpoint.path} ({checkpoint.architecture}, {checkpoint.format}); left at "
+            f"{checkpoint.path} ({checkpoint.architecture}, {checkpoint.format}, width "
+            f"{c.width}, {c.num_layers} layers, {c.num_heads} heads); left at "
             f"their initialisation: {', '.join(left) or 'none'}; checkpoint tensors not "
             f"used: {unused}")
 

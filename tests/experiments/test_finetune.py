@@ -4,7 +4,7 @@ Small random Hugging Face `BertModel` / `RoFormerModel`s (the smoke preset's enc
 width 32, 1 layer, 2 heads, FFN 64) are saved with `save_pretrained` next to a
 `vocab.txt` of CLUENER's characters. The train state at step 0 must hold the
 checkpoint's tensors in the encoder (compared with the PyTorch state dict through this
-file's own name and layout map) and the GlobalPointer head's own initialisation; the
+file's own name and layout map) and the task head's own initialisation; the
 command line fine-tunes from it, resumes without reloading it, and rejects bad
 checkpoints with one error line.
 """
@@ -123,25 +123,28 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tfds")
 
 
-def smoke_config(data_dir: Path, **overrides):
+def smoke_config(data_dir: Path, config_file: str = CONFIG, **overrides):
     from experiments import config as experiment_config
 
-    config = experiment_config.load(CONFIG, preset="smoke", overrides={
+    config = experiment_config.load(config_file, preset="smoke", overrides={
         "data.data_dir": str(data_dir), "data.tokenizer": "wordpiece",
         "data.eval_batches": 2, **overrides})
     experiment_config.check(config)
     return config
 
 
-@pytest.mark.parametrize("kind", ["bert", "roformer"])
-def test_step_zero_holds_the_checkpoint_in_the_encoder_and_a_fresh_head(kind, checkpoints,
-                                                                         data_dir, vocab):
+@pytest.mark.parametrize("config_file, kind", [(CONFIG, "bert"), (CONFIG, "roformer"),
+                                               ("configs/cluener_multilabel.py", "roformer")])
+def test_step_zero_holds_the_checkpoint_in_the_encoder_and_a_fresh_head(config_file, kind,
+                                                                         checkpoints, data_dir,
+                                                                         vocab):
     from experiments import run as experiment_run
     from kexue.models import initial_params
     from kexue.train import create_train_state
 
     directory, state_dict = checkpoints[kind]
-    run = experiment_run.build(smoke_config(data_dir, **{"model.init_from": str(directory)}))
+    run = experiment_run.build(smoke_config(data_dir, config_file,
+                                            **{"model.init_from": str(directory)}))
     assert run.data.vocab_file == str(directory / "vocab.txt")
     assert run.train_data.metadata.vocab_size == len(vocab)
     encoder = run.spec.transformer
@@ -159,12 +162,13 @@ def test_step_zero_holds_the_checkpoint_in_the_encoder_and_a_fresh_head(kind, ch
     for path, value in expected.items():
         np.testing.assert_array_equal(params[path], value.astype(np.float32), err_msg=path)
     head = sorted(path for path in params if not path.startswith("encoder/"))
-    assert head, "the GlobalPointer head has parameters"
+    assert head, "the task head has parameters"
     for path in head:  # the head keeps the model's own initialisation (here computed
         # eagerly, not compiled: equal up to float32 rounding)
         np.testing.assert_allclose(params[path], fresh[path], rtol=1e-6, atol=1e-8,
                                    err_msg=path)
     (message,) = messages
+    assert f"from {directory} ({kind}, safetensors, width 32, 1 layers, 2 heads)" in message
     assert f"left at their initialisation: {', '.join(head)};" in message
     assert (("pooler.dense.bias, pooler.dense.weight" if kind == "bert" else "used: none")
             in message)
