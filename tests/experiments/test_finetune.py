@@ -224,6 +224,7 @@ def test_a_bad_checkpoint_is_one_error_line_from_the_command_line(checkpoints, d
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("config error")]
     assert line.startswith("config error: config key `model.init_from`: ")
     assert "missing encoder.layer.0.output.dense.weight" in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing built, nothing written
 
 
 @pytest.mark.parametrize("problem", ["missing tensor", "wrong shape", "wrong layout",
