@@ -11,7 +11,9 @@ and the predicted tags are read back as spans (a B-x starts an x span, the I-x t
 follow extend it, an I-x without a B starts nothing). `eval/f1` counts the same span
 tp/fp/fn as GlobalPointer, against every gold span; `eval/bio_unrepresentable` is
 how many gold spans the tags could not hold (kexue.fm/archives/8373 compares
-GlobalPointer against CRF tagging).
+GlobalPointer against CRF tagging). `:finetune` with `--config.model.init_from=PATH`
+tunes a pretrained encoder with the setup of configs/cluener_globalpointer.py's
+`finetune` preset (bojone/GlobalPointer's CLUENER script).
 """
 
 import ml_collections
@@ -19,6 +21,7 @@ import ml_collections
 from configs.common import (
     cluener_data_config,
     cluener_encoder_config,
+    cluener_finetune_preset,
     cluener_train_config,
     mesh_config,
     optimizer_config,
@@ -32,6 +35,7 @@ PRESETS = {
         "train.num_steps": 4, "train.log_every": 2, "train.eval_every": 4,
         "train.checkpoint_every": 4,
     },
+    "finetune": cluener_finetune_preset("f1"),
 }
 
 

@@ -17,6 +17,7 @@ command-line overrides (`--config.a.b=v`) are applied after it by `config_flags`
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -102,9 +103,11 @@ def cluener_data_config(**fields: Any) -> ml_collections.ConfigDict:
 def cluener_encoder_config(name: str, **fields: Any) -> ml_collections.ConfigDict:
     """The `model` section of the CLUENER tasks: model `name` on a character-level
     post-norm RoFormer encoder (width 256, 4 layers, 4 heads, dropout 0.1), `fields`
-    on top (the head's own settings)."""
+    on top (the head's own settings). `init_from` (unset) takes the encoder from a
+    pretrained BERT / RoFormer checkpoint (see `CLUENER_FINETUNE`)."""
     return ml_collections.ConfigDict({
-        "name": name, "width": 256, "num_layers": 4, "num_heads": 4, "mlp_dim": 1024,
+        "name": name, "init_from": ml_collections.config_dict.placeholder(str),
+        "width": 256, "num_layers": 4, "num_heads": 4, "mlp_dim": 1024,
         "norm_position": "post", "dropout_rate": 0.1, **fields})
 
 
@@ -113,6 +116,47 @@ def cluener_train_config(best_metric: str) -> ml_collections.ConfigDict:
     500, the best checkpoint by `best_metric` (higher is better) kept."""
     return train_config(3000, log_every=50, eval_every=500, checkpoint_every=500,
                         keep_checkpoints=2, best_metric=best_metric, best_mode="max")
+
+
+#: Sentences in CLUENER 2020's training split.
+CLUENER_TRAIN_SENTENCES = 10_748
+#: The fine-tuning batch and epochs of bojone/GlobalPointer's CLUENER_GlobalPointer.py.
+FINETUNE_BATCH, FINETUNE_EPOCHS = 16, 10
+#: Steps of one pass over the training split at that batch: ⌈10 748 / 16⌉ = 672
+#: (the stream repeats without a remainder, so a "pass" is 10 752 sentences).
+FINETUNE_EPOCH_STEPS = math.ceil(CLUENER_TRAIN_SENTENCES / FINETUNE_BATCH)
+
+
+def cluener_finetune_preset(best_metric: str) -> dict[str, Any]:
+    """The `finetune` preset of the CLUENER configs: a pretrained encoder tuned as in
+    bojone/GlobalPointer (CLUENER_GlobalPointer.py, kexue.fm/archives/8373).
+
+    That script fine-tunes BERT-base (`chinese_L-12_H-768_A-12`) with Adam (learning
+    rate 2e-5 for every weight, β = (0.9, 0.999), ε = 1e-6, no weight decay, no
+    schedule), batch 16, 10 epochs, evaluating on dev after each epoch and keeping the
+    weights of the best F1. Here: `optimizer.adamw` with those settings (constant rate;
+    kexue's schedule spends one warm-up step at rate 0), `data.batch_size` 16,
+    `train.num_steps` = 10 × 672 = 6720 (672 = ⌈10 748 / 16⌉ steps per pass over the
+    training split), evaluation and a checkpoint every 672 steps, the best by
+    `best_metric` kept. Sentences are WordPiece tokens `[CLS] … [SEP]` of the
+    checkpoint's vocab.txt (CLUENER sentences have at most 50 characters, so
+    `seq_len` 64 holds them whole; the script's 256 only pads more). The encoder's
+    architecture keys are left unset: `model.init_from` fills them.
+    """
+    return {
+        "data.tokenizer": "wordpiece", "data.batch_size": FINETUNE_BATCH,
+        **{f"model.{key}": ml_collections.config_dict.placeholder(int)
+           for key in ("width", "num_layers", "num_heads", "mlp_dim")},
+        "model.norm_position": ml_collections.config_dict.placeholder(str),
+        "optimizer.name": "adamw", "optimizer.adamw.learning_rate": 2e-5,
+        "optimizer.adamw.b1": 0.9, "optimizer.adamw.b2": 0.999, "optimizer.adamw.eps": 1e-6,
+        "optimizer.adamw.weight_decay": 0.0, "optimizer.adamw.warmup_steps": 0,
+        "optimizer.adamw.schedule": "constant",
+        "train.num_steps": FINETUNE_EPOCHS * FINETUNE_EPOCH_STEPS,
+        "train.eval_every": FINETUNE_EPOCH_STEPS,
+        "train.checkpoint_every": FINETUNE_EPOCH_STEPS, "train.best_metric": best_metric,
+        "train.best_mode": "max",
+    }
 
 
 def byte_lm_model_config(**fields: Any) -> ml_collections.ConfigDict:

@@ -12,11 +12,19 @@ executed once.
 
 Sections: `preset`, `seed`, `data` (`kexue.data.DataConfig`), `model`
 (`kexue.models.ModelSpec`; `vocab_size`, `num_types` and `num_classes` come from the
-data), `optimizer` (`name`, `clip_norm` and one section per optimizer,
+data; `model.init_from`, see below), `optimizer` (`name`, `clip_norm` and one section per optimizer,
 `kexue.optim.optimizer_defaults`), `train` (`kexue.train.LoopConfig`), `mesh` (`data`,
 `fsdp`, `tensor`), `objective` and `eval` (the task's settings, `TASK_KEYS`). Errors
 name the config key (`config key `data.seq_len`: expected …`), with the nearest valid
 key for a misspelling.
+
+`model.init_from = PATH` (models `INIT_FROM_MODELS`) starts the encoder from a
+pretrained BERT / RoFormer checkpoint (`kexue.models.load_pretrained`): the
+checkpoint fixes the encoder's architecture, so `model` keys left unset (None) are
+filled from it and a key that is set must agree with it (`dropout_rate`, `dtype`,
+`remat` and the other `kexue.models.pretrained.RUNTIME_KEYS` may differ). It needs
+`data.tokenizer = "wordpiece"`; `data.vocab_file` defaults to the checkpoint's
+`vocab.txt` (`data_settings`).
 """
 
 from __future__ import annotations
@@ -36,13 +44,14 @@ import jax
 import ml_collections
 
 from kexue.data import DATA_FIELDS, DataConfig
-from kexue.models import MODEL_KEYS, ModelSpec, TransformerConfig
+from kexue.models import MODEL_KEYS, ModelSpec, TransformerConfig, checkpoint_vocab_file
 from kexue.optim import OPTIMIZERS, optimizer_defaults
 from kexue.parallel import MESH_AXES
 from kexue.tasks import LOSSES, POSITIONS
 from kexue.train import LoopConfig
 
-__all__ = ["CONFIG_FILE", "TASK_KEYS", "check", "config_keys", "load", "load_saved", "save"]
+__all__ = ["CONFIG_FILE", "INIT_FROM_MODELS", "TASK_KEYS", "check", "config_keys",
+           "data_settings", "load", "load_saved", "model_settings", "save"]
 
 CONFIG_FILE = "config.json"
 TOP_KEYS = ("preset", "seed", "data", "model", "optimizer", "train", "mesh", "objective",
@@ -55,6 +64,8 @@ TASK_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "multilabel": {"objective": ("loss",), "eval": ()},
 }
 _NAMED = re.compile(r"^`(\w+)`")
+#: Models whose RoFormer encoder `model.init_from` can fill.
+INIT_FROM_MODELS = ("global_pointer_ner", "bio_tagger", "multilabel_classifier")
 
 
 @contextlib.contextmanager
@@ -141,6 +152,55 @@ def _check_lengths(config: ml_collections.ConfigDict, task: str) -> None:
                          f"windows of that length); got {tuple(lengths)!r}")
 
 
+def data_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`config.data` as `kexue.data.DataConfig` fields: with `tokenizer="wordpiece"`
+    and no `vocab_file`, the `vocab.txt` next to `model.init_from` (if any)."""
+    settings = config.data.to_dict()
+    init_from = config.get("model", {}).get("init_from")
+    if settings.get("tokenizer") == "wordpiece" and not settings.get("vocab_file") and init_from:
+        settings["vocab_file"] = checkpoint_vocab_file(init_from)
+    return settings
+
+
+def model_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`config.model` as `kexue.models.ModelSpec` settings: without `init_from` and the
+    keys left unset (None), which a pretrained checkpoint fills."""
+    return {key: value for key, value in config.model.to_dict().items()
+            if key != "init_from" and value is not None}
+
+
+def _check_init_from_path(config: ml_collections.ConfigDict) -> None:
+    """`model.init_from` names something that exists; without it, no encoder key is unset."""
+    init_from = config.model.get("init_from")
+    if init_from is None:
+        defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+        unset = [key for key, value in config.model.items()
+                 if value is None and key in defaults and defaults[key] is not None]
+        if unset:
+            raise ValueError(f"config key `model.{unset[0]}`: no value for {unset}; they are "
+                             "filled from a pretrained checkpoint: set `model.init_from` to "
+                             "one, or give them")
+    elif not isinstance(init_from, str) or not init_from:
+        raise ValueError(f"config key `model.init_from`: expected the path of a BERT / "
+                         f"RoFormer checkpoint; got {init_from!r}")
+    elif not os.path.exists(init_from):
+        raise ValueError(f"config key `model.init_from`: {init_from} does not exist")
+
+
+def _check_init_from(config: ml_collections.ConfigDict, data: DataConfig) -> None:
+    """A model `init_from` can fill, and the WordPiece tokenizer it needs."""
+    if config.model.get("init_from") is None:
+        return
+    if config.model.get("name") not in INIT_FROM_MODELS:
+        raise ValueError(f"config key `model.init_from`: a pretrained encoder fills the "
+                         f"models {list(INIT_FROM_MODELS)}; got model.name="
+                         f"{config.model.get('name')!r}")
+    if data.tokenizer != "wordpiece":
+        raise ValueError(f"config key `data.tokenizer`: `model.init_from` needs the "
+                         f"checkpoint's vocabulary: expected 'wordpiece'; got "
+                         f"{data.tokenizer!r}")
+
+
 def check(config: ml_collections.ConfigDict) -> None:
     """Every key known and every value sensible, before anything is built or compiled.
 
@@ -153,16 +213,25 @@ def check(config: ml_collections.ConfigDict) -> None:
         if key not in config:
             raise ValueError(f"the config needs a `{key}` section")
     _check_keys(config.data, DATA_FIELDS, "data.")
+    _check_init_from_path(config)
+    settings = data_settings(config)
+    if settings.get("tokenizer") == "wordpiece" and not settings.get("vocab_file"):
+        raise ValueError("config key `data.vocab_file`: tokenizer 'wordpiece' needs a BERT "
+                         "vocab.txt: set it, or set `model.init_from` to a checkpoint with a "
+                         "vocab.txt next to it; got none")
     with config_keys("data"):
-        data = DataConfig.from_settings(config.data)
+        data = DataConfig.from_settings(settings)
     task = data.task
     for section in ("objective", "eval"):
         _check_keys(config.get(section, {}), TASK_KEYS[task][section], f"{section}.")
-    known_model = {"name", *(field.name for field in dataclasses.fields(TransformerConfig)),
+    known_model = {"name", "init_from",
+                   *(field.name for field in dataclasses.fields(TransformerConfig)),
                    *(key for keys in MODEL_KEYS.values() for key in keys)}
     _check_keys(config.model, known_model, "model.")
-    with config_keys("model"):
-        ModelSpec.from_settings(config.model)
+    _check_init_from(config, data)
+    if config.model.get("init_from") is None:  # else checked against the checkpoint by run
+        with config_keys("model"):
+            ModelSpec.from_settings(model_settings(config))
     _check_keys(config.get("mesh", {}), MESH_AXES, "mesh.")
     _check_keys(config.train, [field.name for field in dataclasses.fields(LoopConfig)],
                 "train.")

@@ -11,6 +11,13 @@ reports) → `kexue.models.ModelSpec`, `data.task` with `objective` and `eval` �
 `kexue.tasks` task, `optimizer` → `kexue.optim.make_optimizer`, `train` →
 `kexue.train.LoopConfig`, `mesh` → `kexue.parallel.make_mesh`. Errors name the
 config key.
+
+With `model.init_from`, `build` reads the checkpoint (`kexue.models.load_pretrained`,
+every tensor checked; the MLM head is not needed and is reported unused with the
+rest) and takes the encoder's architecture from it; `train` sets the encoder's
+weights after the train state is created (`kexue.train.create_train_state(...,
+init_params=)`), only when the run starts from step 0: a run resumed from its own
+checkpoints keeps their weights. The task head keeps its own initialisation.
 """
 
 from __future__ import annotations
@@ -28,14 +35,15 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from experiments.config import config_keys
+from experiments.config import config_keys, data_settings, model_settings
 from kexue import models, optim, tasks
 from kexue.data import DataConfig, DataIterator, DatasetMetadata, make_dataset
 from kexue.parallel import make_mesh
 from kexue.train import LoopConfig, TrainResult, cpu_compiler_options, train_loop
 
-__all__ = ["Run", "build", "check_against_mesh", "make_task", "mesh_from", "model_spec",
-           "optimizer", "print_sample", "sample_text", "train"]
+__all__ = ["Run", "build", "check_against_mesh", "init_from_pretrained", "make_task",
+           "mesh_from", "model_spec", "optimizer", "pretrained_checkpoint", "print_sample",
+           "sample_text", "train"]
 
 
 def mesh_from(config: ml_collections.ConfigDict) -> Mesh:
@@ -72,9 +80,41 @@ def _filled(settings: dict[str, Any], key: str, value: int) -> None:
     settings[key] = value
 
 
-def model_spec(config: ml_collections.ConfigDict, metadata: DatasetMetadata) -> models.ModelSpec:
-    """`config.model` with the vocabulary (and type / class count) the data reports."""
-    settings = dict(config.model.to_dict())
+def pretrained_checkpoint(config: ml_collections.ConfigDict
+                          ) -> models.PretrainedCheckpoint | None:
+    """The checkpoint of `config.model.init_from` (encoder only), or None without one."""
+    path = config.model.get("init_from")
+    if path is None:
+        return None
+    try:
+        return models.load_pretrained(path, head=False)
+    except (OSError, ImportError, ValueError) as error:
+        raise ValueError(f"config key `model.init_from`: {error}") from error
+
+
+def _from_checkpoint(settings: dict[str, Any], checkpoint: models.PretrainedCheckpoint,
+                     metadata: DatasetMetadata, vocab_file: str | None) -> dict[str, Any]:
+    """`settings` with the encoder's architecture of `checkpoint` (set keys must agree)."""
+    fields = [field.name for field in dataclasses.fields(models.TransformerConfig)]
+    if metadata.vocab_size != checkpoint.config.vocab_size:
+        raise ValueError(f"config key `data.vocab_file`: {vocab_file} has "
+                         f"{metadata.vocab_size} tokens; the checkpoint {checkpoint.path} "
+                         f"has vocab_size {checkpoint.config.vocab_size}")
+    given = {key: value for key, value in settings.items() if key in fields}
+    with config_keys("model", {"overrides": "init_from"}):
+        encoder = models.merge_pretrained_config(checkpoint.config, given)
+    return {**{key: value for key, value in settings.items() if key not in fields},
+            **dataclasses.asdict(encoder)}
+
+
+def model_spec(config: ml_collections.ConfigDict, metadata: DatasetMetadata,
+               checkpoint: models.PretrainedCheckpoint | None = None) -> models.ModelSpec:
+    """`config.model` with the vocabulary (and type / class count) the data reports;
+    with `checkpoint`, the encoder's architecture is the checkpoint's."""
+    settings = model_settings(config)
+    if checkpoint is not None:
+        settings = _from_checkpoint(settings, checkpoint, metadata,
+                                    data_settings(config).get("vocab_file"))
     _filled(settings, "vocab_size", metadata.vocab_size)
     if config.data.task == "ner":
         _filled(settings, "num_types", metadata.num_types)
@@ -117,6 +157,7 @@ class Run:
       task: the training task.
       loop: the training-loop settings.
       tx: the optimizer.
+      pretrained: the checkpoint of `model.init_from` (None: random init).
     """
 
     config: ml_collections.ConfigDict
@@ -127,6 +168,7 @@ class Run:
     task: tasks.Task
     loop: LoopConfig
     tx: optax.GradientTransformation
+    pretrained: models.PretrainedCheckpoint | None = None
 
     def model_factory(self) -> nnx.Module:
         """The model with its own `nnx.Rngs(config.seed)`."""
@@ -159,28 +201,55 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Run:
     """The run of a config that passed `experiments.config.check`."""
     mesh = mesh_from(config) if mesh is None else mesh
     check_against_mesh(config, mesh)
+    checkpoint = pretrained_checkpoint(config)
     with config_keys("data"):
-        data = DataConfig.from_settings(config.data)
+        data = DataConfig.from_settings(data_settings(config))
     train_data = make_dataset(data, "train")
-    spec = model_spec(config, train_data.metadata)
+    spec = model_spec(config, train_data.metadata, checkpoint)
     task = make_task(config, train_data.metadata)
     loop = LoopConfig.from_settings(config.train)
     run = Run(config=config, mesh=mesh, data=data, train_data=train_data, spec=spec,
-              task=task, loop=loop, tx=optax.identity())
+              task=task, loop=loop, tx=optax.identity(), pretrained=checkpoint)
     run.tx = optimizer(config, run.model_factory, loop.num_steps)
     return run
 
 
+def _print(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def init_from_pretrained(checkpoint: models.PretrainedCheckpoint,
+                         log: Callable[[str], None] = _print) -> Callable[[nnx.Module], None]:
+    """The `init_params` hook that sets a model's encoder from `checkpoint` and logs
+    what it set, what it left at the initialisation and what the model does not use."""
+
+    def init_params(model: nnx.Module) -> None:
+        left = models.load_pretrained_params(model, checkpoint)
+        unused = ", ".join(checkpoint.unused) or "none"
+        c = checkpoint.config
+        log(f"model.init_from: {len(checkpoint.params)} encoder tensors from "
+            f"{checkpoint.path} ({checkpoint.architecture}, {checkpoint.format}, width "
+            f"{c.width}, {c.num_layers} layers, {c.num_heads} heads); left at "
+            f"their initialisation: {', '.join(left) or 'none'}; checkpoint tensors not "
+            f"used: {unused}")
+
+    return init_params
+
+
 def train(run: Run, workdir: str | os.PathLike, *,
           log: Callable[[str], None] | None = None) -> TrainResult:
-    """`kexue.train.train_loop` on `run` in `workdir` (resumes from its checkpoints)."""
+    """`kexue.train.train_loop` on `run` in `workdir` (resumes from its checkpoints; a
+    run that starts from step 0 sets the encoder from `run.pretrained`)."""
     extra = {} if log is None else {"log": log}
+    init_params = (None if run.pretrained is None
+                   else init_from_pretrained(run.pretrained, log or _print))
     return train_loop(model_factory=run.model_factory, loss_fn=run.task.loss, tx=run.tx,
                       train_data=run.train_data, mesh=run.mesh, config=run.loop,
                       workdir=os.fspath(workdir), eval_data=run.eval_data,
                       eval_stats=run.task.eval_stats, finalize=run.task.finalize,
                       tokens_in=run.task.tokens_in, compiler_options=run.compiler_options,
-                      **extra)
+                      init_params=init_params, **extra)
 
 
 def sample_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:

@@ -28,6 +28,7 @@ from kexue.data.cluener import (
 from kexue.data.pipeline import (
     DATA_FIELDS,
     TASKS,
+    TOKENIZERS,
     DataConfig,
     DataIterator,
     DatasetMetadata,
@@ -36,6 +37,7 @@ from kexue.data.pipeline import (
     mlm_mask,
     ner_example,
     prediction_list,
+    token_offsets,
 )
 from kexue.data.sources import default_cluener_dir, load_catalog, make_builder, prepare
 from kexue.data.text_files import TextFiles, default_text_glob, list_text_files, text_files_config
@@ -48,6 +50,7 @@ __all__ = [
     "DATA_FIELDS",
     "SPECIAL_TOKENS",
     "TASKS",
+    "TOKENIZERS",
     "ByteTokenizer",
     "CharTokenizer",
     "Cluener",
@@ -73,5 +76,6 @@ __all__ = [
     "prepare",
     "read_cluener_file",
     "text_files_config",
+    "token_offsets",
     "token_to_char_spans",
 ]

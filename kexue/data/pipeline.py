@@ -28,13 +28,24 @@ Batches by `task` (B = `batch_size // process_count`, n = `seq_len`):
   `mlm_max_predictions = P > 0` (training split only; evaluation keeps every chosen
   token), at most P tokens per window are chosen, and `predict_positions` int32
   [B, P] and `predict_weights` float32 [B, P] list them (see `mlm_mask`).
-* "ner" and "multilabel" (character-level): `tokens` int32 [B, n], `valid` bool [B, n]
+* "ner" and "multilabel" (CLUENER): `tokens` int32 [B, n], `valid` bool [B, n]
   (real tokens), `spans` int32 [B, max_spans, 3]: the distinct gold spans as rows
-  `(type, start, end)` (end inclusive), in ascending order, padded with rows of -1
-  (the span rows of `kexue.ops.spans_to_dense` / `spans_to_flat` and of
-  `GlobalPointerNER.loss`); `type_labels` int32 [B, num_types]: 1 where the type
-  occurs; `example_weights` float32 [B]: 0 on padding rows. Spans that end beyond the
-  first n characters are dropped with the truncated text.
+  `(type, start, end)` of token positions (end inclusive), in ascending order, padded
+  with rows of -1 (the span rows of `kexue.ops.spans_to_dense` / `spans_to_flat` and
+  of `GlobalPointerNER.loss`); `type_labels` int32 [B, num_types]: 1 where a gold
+  span of the type overlaps a token of the (cut) sentence; `offsets` int32
+  [B, n, 2]: token i is the characters `text[start:end]` of the sentence, `(0, 0)`
+  for `[CLS]`, `[SEP]` and padding (what maps predicted token spans back to
+  characters, `token_to_char_spans`);
+  `dropped_spans` int32 [B]: the sentence's gold spans left out of `spans`;
+  `example_weights` float32 [B]: 0 on padding rows. With tokenizer "char" a token is
+  one character; with "wordpiece" the sentence is `[CLS] pieces [SEP]` as in BERT
+  fine-tuning, cut to n tokens with the `[SEP]` kept. A gold character span enters
+  `spans` only when it is exactly a run of tokens of the (cut) sentence: the span of
+  the tokens it overlaps maps back to the same characters (`char_to_token_spans`,
+  `token_to_char_spans`). Spans beyond the cut, or starting or ending inside a word
+  piece, are dropped and counted in `dropped_spans` (the NER task logs them and
+  counts them as misses in evaluation).
 
 A controlled class imbalance for the cluener tasks (training split only): with
 `rare_types = "movie,book"` and `type_keep_fraction = r`, only
@@ -60,10 +71,12 @@ from absl import logging
 from kexue.data.sources import make_builder, prepare
 from kexue.data.text_files import DEFAULT_EXCLUDE
 from kexue.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
+from kexue.data.wordpiece import WordPieceTokenizer, char_to_token_spans, token_to_char_spans
 
 __all__ = [
     "DATA_FIELDS",
     "TASKS",
+    "TOKENIZERS",
     "DataConfig",
     "DataIterator",
     "DatasetMetadata",
@@ -72,9 +85,11 @@ __all__ = [
     "mlm_mask",
     "ner_example",
     "prediction_list",
+    "token_offsets",
 ]
 
 TASKS = ("lm", "mlm", "ner", "multilabel")
+TOKENIZERS = ("byte", "char", "wordpiece")
 _STATE_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +107,11 @@ class DataConfig:
       eval_fraction: text_files: share of files held out for validation.
       skip_bad_records: cluener: skip and count malformed records.
       text_key: feature holding the text; None: "content" (text_files) or "text".
-      tokenizer: "byte" | "char".
+      tokenizer: "byte" | "char" | "wordpiece" (the cluener tasks only: the BERT
+        WordPiece of `vocab_file`, `kexue.data.WordPieceTokenizer`).
+      vocab_file: wordpiece: the checkpoint's `vocab.txt`.
+      lowercase: wordpiece: lower-case the text first (the Chinese BERT / RoFormer
+        releases are uncased).
       char_min_count: char tokenizer: minimum count in the training split.
       seq_len: tokens per example (lm windows hold seq_len + 1).
       batch_size: global batch size, split evenly over processes.
@@ -127,6 +146,8 @@ class DataConfig:
     skip_bad_records: bool = False
     text_key: str | None = None
     tokenizer: str = "byte"
+    vocab_file: str | None = None
+    lowercase: bool = True
     char_min_count: int = 1
     seq_len: int = 256
     batch_size: int = 32
@@ -184,11 +205,23 @@ def _problems(s: DataConfig) -> list[str]:
     problems = []
     if s.task not in TASKS:
         problems.append(f"`task`: expected one of {list(TASKS)}; got {s.task!r}")
-    if s.tokenizer not in ("byte", "char"):
-        problems.append(f"`tokenizer`: expected 'byte' or 'char'; got {s.tokenizer!r}")
-    if s.task in ("ner", "multilabel") and (s.tokenizer != "char" or s.name != "cluener"):
-        problems.append(f"`task`: {s.task!r} needs name='cluener' and tokenizer='char'; "
-                        f"got name={s.name!r}, tokenizer={s.tokenizer!r}")
+    if s.tokenizer not in TOKENIZERS:
+        problems.append(f"`tokenizer`: expected one of {list(TOKENIZERS)}; "
+                        f"got {s.tokenizer!r}")
+    if s.task in ("ner", "multilabel") and (s.tokenizer not in ("char", "wordpiece")
+                                            or s.name != "cluener"):
+        problems.append(f"`task`: {s.task!r} needs name='cluener' and tokenizer 'char' or "
+                        f"'wordpiece'; got name={s.name!r}, tokenizer={s.tokenizer!r}")
+    if s.tokenizer == "wordpiece":
+        if s.task not in ("ner", "multilabel"):
+            problems.append(f"`tokenizer`: 'wordpiece' is for the tasks 'ner' and "
+                            f"'multilabel'; got task={s.task!r}")
+        if not isinstance(s.vocab_file, str) or not s.vocab_file:
+            problems.append(f"`vocab_file`: tokenizer 'wordpiece' needs the path of a BERT "
+                            f"vocab.txt; got {s.vocab_file!r}")
+        if isinstance(s.seq_len, int) and s.seq_len < 3:
+            problems.append(f"`seq_len`: tokenizer 'wordpiece' needs at least 3 ([CLS], a "
+                            f"piece, [SEP]); got {s.seq_len!r}")
     for key in ("seq_len", "batch_size", "char_min_count", "max_spans"):
         if not _is_int(getattr(s, key)) or getattr(s, key) < 1:
             problems.append(f"`{key}`: expected a positive int; got {getattr(s, key)!r}")
@@ -317,17 +350,24 @@ def _split_texts(source: Any, key: str) -> Iterator[str]:
 
 def make_tokenizer(
     kind: str, *, builder: Any = None, train_source: Any = None, text_key: str = "text",
-    min_count: int = 1, tag: str = "train",
+    min_count: int = 1, tag: str = "train", vocab_file: str | None = None,
+    lowercase: bool = True,
 ) -> Tokenizer:
-    """"byte" -> `ByteTokenizer()`; "char" -> the vocabulary of `train_source`.
+    """"byte" -> `ByteTokenizer()`; "char" -> the vocabulary of `train_source`;
+    "wordpiece" -> `WordPieceTokenizer(vocab_file, lowercase=lowercase)`.
 
     The char vocabulary is saved as JSON in `builder.data_dir` (next to the data) as
     `char_vocab.<tag>.<text_key>.min<min_count>.json` and reloaded on later calls.
     """
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "wordpiece":
+        if vocab_file is None or not os.path.isfile(vocab_file):
+            raise ValueError(f"`vocab_file`: expected a BERT vocab.txt file; got {vocab_file!r}"
+                             + ("" if vocab_file is None else " (not a file)"))
+        return WordPieceTokenizer(vocab_file, lowercase=lowercase)
     if kind != "char":
-        raise ValueError(f"tokenizer must be 'byte' or 'char', got {kind!r}")
+        raise ValueError(f"tokenizer must be one of {list(TOKENIZERS)}, got {kind!r}")
     safe_tag = re.sub(r"[^\w.-]+", "_", tag)
     path = os.path.join(os.fspath(builder.data_dir),
                         f"char_vocab.{safe_tag}.{text_key}.min{min_count}.json")
@@ -488,32 +528,64 @@ def prediction_list(chosen: np.ndarray, size: int) -> dict[str, np.ndarray]:
             "predict_weights": real.astype(np.float32)}
 
 
+def token_offsets(tokenizer: Tokenizer, text: str, seq_len: int) -> tuple[np.ndarray,
+                                                                          np.ndarray]:
+    """`(ids int32 [m], offsets int32 [m, 2])` of `text` cut to `m <= seq_len` tokens.
+
+    A `WordPieceTokenizer` gives `[CLS] pieces [SEP]` (a longer sentence keeps its
+    first `seq_len - 2` pieces and the `[SEP]`; `[CLS]` / `[SEP]` cover `(0, 0)`);
+    any other tokenizer one token per character, token i covering `(i, i + 1)`.
+    """
+    if isinstance(tokenizer, WordPieceTokenizer):
+        ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=True)
+        if len(ids) > seq_len:
+            ids = np.concatenate([ids[:seq_len - 1], ids[-1:]])
+            offsets = np.concatenate([offsets[:seq_len - 1], offsets[-1:]])
+        return ids, offsets
+    ids = np.asarray(tokenizer.encode(text)[:seq_len], np.int32)
+    positions = np.arange(len(ids), dtype=np.int32)
+    return ids, np.stack([positions, positions + 1], axis=-1)
+
+
 def ner_example(
     text: str, span_type: np.ndarray, span_start: np.ndarray, span_end: np.ndarray, *,
     tokenizer: Tokenizer, seq_len: int, num_types: int, max_spans: int,
 ) -> dict[str, np.ndarray]:
-    """One character-level NER example (see the module doc for the fields).
+    """One NER example (see the module doc for the fields and the span rule).
+
+    Args:
+      text: the sentence.
+      span_type, span_start, span_end: int `[P]`, the gold character spans (end
+        inclusive).
+      tokenizer: a `CharTokenizer` (one token per character) or a `WordPieceTokenizer`
+        (`token_offsets`).
 
     Raises:
       ValueError: more than `max_spans` spans remain after truncation.
     """
-    ids = tokenizer.encode(text)[:seq_len]
+    ids, offsets = token_offsets(tokenizer, text, seq_len)
     length = len(ids)
     tokens = np.full(seq_len, tokenizer.pad_id, dtype=np.int32)
     tokens[:length] = ids
-    span_type, span_start, span_end = (np.asarray(a, dtype=np.int64).reshape(-1)
-                                       for a in (span_type, span_start, span_end))
-    keep = span_end < length
-    rows = np.unique(np.stack([span_type, span_start, span_end], axis=-1)[keep], axis=0)
+    gold = np.unique(np.stack([np.asarray(a, dtype=np.int64).reshape(-1)
+                               for a in (span_type, span_start, span_end)], axis=-1), axis=0)
+    token_spans = char_to_token_spans(offsets, gold)
+    exact = (token_spans >= 0).all(axis=1) & (
+        token_to_char_spans(offsets, token_spans) == gold).all(axis=1)
+    rows = token_spans[exact]
     if len(rows) > max_spans:
         raise ValueError(f"an example of {text[:30]!r}... has {len(rows)} spans, more than "
                          f"data.max_spans={max_spans}; raise data.max_spans")
     spans = np.full((max_spans, 3), -1, dtype=np.int32)
-    spans[:len(rows)] = rows
+    spans[:len(rows)] = rows[np.lexsort(rows.T[::-1])] if len(rows) else rows
     type_labels = np.zeros(num_types, dtype=np.int32)
-    type_labels[span_type[keep]] = 1
+    type_labels[token_spans[(token_spans >= 0).all(axis=1), 0]] = 1
+    padded_offsets = np.zeros((seq_len, 2), dtype=np.int32)
+    padded_offsets[:length] = offsets
     return {"tokens": tokens, "valid": np.arange(seq_len) < length, "spans": spans,
-            "type_labels": type_labels, "example_weights": np.float32(1.0)}
+            "type_labels": type_labels, "offsets": padded_offsets,
+            "dropped_spans": np.int32(len(gold) - len(rows)),
+            "example_weights": np.float32(1.0)}
 
 
 def _padding_row(example: Mapping[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
@@ -646,7 +718,7 @@ def make_dataset(
     tokenizer = make_tokenizer(
         s.tokenizer, builder=builder, train_source=builder.as_data_source(split=s.train_split)
         if s.tokenizer == "char" else None, text_key=text_key, min_count=s.char_min_count,
-        tag=s.train_split)
+        tag=s.train_split, vocab_file=s.vocab_file, lowercase=s.lowercase)
     metadata_dict = builder.info.metadata or {}
     skipped = metadata_dict.get("skipped_records", {}).get(split_name.split("[")[0], {})
     skipped = int(skipped.get("count", 0))

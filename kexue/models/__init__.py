@@ -50,6 +50,7 @@ from kexue.models.layers import (
 from kexue.models.pretrained import (
     PretrainedCheckpoint,
     build_pretrained,
+    checkpoint_vocab_file,
     load_pretrained,
     load_pretrained_params,
     merge_pretrained_config,
@@ -98,6 +99,7 @@ __all__ = [
     "bio_tags_from_spans",
     "build_model",
     "build_pretrained",
+    "checkpoint_vocab_file",
     "count_params",
     "cross_entropy",
     "flops_per_token",

@@ -57,6 +57,7 @@ __all__ = [
     "RUNTIME_KEYS",
     "PretrainedCheckpoint",
     "build_pretrained",
+    "checkpoint_vocab_file",
     "load_pretrained",
     "load_pretrained_params",
     "merge_pretrained_config",
@@ -589,10 +590,19 @@ def load_pretrained(path: str | os.PathLike, *, format: str | None = None,
     if unused:
         logging.warning("%s: %d checkpoint tensor(s) not used by the kexue model: %s", path,
                         len(unused), ", ".join(unused))
-    vocab = os.path.join(directory, "vocab.txt")
     return PretrainedCheckpoint(path=path, format=fmt, architecture=arch, config=config,
                                 tie_embeddings=tie, params=params, unused=unused,
-                                vocab_file=vocab if os.path.isfile(vocab) else None)
+                                vocab_file=checkpoint_vocab_file(path))
+
+
+def checkpoint_vocab_file(path: str | os.PathLike) -> str | None:
+    """The `vocab.txt` next to a checkpoint (`path` as in `load_pretrained`: a
+    directory, a weights file or a TensorFlow prefix), or None when there is none.
+    Reads nothing but the directory listing."""
+    path = os.fspath(path)
+    directory = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
+    vocab = os.path.join(directory, "vocab.txt")
+    return vocab if os.path.isfile(vocab) else None
 
 
 def _tied_duplicates(tensors: _Tensors, fmt: str, prefix: str, head: bool, tie: bool,

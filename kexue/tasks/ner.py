@@ -2,7 +2,11 @@
 
 Batches (`kexue.data`, task "ner"): `tokens` int32 `[b, n]`, `valid` bool `[b, n]`,
 `spans` int32 `[b, P, 3]` (the gold `(type, start, end)` rows, end inclusive, padded
-with −1) and `example_weights` float32 `[b]` (0 on padding rows).
+with −1), `example_weights` float32 `[b]` (0 on padding rows) and, optionally,
+`dropped_spans` int32 `[b]`: gold spans the batch could not hold (beyond the cut
+sentence, or not whole word pieces). Dropped spans are reported (`dropped_spans`:
+per training batch, and summed over the evaluation set) and count as misses (`fn`)
+in evaluation, so the F1 is the one over every gold span of the set.
 
 The model is `kexue.models.GlobalPointerNER` (span logits `[b, types, n, n]`, ZLPR
 loss, kexue.fm/archives/8373, 8877) or `kexue.models.BIOTagger` (tag logits, decoded to
@@ -42,6 +46,13 @@ def _labels(model: Any, spans: jax.Array, n: int) -> jax.Array:
     return bio_tags_from_spans(spans, n)[0] if _is_tagger(model) else spans
 
 
+def _dropped(batch: Any) -> Sums:
+    """`{"dropped_spans": their count in the batch}` when the batch reports them."""
+    if "dropped_spans" not in batch:
+        return {}
+    return {"dropped_spans": jnp.sum(jnp.asarray(batch["dropped_spans"], jnp.int32))}
+
+
 @dataclasses.dataclass(frozen=True)
 class NERTask:
     """Span extraction over `num_types` entity types.
@@ -67,8 +78,11 @@ class NERTask:
                 raise ValueError("`rdrop_alpha` > 0 uses the GlobalPointer divergence; "
                                  f"got a {type(model).__name__}")
             again = model(tokens, valid=valid)  # a second pass: new dropout masks
-            return model.rdrop_loss(logits, again, spans, alpha=self.rdrop_alpha, valid=valid)
-        return model.loss(logits, _labels(model, spans, tokens.shape[1]), valid=valid), {}
+            loss, aux = model.rdrop_loss(logits, again, spans, alpha=self.rdrop_alpha,
+                                         valid=valid)
+            return loss, {**aux, **_dropped(batch)}
+        return (model.loss(logits, _labels(model, spans, tokens.shape[1]), valid=valid),
+                _dropped(batch))
 
     def eval_streams(self) -> dict[str, int | None]:
         return {EVAL: None}
@@ -85,7 +99,9 @@ class NERTask:
         loss = model.loss(logits, _labels(model, spans, n), valid=valid)
         rows = jnp.sum(batch["example_weights"])
         sums = {"tp": counts["tp"], "fp": counts["fp"], "fn": counts["fn"],
-                "loss_sum": loss * rows, "rows": rows}
+                "loss_sum": loss * rows, "rows": rows, **_dropped(batch)}
+        if "dropped_spans" in sums:
+            sums["fn"] = sums["fn"] + sums["dropped_spans"]
         if tagger:
             gold = jnp.sum(spans[..., 0] >= 0)
             kept = bio_tags_from_spans(spans, n)[1]
@@ -96,7 +112,7 @@ class NERTask:
         total = totals[EVAL]
         metrics = {"loss": ratio(total["loss_sum"], total["rows"]),
                    **ops.f1_from_counts(total["tp"], total["fp"], total["fn"])}
-        for key in ("gold_spans", "bio_unrepresentable"):
+        for key in ("gold_spans", "bio_unrepresentable", "dropped_spans"):
             if key in total:
                 metrics[key] = total[key]
         return metrics

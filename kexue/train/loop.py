@@ -9,7 +9,9 @@
 
 Run twice on the same `workdir` and the second run resumes from the newest readable
 checkpoint (state, PRNG key and data-iterator position): its losses and final
-parameters equal those of an uninterrupted run bit for bit on CPU.
+parameters equal those of an uninterrupted run bit for bit on CPU. `init_params`
+(e.g. pretrained weights) applies only to a run that starts from step 0: a resumed
+run takes every parameter from its checkpoint.
 
 `workdir` receives `checkpoints/`, `metrics.jsonl`, `tensorboard/` and, when the
 last step is reached, `final_metrics.json`.
@@ -261,7 +263,8 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
                rules: LogicalRules = DEFAULT_RULES,
                tokens_in: Callable[[Any], int] = count_tokens,
                log: Callable[[str], None] = _log,
-               compiler_options: Mapping[str, Any] | None = None) -> TrainResult:
+               compiler_options: Mapping[str, Any] | None = None,
+               init_params: Callable[[nnx.Module], Any] | None = None) -> TrainResult:
     """Trains `model_factory()`'s model with `tx` on `train_data`, resuming from `workdir`.
 
     Args:
@@ -284,6 +287,8 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
       tokens_in: tokens in one host batch, for tokens/s (default `count_tokens`).
       log: receives one-line messages.
       compiler_options: XLA options of the train step (`cpu_compiler_options`).
+      init_params: sets parameters of the initialised model in place when the run
+        starts from scratch (`create_train_state`); not called when resuming.
 
     Returns:
       A `TrainResult`; `preempted` is True if SIGTERM/SIGINT stopped the run after
@@ -304,7 +309,8 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
     abstract = abstract_train_state(model_factory, tx, mesh, rules, seed=config.seed)
     restored = checkpoints.restore_latest(abstract)
     if restored is None:
-        state = create_train_state(model_factory, tx, mesh, rules, seed=config.seed)
+        state = create_train_state(model_factory, tx, mesh, rules, seed=config.seed,
+                                   init_params=init_params)
     else:
         state = restored.state
         if restored.data_state is not None:

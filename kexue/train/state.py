@@ -2,6 +2,9 @@
 
     state = create_train_state(lambda: build_model(config, rngs=nnx.Rngs(0)), tx, mesh)
     model = state.model()                   # nnx.merge(graphdef, params, model_state)
+    # some parameters from elsewhere (e.g. a pretrained encoder), set after the init:
+    state = create_train_state(factory, tx, mesh,
+                               init_params=lambda m: load_pretrained_params(m, ckpt))
 
 A `TrainState` holds the model split by `nnx.split(model, nnx.Param, ...)` into
 `params` (what the optimizer updates) and `model_state` (everything else: batch
@@ -163,7 +166,8 @@ def abstract_train_state(model_factory: Callable[[], nnx.Module],
 
 def create_train_state(model_factory: Callable[[], nnx.Module],
                        tx: optax.GradientTransformation, mesh: Mesh,
-                       rules: LogicalRules = DEFAULT_RULES, *, seed: int = 0) -> TrainState:
+                       rules: LogicalRules = DEFAULT_RULES, *, seed: int = 0,
+                       init_params: Callable[[nnx.Module], Any] | None = None) -> TrainState:
     """Builds model and optimizer state inside `jax.jit` with their final shardings.
 
     Each device computes and stores only its shards; the full model never exists on
@@ -178,9 +182,19 @@ def create_train_state(model_factory: Callable[[], nnx.Module],
       mesh: the `("data", "fsdp", "tensor")` mesh.
       rules: logical-axis rules.
       seed: seed of the state's base PRNG key (`jax.random.key(seed)`).
+      init_params: optional; called once with the initialised model (its variables
+        already placed on the mesh) to set some of its parameters in place, e.g.
+        `kexue.models.load_pretrained_params`. The values it sets are cast to each
+        parameter's dtype and placed with its sharding (they are arguments of the
+        placement, never constants of a compiled init); the optimizer state is then
+        initialised from the resulting parameters. Its return value is ignored.
 
     Returns:
       A `TrainState` at step 0.
+
+    Raises:
+      ValueError: `init_params` changed the model's structure or a parameter's shape
+        (the paths are named).
     """
     abstract = abstract_train_state(model_factory, tx, mesh, rules, seed=seed)
 
@@ -192,4 +206,43 @@ def create_train_state(model_factory: Callable[[], nnx.Module],
             nonfinite_steps=jnp.zeros((), jnp.int32),
             consecutive_nonfinite=jnp.zeros((), jnp.int32), graphdef=abstract.graphdef)
 
-    return jax.jit(init, out_shardings=train_state_shardings(abstract))()
+    shardings = train_state_shardings(abstract)
+    state = jax.jit(init, out_shardings=shardings)()
+    if init_params is None:
+        return state
+    model = state.model()
+    init_params(model)
+    _, params, model_state = _split(model)
+    params = _placed("params", params, abstract.params, shardings.params)
+    model_state = _placed("model_state", model_state, abstract.model_state,
+                          shardings.model_state)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    return state.replace(params=params, model_state=model_state, opt_state=opt_state)
+
+
+def _placed(name: str, tree: Any, abstract: Any, shardings: Any) -> Any:
+    """`tree` cast to `abstract`'s dtypes and put on `shardings`, after checking that
+    it has `abstract`'s structure and shapes."""
+    paths = [parameter_path(path) for path, _ in
+             jax.tree_util.tree_flatten_with_path(abstract)[0]]
+    if jax.tree.structure(tree) != jax.tree.structure(abstract):
+        found = [parameter_path(path) for path, _ in
+                 jax.tree_util.tree_flatten_with_path(tree)[0]]
+        changed = sorted(set(paths).symmetric_difference(found))
+        raise ValueError(f"`init_params`: changed the structure of the model's {name} "
+                         f"(paths added or removed: {changed or 'none; their types changed'})")
+    wrong = [f"{path}: expected {list(a.shape)}, got {list(np.shape(x))}"
+             for path, a, x in zip(paths, jax.tree.leaves(abstract), jax.tree.leaves(tree),
+                                   strict=True) if tuple(np.shape(x)) != tuple(a.shape)]
+    if wrong:
+        raise ValueError(f"`init_params`: set {name} of the wrong shape: " + "; ".join(wrong))
+
+    def put(value: Any, target: jax.ShapeDtypeStruct, sharding: NamedSharding) -> jax.Array:
+        # a host array goes straight to its shards (never whole onto one device)
+        if not isinstance(value, jax.Array):
+            value = np.asarray(value, target.dtype)
+        elif value.dtype != target.dtype:  # (typed PRNG keys have no astype)
+            value = value.astype(target.dtype)
+        return jax.device_put(value, sharding)
+
+    return jax.tree.map(put, tree, abstract, shardings)

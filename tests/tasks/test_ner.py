@@ -124,3 +124,30 @@ def test_bio_eval_counts_the_spans_bio_cannot_hold():
     metrics = task.finalize({tasks.EVAL: sums})
     assert float(metrics["gold_spans"]) == 3 and float(metrics["bio_unrepresentable"]) == 1
     assert float(metrics["tp"] + metrics["fn"]) == 3  # every gold span is scored
+
+
+def test_dropped_spans_are_reported_and_count_as_misses(rng):
+    task = tasks.NERTask(num_types=NUM_TYPES)
+    n, b = 8, 3
+    spans = np.full((b, 2, 3), -1, np.int32)
+    spans[0, 0] = [1, 2, 4]
+    dropped = rng.integers(0, 4, b).astype(np.int32)
+    batch = {"tokens": np.full((b, n), 5, np.int32), "valid": np.ones((b, n), bool),
+             "spans": spans, "example_weights": np.ones(b, np.float32),
+             "dropped_spans": dropped}
+    model = models.build_model(tiny_spec("global_pointer_ner"), rngs=nnx.Rngs(0))
+    model.eval()
+    with_dropped = task.eval_stats(model, jax.tree.map(jnp.asarray, batch))
+    del batch["dropped_spans"]
+    without = task.eval_stats(model, jax.tree.map(jnp.asarray, batch))
+    assert int(with_dropped["dropped_spans"]) == int(dropped.sum())
+    assert float(with_dropped["fn"]) == float(without["fn"]) + dropped.sum()
+    assert float(with_dropped["tp"]) == float(without["tp"])
+    assert float(with_dropped["fp"]) == float(without["fp"])
+    assert "dropped_spans" not in without
+    metrics = task.finalize({tasks.EVAL: with_dropped})
+    assert float(metrics["tp"] + metrics["fn"]) == 1 + dropped.sum()  # every gold span
+    assert int(metrics["dropped_spans"]) == int(dropped.sum())
+    batch["dropped_spans"] = dropped
+    _, aux = task.loss(model, jax.tree.map(jnp.asarray, batch), jax.random.key(0))
+    assert int(aux["dropped_spans"]) == int(dropped.sum())
