@@ -134,8 +134,8 @@ def cluener_finetune_preset(best_metric: str) -> dict[str, Any]:
     That script fine-tunes BERT-base (`chinese_L-12_H-768_A-12`) with Adam (learning
     rate 2e-5 for every weight, β = (0.9, 0.999), ε = 1e-6, no weight decay, no
     schedule), batch 16, 10 epochs, evaluating on dev after each epoch and keeping the
-    weights of the best F1. Here: `optimizer.adamw` with those settings (constant rate;
-    kexue's schedule spends one warm-up step at rate 0), `data.batch_size` 16,
+    weights of the best F1. Here: `optimizer.adamw` with those settings (constant rate,
+    no warm-up), `data.batch_size` 16,
     `train.num_steps` = 10 × 672 = 6720 (672 = ⌈10 748 / 16⌉ steps per pass over the
     training split), evaluation and a checkpoint every 672 steps, the best by
     `best_metric` kept. Sentences are WordPiece tokens `[CLS] … [SEP]` of the

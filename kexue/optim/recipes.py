@@ -40,16 +40,19 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def adamw_recipe(learning_rate: float = 1e-3, *, num_steps: int, initial_params: Any = None,
           b1: float = 0.9, b2: float = 0.98, eps: float = 1e-8, weight_decay: float = 0.01,
           warmup_steps: int = 50, schedule: str = "cosine") -> optax.GradientTransformation:
-    """`optax.adamw` with a linear warm-up to `learning_rate` over `warmup_steps`, then
-    constant or cosine decay to 0 at `num_steps`."""
+    """`optax.adamw` with a linear warm-up from 0 to `learning_rate` over `warmup_steps`
+    (none when 0: the first step already takes the full rate), then constant or cosine
+    decay to 0 at `num_steps`."""
     del initial_params
     _check_choice("schedule", schedule, ADAMW_SCHEDULES)
     warmup = int(warmup_steps)
     if schedule == "cosine":
-        rate = optax.warmup_cosine_decay_schedule(
-            0.0, learning_rate, max(warmup, 1), max(num_steps, warmup + 1))
+        rate = (optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup,
+                                                   max(num_steps, warmup + 1))
+                if warmup else optax.cosine_decay_schedule(learning_rate, max(num_steps, 1)))
     else:
-        rate = optax.linear_schedule(0.0, learning_rate, max(warmup, 1))
+        rate = (optax.linear_schedule(0.0, learning_rate, warmup) if warmup
+                else optax.constant_schedule(learning_rate))
     return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
 

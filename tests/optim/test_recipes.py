@@ -61,7 +61,7 @@ def test_clip_norm_clips_before_the_optimizer(rng):
     got = _run(optim.make_optimizer("adamw", {"schedule": "constant", "warmup_steps": 0},
                                     num_steps=10, clip_norm=1.0), params, grads)
     want = _run(optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adamw(optax.linear_schedule(0.0, 1e-3, 1), b1=0.9, b2=0.98,
+                            optax.adamw(optax.constant_schedule(1e-3), b1=0.9, b2=0.98,
                                         eps=1e-8, weight_decay=0.01)), params, grads)
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -88,3 +88,15 @@ def test_defaults_are_the_recipe_signatures():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         optim.make_optimizer(**{"num_steps": 10, **kwargs})
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_without_warmup_the_first_step_takes_the_full_rate(schedule, rng):
+    params = _params(rng)
+    grads = [jax.tree.map(lambda p: jnp.ones_like(p), params)]
+    tx = optim.make_optimizer("adamw", {"schedule": schedule, "warmup_steps": 0,
+                                        "weight_decay": 0.0}, num_steps=100)
+    (after,) = _run(tx, params, grads)
+    # Adam's first step moves every entry by the rate (m̂ / √v̂ = 1 for a constant gradient).
+    for new, old in zip(jax.tree.leaves(after), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(np.asarray(old - new), 1e-3, rtol=1e-4)
