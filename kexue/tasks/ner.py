@@ -1,6 +1,8 @@
 """Span NER: GlobalPointer / Efficient GlobalPointer, or the BIO tagging baseline.
 
-Batches (`kexue.data`, task "ner"): `tokens` int32 `[b, n]`, `valid` bool `[b, n]`,
+Batches (`kexue.data`, task "ner"): `tokens` int32 `[b, n]`, `valid` bool `[b, n]`
+(with WordPiece also `offsets` int32 `[b, n, 2]`: spans never start or end at `[CLS]` /
+`[SEP]`, see `span_valid`),
 `spans` int32 `[b, P, 3]` (the gold `(type, start, end)` rows, end inclusive, padded
 with −1), `example_weights` float32 `[b]` (0 on padding rows) and, optionally,
 `dropped_spans` int32 `[b]`: gold spans the batch could not hold (beyond the cut
@@ -34,11 +36,22 @@ from kexue.models import bio_tags_from_spans
 from kexue.ops._checks import check_int, check_number
 from kexue.tasks.base import EVAL, Sums, ratio
 
-__all__ = ["NERTask"]
+__all__ = ["NERTask", "span_valid"]
 
 
 def _is_tagger(model: Any) -> bool:
     return hasattr(model, "span_scores")
+
+
+def span_valid(batch: Any) -> jax.Array:
+    """bool `[b, n]`: the tokens a span may start or end at — real tokens that cover
+    text. With `offsets` (WordPiece batches) `[CLS]` / `[SEP]` cover none and are left
+    out; the encoder still attends to them (`valid`)."""
+    valid = batch["valid"]
+    if "offsets" not in batch:
+        return valid
+    offsets = batch["offsets"]
+    return valid & (offsets[..., 1] > offsets[..., 0])
 
 
 def _labels(model: Any, spans: jax.Array, n: int) -> jax.Array:
@@ -79,10 +92,10 @@ class NERTask:
                                  f"got a {type(model).__name__}")
             again = model(tokens, valid=valid)  # a second pass: new dropout masks
             loss, aux = model.rdrop_loss(logits, again, spans, alpha=self.rdrop_alpha,
-                                         valid=valid)
+                                         valid=span_valid(batch))
             return loss, {**aux, **_dropped(batch)}
-        return (model.loss(logits, _labels(model, spans, tokens.shape[1]), valid=valid),
-                _dropped(batch))
+        return (model.loss(logits, _labels(model, spans, tokens.shape[1]),
+                           valid=span_valid(batch)), _dropped(batch))
 
     def eval_streams(self) -> dict[str, int | None]:
         return {EVAL: None}
@@ -92,11 +105,12 @@ class NERTask:
         tokens, valid, spans = batch["tokens"], batch["valid"], batch["spans"]
         n = tokens.shape[1]
         logits = model(tokens, valid=valid)
+        candidates = span_valid(batch)
         tagger = _is_tagger(model)
-        scores = model.span_scores(logits, valid=valid) if tagger else logits
+        scores = model.span_scores(logits, valid=candidates) if tagger else logits
         counts = ops.span_f1(scores, ops.spans_to_dense(spans, self.num_types, n),
-                             valid=valid)
-        loss = model.loss(logits, _labels(model, spans, n), valid=valid)
+                             valid=candidates)
+        loss = model.loss(logits, _labels(model, spans, n), valid=candidates)
         rows = jnp.sum(batch["example_weights"])
         sums = {"tp": counts["tp"], "fp": counts["fp"], "fn": counts["fn"],
                 "loss_sum": loss * rows, "rows": rows, **_dropped(batch)}

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from scipy.special import expit
 
-from kexue import models, tasks
+from kexue import models, ops, tasks
 from kexue.data import DataConfig, make_dataset
 from tests.conftest import CLUENER_DIR, CLUENER_MISSING, HAVE_CLUENER
 
@@ -151,3 +151,35 @@ def test_dropped_spans_are_reported_and_count_as_misses(rng):
     batch["dropped_spans"] = dropped
     _, aux = task.loss(model, jax.tree.map(jnp.asarray, batch), jax.random.key(0))
     assert int(aux["dropped_spans"]) == int(dropped.sum())
+
+
+def test_spans_at_cls_and_sep_are_neither_trained_nor_counted():
+    """WordPiece batches: `[CLS]` / `[SEP]` (offsets covering no text) take no part in
+    the span loss or the counts, while every real piece does."""
+    task = tasks.NERTask(num_types=NUM_TYPES)
+    n = 6  # [CLS] a b c [SEP] <pad>
+    offsets = np.array([[[0, 0], [0, 1], [1, 2], [2, 3], [0, 0], [0, 0]]], np.int32)
+    valid = np.arange(n)[None, :] < 5
+    batch = {"tokens": np.full((1, n), 5, np.int32), "valid": valid, "offsets": offsets,
+             "spans": np.array([[[0, 1, 2]]], np.int32), "example_weights": np.ones(1)}
+    candidates = np.asarray(tasks.span_valid(jax.tree.map(jnp.asarray, batch)))
+    np.testing.assert_array_equal(candidates, [[False, True, True, True, False, False]])
+    model = models.build_model(tiny_spec("global_pointer_ner", num_types=NUM_TYPES,
+                                         gp_head_dim=4), rngs=nnx.Rngs(0))
+    model.eval()
+    sums = task.eval_stats(model, jax.tree.map(jnp.asarray, batch))
+    # 3 candidate tokens give 6 spans (i ≤ j) per type; one gold span.
+    assert float(sums["tp"] + sums["fp"] + sums["fn"]) <= NUM_TYPES * 6 + 1
+    logits = np.asarray(model(jnp.asarray(batch["tokens"]), valid=jnp.asarray(valid)))
+    # Make every span score positive: only the candidate spans may be counted.
+    shifted = jnp.asarray(np.abs(logits) + 1.0)
+    counts = ops.span_f1(shifted, ops.spans_to_dense(jnp.asarray(batch["spans"]),
+                                                     NUM_TYPES, n),
+                         valid=jnp.asarray(candidates))
+    assert float(counts["tp"] + counts["fp"]) == NUM_TYPES * 6
+    # ... nor trained: the loss does not depend on a span starting or ending at them.
+    grad = jax.grad(lambda s: model.loss(s, jnp.asarray(batch["spans"]),
+                                         valid=jnp.asarray(candidates)))(shifted)
+    grad = np.asarray(grad)
+    assert np.all(grad[:, :, [0, 4], :] == 0) and np.all(grad[:, :, :, [0, 4]] == 0)
+    assert np.any(grad[:, :, 1:4, 1:4] != 0)
