@@ -118,12 +118,13 @@ def _train(runs_root: Path, name: str, config_file: str, variant: Mapping[str, A
 def _model_params(config_file: str, preset: str, variant: Mapping[str, Any]) -> int:
     from flax import nnx
 
+    from experiments.config import model_settings
     from experiments.studies.common import study_config
     from kexue import models
 
     overrides = _overrides(preset, 1, 0, config_file, variant)
     config = study_config(config_file, PRESETS[preset][0], overrides)
-    spec = models.ModelSpec.from_settings({**config.model.to_dict(), "vocab_size": 1,
+    spec = models.ModelSpec.from_settings({**model_settings(config), "vocab_size": 1,
                                            "num_types": NUM_TYPES})
     abstract = nnx.eval_shape(lambda: models.build_model(spec, rngs=nnx.Rngs(0)))
     return models.count_params(abstract) - models.count_params(abstract.encoder)
@@ -136,6 +137,7 @@ def _loss_memory_and_time(preset: str, lengths: tuple[int, ...], repeats: int,
     import jax.numpy as jnp
     from flax import nnx
 
+    from experiments.config import model_settings
     from experiments.studies.common import study_config
     from kexue import models, tasks
     from kexue.train import interleaved_median_times
@@ -147,7 +149,7 @@ def _loss_memory_and_time(preset: str, lengths: tuple[int, ...], repeats: int,
             overrides = _overrides(preset, 1, 0, GP_CONFIG, {**SPARSE_VARIANT[2],
                                                              "model.gp_loss": kind})
             config = study_config(GP_CONFIG, PRESETS[preset][0], overrides)
-            spec = models.ModelSpec.from_settings({**config.model.to_dict(),
+            spec = models.ModelSpec.from_settings({**model_settings(config),
                                                    "vocab_size": vocab_size,
                                                    "num_types": NUM_TYPES})
             b, spans = int(config.data.batch_size), int(config.data.max_spans)
@@ -222,10 +224,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _vocab_size(runs_root: Path) -> int:
+    """The character vocabulary the runs trained with (from the data of a finished run)."""
     import json
 
+    from kexue.data import DataConfig, make_dataset
+
     for path in sorted(runs_root.glob("*/config.json")):
-        return int(json.loads(path.read_text())["model"]["vocab_size"])
+        data = DataConfig.from_settings(json.loads(path.read_text())["data"])
+        return make_dataset(data, "eval", process_index=0, process_count=1).metadata.vocab_size
     raise FileNotFoundError(f"no finished run under {runs_root}")
 
 

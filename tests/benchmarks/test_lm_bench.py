@@ -30,15 +30,17 @@ def test_mfu_is_achieved_rate_over_the_measured_peak():
     assert (label, name, shape) == ("tiny", "adamw", "2 x 16")
     assert int(params.replace(",", "")) == lm.num_params(TINY)
     assert float(gflop) == pytest.approx(lm.step_flops(TINY) / 1e9, abs=0.006)
-    assert lm.step_flops(TINY) == lm.models.flops_per_token(TINY.config(), seq_len=16) * 32
+    assert lm.step_flops(TINY) == lm.models.flops_per_token(TINY.spec(), seq_len=16) * 32
     achieved = float(gflops) * 1e9
     # The step column is rounded to whole milliseconds: tokens/s must lie in the range
     # that rounding allows (a tiny step takes about a millisecond).
     tokens = float(tokens_per_s.replace(",", ""))
     assert 32 / ((float(ms) + 0.5) / 1e3) <= tokens * 1.001
     assert float(ms) < 0.5 or tokens <= 32 / ((float(ms) - 0.5) / 1e3) * 1.001
-    # The table rounds GFLOP/s to 0.1 and MFU to 1%: a tiny step's rate is a few GFLOP/s.
-    assert float(mfu.rstrip("%")) == pytest.approx(100 * achieved / peak, rel=0.1, abs=1.0)
+    # The table rounds GFLOP/s to 0.1 and MFU to 1%: the MFU must lie in the range the
+    # rounded rate allows (a tiny step's rate is a fraction of a GFLOP/s).
+    low, high = (100 * max(achieved + d, 0.0) / peak for d in (-0.05e9, 0.05e9))
+    assert low - 0.5 <= float(mfu.rstrip("%")) <= high + 0.5
 
 
 def test_remat_table_and_proof_step():
@@ -55,7 +57,7 @@ def test_remat_table_and_proof_step():
 
 def test_max_length_stops_at_the_budget():
     # A budget below the start length's compiled peak: nothing fits, one length tried.
-    length, peak, tried = lm.max_length(TINY.config(), 2, 16, 64, 1024, lm.remat_options())
+    length, peak, tried = lm.max_length(TINY.spec(), 2, 16, 64, 1024, lm.remat_options())
     assert (length, peak) == (0, 0)
     assert len(tried) == 1 and tried[0][0] == 16 and tried[0][1] > 1024
 
@@ -63,10 +65,10 @@ def test_max_length_stops_at_the_budget():
 def test_max_length_bisection_finds_what_a_linear_scan_finds():
     options = lm.remat_options()
     lengths = (16, 32, 64, 128, 256)
-    peaks = [lm.compiled_peak_bytes(TINY.config(), 1, n, options) for n in lengths]
+    peaks = [lm.compiled_peak_bytes(TINY.spec(), 1, n, options) for n in lengths]
     assert all(a < b for a, b in itertools.pairwise(peaks)), peaks
     for longest in (0, 2, 4):  # the budget admits lengths[:longest + 1]
-        length, peak, tried = lm.max_length(TINY.config(), 1, 16, 256, peaks[longest], options)
+        length, peak, tried = lm.max_length(TINY.spec(), 1, 16, 256, peaks[longest], options)
         assert (length, peak) == (lengths[longest], peaks[longest])
         assert dict(tried) == {n: peaks[lengths.index(n)] for n, _ in tried}
         # start, limit, then halving the 3 undecided lengths: fewer than a linear scan.
@@ -74,7 +76,7 @@ def test_max_length_bisection_finds_what_a_linear_scan_finds():
 
 
 def test_max_length_tries_nothing_after_the_deadline():
-    length, peak, tried = lm.max_length(TINY.config(), 1, 16, 256, 2**30, lm.remat_options(),
+    length, peak, tried = lm.max_length(TINY.spec(), 1, 16, 256, 2**30, lm.remat_options(),
                                         deadline=0.0)
     assert (length, peak, tried) == (0, 0, [])
 
