@@ -63,6 +63,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -148,7 +149,8 @@ SMOKE = Layout("smoke", None, {"entropy_invariance": ((0,),), "lm_extrapolation"
 
 @dataclasses.dataclass
 class Job:
-    """One `experiments.reproduce` process: a study on some seeds."""
+    """One `experiments.reproduce` process: a study on some seeds. A watcher thread
+    notes when the process ends, whoever waits for it."""
 
     study: str
     seeds: tuple[int, ...]
@@ -156,8 +158,15 @@ class Job:
     log_path: str
     process: subprocess.Popen
     started: float
-    seconds: float | None = None
+    ended: float | None = None
     stopped: bool = False  # killed at the budget
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        self.process.wait()
+        self.ended = time.time()
 
     @property
     def finished(self) -> bool:
@@ -167,10 +176,15 @@ class Job:
     def succeeded(self) -> bool:
         return self.finished and not self.stopped and self.process.returncode == 0
 
+    @property
+    def seconds(self) -> float:
+        """Wall seconds from the start to the end (or to now, while it runs)."""
+        return (self.ended or time.time()) - self.started
+
     def summary(self) -> dict[str, Any]:
         return {"study": self.study, "seeds": list(self.seeds),
                 "returncode": self.process.poll(), "stopped_at_budget": self.stopped,
-                "seconds": None if self.seconds is None else round(self.seconds, 1)}
+                "seconds": round(self.seconds, 1)}
 
 
 def reproduce_command(study: str, preset: str, seeds: Sequence[int], out: str, runs: str,
@@ -196,19 +210,13 @@ def launch(study: str, preset: str, seeds: Sequence[int], scratch: str, *,
 
 def wait(jobs: Sequence[Job], until: float) -> None:
     """Waits for `jobs` until the time `until`; kills those still running then."""
-    while True:
-        for job in jobs:
-            if job.finished and job.seconds is None:
-                job.seconds = time.time() - job.started
-        if all(job.finished for job in jobs) or time.time() >= until:
-            break
+    while not all(job.finished for job in jobs) and time.time() < until:
         time.sleep(POLL_S)
     for job in jobs:
         if not job.finished:
+            job.stopped = True
             job.process.kill()
             job.process.wait()
-            job.stopped = True
-            job.seconds = time.time() - job.started
 
 
 def stop_all(jobs: Sequence[Job]) -> None:
@@ -308,9 +316,9 @@ def finish_study(section: Section, study: Study, layout: Layout, jobs: list[Job]
             why = ("stopped at the part's budget" if job.stopped
                    else f"ended with status {job.process.returncode}")
             section.note(f"The process of seed(s) {list(job.seeds)} {why} after "
-                         f"{job.seconds or 0:.0f} s; its last output:\n\n```\n"
+                         f"{job.seconds:.0f} s; its last output:\n\n```\n"
                          f"{log_tail(job.log_path).rstrip()}\n```")
-    times = ", ".join(f"seeds {list(job.seeds)}: {job.seconds or 0:.0f} s" for job in jobs)
+    times = ", ".join(f"seeds {list(job.seeds)}: {job.seconds:.0f} s" for job in jobs)
     section.note(f"Wall time of the study's processes: {times}.")
     if not done:
         section.check(f"{study.name}: some seed finished", False)

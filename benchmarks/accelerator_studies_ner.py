@@ -136,10 +136,10 @@ def finish(section: Section, study: str, planned: Planned, jobs: dict[str, Job],
         if not section.check(f"{study} --preset {preset} finished", job.succeeded):
             why = ("stopped at the part's budget" if job.stopped
                    else f"ended with status {job.process.returncode}")
-            section.note(f"`{study} --preset {preset}` {why} after {job.seconds or 0:.0f} s; "
+            section.note(f"`{study} --preset {preset}` {why} after {job.seconds:.0f} s; "
                          f"its last output:\n\n```\n{log_tail(job.log_path).rstrip()}\n```")
             continue
-        section.note(f"Preset `{preset}` ({job.seconds or 0:.0f} s):\n\n"
+        section.note(f"Preset `{preset}` ({job.seconds:.0f} s):\n\n"
                      + study_markdown(job.out, study).replace(scratch, "<scratch>"))
         section.data["records"][preset] = read_record(job.out, study, scratch)
 
