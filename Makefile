@@ -8,6 +8,7 @@ CONFIG  ?= configs/lm_stdlib.py
 WORKDIR ?= runs/lm_stdlib
 
 ACCEL_OUT ?= runs/accelerator
+ACCEL_ARGS ?=
 
 .PHONY: run demo test lint bench bench-peers accel accel-wheels clean
 
@@ -42,10 +43,12 @@ bench-peers: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[peers]'
 	$(PY) -m benchmarks.peers
 
-# The accelerator campaign (benchmarks/accelerator.py): every part at full size on the
-# device JAX finds, <part>.json / <part>.md into $(ACCEL_OUT); under 8 minutes on one H200.
+# The accelerator campaign (benchmarks/accelerator.py): the default parts (correctness,
+# studies, speed) at full size on the device JAX finds, <part>.json / <part>.md into
+# $(ACCEL_OUT); under 8 minutes on one H200. ACCEL_ARGS="--parts studies_ner" for the
+# NER grids, ACCEL_ARGS=--smoke for toy sizes on CPU.
 accel: $(VENV)/.installed
-	$(PY) -m benchmarks.accelerator --out $(ACCEL_OUT)
+	$(PY) -m benchmarks.accelerator --out $(ACCEL_OUT) $(ACCEL_ARGS)
 
 # The wheels a GPU machine without a package index lacks, into .whl/, and their check.
 accel-wheels: $(VENV)/.installed

@@ -1,10 +1,13 @@
-"""The accelerator campaign: one command that proves kexue on a GPU and measures it.
+"""The accelerator campaign: kexue's correctness, studies and speed on a GPU, one command.
 
-    python -m benchmarks.accelerator --out DIR                  # every part, < 8 min on one H200
+It proves kexue on the device, runs the entropy-invariance studies at the scale they
+need, and measures speed.
+
+    python -m benchmarks.accelerator --out DIR                  # default parts, < 8 min on one H200
     python -m benchmarks.accelerator --out DIR --parts speed    # some parts
-    python -m benchmarks.accelerator --out DIR --smoke          # toy sizes on CPU
+    python -m benchmarks.accelerator --out DIR --parts studies_ner   # a part run only when named
+    python -m benchmarks.accelerator --out DIR --smoke          # toy sizes on CPU, one process
 
-(`--smoke` takes a few minutes on two CPU cores, nearly all of it XLA compilation.)
 On the GPU machine (no package index there; `benchmarks/accelerator_wheels.sh` fetched
 the wheels its image lacks into `.whl/` beforehand), from the repository root:
 
@@ -13,15 +16,23 @@ the wheels its image lacks into `.whl/` beforehand), from the repository root:
       && python3 -m benchmarks.accelerator --out "$OUT"
 
 Parts run in the order of `PARTS` (most valuable first), each in its own process with
-its own time budget, under an overall deadline (`--deadline-s`). Each part writes
-`DIR/<part>.json` and `DIR/<part>.md` after every section it finishes, so a part
-killed at its budget keeps the sections done before; the killed part is marked
-``timeout`` and the next part starts. At most `MAX_PARTS` parts (two files each: the
-GPU machine hands back at most 8 files) and nothing deeper than `DIR` itself. Every
-file records the device kind, backend, versions and date. The exit status is 0 only
-when every part finished with every check passed.
+its own time budget, under an overall deadline (`--deadline-s`; `DEFAULT_DEADLINE_S`
+for the default parts). Each part writes `DIR/<part>.json` and `DIR/<part>.md` after
+every section it finishes, so a part killed at its budget keeps the sections done
+before; the killed part is marked ``timeout`` and the next part starts. At most
+`MAX_PARTS` parts (two files each: the GPU machine hands back at most 8 files) and
+nothing deeper than `DIR` itself. Every file records the device kind, backend,
+versions and date. The exit status is 0 only when every part finished with every
+check passed (a ``skipped`` section does not count against it). All parts share one
+persistent compilation cache (a temporary directory), so a program compiled twice is
+read back the second time.
 
-Parts now (`PARTS`):
+With `--smoke` the parts run in this process (`run_in_process`: no per-part interpreter
+and imports, no kill at the budget; the studies, whose work is in subprocesses, in a
+thread beside the others) with XLA:CPU's LLVM optimisation off (`SMOKE_XLA_FLAG`):
+compiling is nearly all of a smoke run's time.
+
+Parts (`PARTS`; the first three are the default campaign, `DEFAULT_PARTS`):
 
 * ``correctness`` (`benchmarks.accelerator_correctness`): package versions and
   imports; the `kexue.ops` functions against float64 NumPy references
@@ -29,15 +40,22 @@ Parts now (`PARTS`):
   other than XLA (cuDNN on GPU; any further one `kexue.models.config.
   ATTENTION_IMPLEMENTATIONS` accepts, e.g. blocked attention, on every backend)
   against XLA and the reference, forward and gradients; one bf16 train step of each
-  model against float32; a checkpoint written on the device restored on CPU.
+  model (its `kexue.tasks` loss) against float32; a checkpoint written on the device
+  restored on CPU.
+* ``studies`` (`benchmarks.accelerator_studies`): `python -m experiments.reproduce
+  entropy_invariance --preset gpu` (the MLM at the config's own size, 20.5M tokens per
+  run, four variants, two seeds, accuracy at 64 … 4096), then `lm_extrapolation
+  --preset gpu`, as concurrent processes sharing the GPU; tables per length, mean over
+  seeds and per seed.
 * ``speed`` (`benchmarks.accelerator_speed`): measured bf16 matmul peak; causal-LM
   tokens/s and MFU at ~124M (AdamW, Amos, Amos-style) and ~350M parameters; kexue's
   RoFormer MLM step against Hugging Face's PyTorch `RoFormerForMaskedLM` (eager and
   `torch.compile`); the longest trainable length at batch 1 with and without remat.
+* ``studies_ner`` (`benchmarks.accelerator_studies_ner`; run only when named): the
+  issue-18 NER grids through `experiments.reproduce STUDY --preset gpu`, a study
+  without such a preset recorded as skipped.
 
-Adding a part (the entropy-invariance study at GPU scale, MLM then causal LM, is added
-this way as the ``studies`` part once `kexue.tasks` provides the task losses and
-evaluation it needs):
+Adding a part:
 
 1. A module with `run(report: PartReport) -> None` that opens one
    `with report.section(name, title) as section:` per measurement, most valuable first.
@@ -45,15 +63,18 @@ evaluation it needs):
    part goes on with the next. Inside: `section.table(header, rows, title=)`,
    `section.note(text)`, `section.check(name, passed)` (a failed check marks the
    section ``failed``), `section.record_error(what, error)` for one item that raised
-   (in an `except` block; the other items go on), `section.data[...]` for raw numbers
-   (JSON). `report.smoke` selects toy sizes; `report.time_left()` / `report.deadline`
-   bound optional work (stop early and say so rather than be killed).
-2. A `Part` in `PARTS`: its budget (the budgets of all parts must fit
-   `DEFAULT_DEADLINE_S`, 450 s: today 180 + 260, so a new part takes time from
-   ``speed``), its smoke budget, and its `results_file`, which must hold the markers
-   `<!-- accelerator-<name>:begin -->` / `<!-- accelerator-<name>:end -->`.
-3. `tests/benchmarks/test_accelerator.py` runs every registered part with `--smoke`
-   and requires every section ``ok``; add what the part's tables must contain.
+   (in an `except` block; the other items go on), `section.skip(reason)`,
+   `section.data[...]` for raw numbers (JSON). `report.smoke` selects toy sizes;
+   `report.time_left()` / `report.deadline` bound optional work (stop early and say so
+   rather than be killed).
+2. A `Part` in `PARTS`: its budget (the default parts' budgets must fit
+   `DEFAULT_DEADLINE_S`, 450 s: today 90 + 240 + 110, so a new default part takes time
+   from another; a part outside the default run gets a command of its own, at most
+   `MAX_DEADLINE_S`), its smoke budget, its `results_file`, which must hold the
+   markers `<!-- accelerator-<name>:begin -->` / `<!-- accelerator-<name>:end -->`, and
+   any environment its process needs (`child_env`).
+3. `tests/benchmarks/test_accelerator.py` runs every default part with `--smoke` and
+   requires every section ``ok``; add what the part's tables must contain.
 """
 
 from __future__ import annotations
@@ -67,10 +88,12 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -104,6 +127,12 @@ class Part:
       budget_s: time limit of the part at full size (one H200), seconds.
       smoke_budget_s: time limit with `--smoke` (CPU).
       results_file: the repository file its tables go to (`accelerator_report`).
+      in_default: run when `--parts` is not given (the 8-minute campaign); a part
+        outside it runs only when named.
+      child_env: environment variables of the part's process (e.g. a part whose own
+        subprocesses share the GPU must not let JAX preallocate its memory).
+      beside_in_smoke: the part's work runs in subprocesses it starts, its own process
+        mostly waits; with `--smoke` it runs in a thread beside the other parts.
     """
 
     name: str
@@ -112,16 +141,34 @@ class Part:
     budget_s: float
     smoke_budget_s: float
     results_file: str
+    in_default: bool = True
+    child_env: tuple[tuple[str, str], ...] = ()
+    beside_in_smoke: bool = False
 
 
+#: The parts in the order they run, most valuable first: correctness (cheap, and what
+#: every other figure rests on), the entropy-invariance studies (the blog's headline
+#: claim at the scale it needs), speed; then the issue-18 NER grids, named explicitly.
 PARTS: tuple[Part, ...] = (
     Part("correctness", "GPU correctness", "benchmarks.accelerator_correctness",
-         budget_s=180, smoke_budget_s=600, results_file="benchmarks/RESULTS.md"),
+         budget_s=90, smoke_budget_s=300, results_file="benchmarks/RESULTS.md"),
+    Part("studies", "Entropy-invariance studies at GPU scale",
+         "benchmarks.accelerator_studies", budget_s=240, smoke_budget_s=300,
+         results_file="docs/results.md", beside_in_smoke=True,
+         child_env=(("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),)),
     Part("speed", "Speed", "benchmarks.accelerator_speed",
-         budget_s=260, smoke_budget_s=600, results_file="benchmarks/RESULTS.md"),
+         budget_s=110, smoke_budget_s=300, results_file="benchmarks/RESULTS.md"),
+    Part("studies_ner", "NER study grids at GPU scale (issue 18)",
+         "benchmarks.accelerator_studies_ner", budget_s=520, smoke_budget_s=300,
+         results_file="docs/results.md", in_default=False, beside_in_smoke=True,
+         child_env=(("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),)),
 )
-#: The whole command's limit by default: under 8 minutes, with room for start-up.
+DEFAULT_PARTS = tuple(part for part in PARTS if part.in_default)
+#: The default campaign's limit: under 8 minutes with room for start-up and the install.
 DEFAULT_DEADLINE_S = 450.0
+#: The most a campaign of other parts may take by default: one GPU-machine command runs
+#: at most 10 minutes, and the wheels' install comes first.
+MAX_DEADLINE_S = 560.0
 
 if len(PARTS) > MAX_PARTS:
     raise RuntimeError(f"{len(PARTS)} parts registered; at most {MAX_PARTS} fit the 8 files "
@@ -419,8 +466,24 @@ def _finalize_after_child(part: Part, out: str, returncode: int | None, timed_ou
     return doc
 
 
+def _not_started(part: Part, out: str, available: float, deadline_s: float) -> str:
+    doc = {"schema": SCHEMA, "part": part.name, "title": part.title, "status": "timeout",
+           "env": {}, "sections": [], "log_tail": None,
+           "error": f"not started: {available:.0f} s were left of the campaign's deadline "
+                    f"({deadline_s:.0f} s)"}
+    write_part_files(out, doc)
+    return doc["status"]
+
+
+def _summary(statuses: dict[str, str]) -> int:
+    print("campaign: " + ", ".join(f"{name} {status}" for name, status in statuses.items()),
+          flush=True)
+    return 0 if all(status == OK for status in statuses.values()) else 1
+
+
 def run_campaign(parts: Sequence[Part], out: str, *, smoke: bool, deadline_s: float) -> int:
-    """Runs `parts` in order, each in a child process; returns the exit status."""
+    """Runs `parts` in order, each in a child process killed at its budget; returns the
+    exit status."""
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     deadline = time.time() + deadline_s
@@ -429,12 +492,7 @@ def run_campaign(parts: Sequence[Part], out: str, *, smoke: bool, deadline_s: fl
         budget = part.smoke_budget_s if smoke else part.budget_s
         available = deadline - time.time() - MARGIN_S
         if available < MIN_START_S:
-            doc = {"schema": SCHEMA, "part": part.name, "title": part.title,
-                   "status": "timeout", "env": {}, "sections": [], "log_tail": None,
-                   "error": f"not started: {available:.0f} s were left of the campaign's "
-                            f"deadline ({deadline_s:.0f} s)"}
-            write_part_files(out, doc)
-            statuses[part.name] = doc["status"]
+            statuses[part.name] = _not_started(part, out, available, deadline_s)
             continue
         timeout = min(budget, available)
         command = [sys.executable, "-m", "benchmarks.accelerator", "--child", part.name,
@@ -447,7 +505,8 @@ def run_campaign(parts: Sequence[Part], out: str, *, smoke: bool, deadline_s: fl
                                          delete=False) as log:
             log_path = log.name
             child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=REPOSITORY, start_new_session=True)
+                                     cwd=REPOSITORY, start_new_session=True,
+                                     env={**os.environ, **dict(part.child_env)})
             timed_out = False
             try:
                 returncode = child.wait(timeout=timeout)
@@ -460,21 +519,105 @@ def run_campaign(parts: Sequence[Part], out: str, *, smoke: bool, deadline_s: fl
         os.remove(log_path)
         statuses[part.name] = doc["status"]
         print(f"== part {part.name}: {doc['status']}", flush=True)
-    print("campaign: " + ", ".join(f"{name} {status}" for name, status in statuses.items()))
-    return 0 if all(status == OK for status in statuses.values()) else 1
+    return _summary(statuses)
+
+
+def run_in_process(parts: Sequence[Part], out: str, *, smoke: bool, deadline_s: float) -> int:
+    """Runs `parts` in this process (`--smoke`); returns the exit status.
+
+    The parts marked `beside_in_smoke` (their work is in subprocesses they start) run
+    in threads started first; the others run one after the other meanwhile, so the
+    CPU cores serve both. Nothing is killed: each part's budget is its
+    `report.deadline`, which it keeps itself (the studies stop their processes there).
+    """
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    start = time.time()
+    deadline = start + deadline_s
+    threads = []
+    for part in parts:
+        if part.beside_in_smoke:
+            timeout = min(part.smoke_budget_s if smoke else part.budget_s, deadline_s)
+            print(f"== part {part.name} (in a thread of this process, budget "
+                  f"{timeout:.0f} s)", flush=True)
+            thread = threading.Thread(target=run_part_here, args=(part, out), kwargs={
+                "smoke": smoke, "deadline": start + timeout}, name=f"part-{part.name}")
+            thread.start()
+            threads.append(thread)
+    for part in parts:
+        if part.beside_in_smoke:
+            continue
+        available = deadline - time.time() - MARGIN_S
+        if available < MIN_START_S:
+            _not_started(part, out, available, deadline_s)
+            continue
+        timeout = min(part.smoke_budget_s if smoke else part.budget_s, available)
+        print(f"== part {part.name} (in this process, budget {timeout:.0f} s)", flush=True)
+        run_part_here(part, out, smoke=smoke, deadline=time.time() + timeout)
+        print(f"== part {part.name}: {read_part(out, part.name)['status']}", flush=True)
+    for thread in threads:
+        thread.join()
+    return _summary({part.name: read_part(out, part.name)["status"] for part in parts})
+
+
+def default_deadline(parts: Sequence[Part], smoke: bool) -> float:
+    """The campaign's limit when `--deadline-s` is not given: `DEFAULT_DEADLINE_S` for
+    parts of the default campaign; otherwise the parts' budgets and margins added up,
+    at most `MAX_DEADLINE_S` (with `--smoke`, the smoke budgets, uncapped)."""
+    if smoke:
+        return sum(p.smoke_budget_s + MARGIN_S for p in parts)
+    if all(p.in_default for p in parts):
+        return DEFAULT_DEADLINE_S
+    return min(sum(p.budget_s + MARGIN_S for p in parts), MAX_DEADLINE_S)
+
+
+#: With `--smoke` (CPU, toy sizes: compiling is nearly all the time) XLA:CPU skips its
+#: LLVM optimisation, which shortens each compilation several-fold; the results are
+#: the same functions, computed by less optimised machine code.
+SMOKE_XLA_FLAG = "--xla_backend_optimization_level=0"
+
+
+@contextlib.contextmanager
+def compilation_cache(smoke: bool) -> Iterator[None]:
+    """A persistent compilation cache shared by every part and process of the campaign
+    (`JAX_COMPILATION_CACHE_DIR`, a temporary directory removed at the end, unless the
+    caller set one): a program compiled again — the same step built twice, the
+    evaluation steps of several runs — is read back instead. With `smoke` every
+    program is cached (on CPU they compile in well under JAX's default 1 s minimum)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        yield
+        return
+    saved = {key: os.environ.get(key) for key in (
+        "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    directory = tempfile.mkdtemp(prefix="kexue-accelerator-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    if smoke:
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for <part>.json / <part>.md")
-    parser.add_argument("--parts", default=",".join(p.name for p in PARTS),
-                        help="comma-separated parts, run in registry order "
-                             f"(default all: {','.join(p.name for p in PARTS)})")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes (CPU, seconds)")
+    parser.add_argument("--parts", default=",".join(p.name for p in DEFAULT_PARTS),
+                        help="comma-separated parts, run in registry order (default: "
+                             f"{','.join(p.name for p in DEFAULT_PARTS)}; also: "
+                             f"{','.join(p.name for p in PARTS if not p.in_default)})")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes on CPU, every part in this one process")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help=f"the whole campaign's time limit in seconds (default "
-                             f"{DEFAULT_DEADLINE_S:.0f}; with --smoke the parts' smoke "
-                             "budgets added up)")
+                             f"{DEFAULT_DEADLINE_S:.0f} for the default parts; else their "
+                             f"budgets added up, at most {MAX_DEADLINE_S:.0f}; with --smoke "
+                             "the smoke budgets added up)")
     # The campaign starts each part as a child process with these:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-module", default=None, help=argparse.SUPPRESS)
@@ -493,11 +636,16 @@ def main(argv: list[str] | None = None) -> int:
     parts = [p for p in PARTS if p.name in wanted]
     deadline_s = args.deadline_s
     if deadline_s is None:
-        deadline_s = (sum(p.smoke_budget_s + MARGIN_S for p in parts) if args.smoke
-                      else DEFAULT_DEADLINE_S)
+        deadline_s = default_deadline(parts, args.smoke)
     if not deadline_s > 0:
         raise ValueError(f"`--deadline-s`: expected a positive number; got {deadline_s}")
-    return run_campaign(parts, args.out, smoke=args.smoke, deadline_s=deadline_s)
+    if args.smoke:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_backend_optimization_level" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} {SMOKE_XLA_FLAG}".strip()
+    run = run_in_process if args.smoke else run_campaign
+    with compilation_cache(args.smoke):
+        return run(parts, args.out, smoke=args.smoke, deadline_s=deadline_s)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Sections, in order:
    that need the carried wheels (`kexue.data`: TFDS, Grain, array_record;
    `ml_collections`; `tensorboardX`) import.
 2. **Ops**: each `kexue.ops` function (and `kexue.models.cross_entropy`) jitted on the
-   default device, float32 and bfloat16 inputs, against the float64 NumPy reference of
+   default device (the calls of one case — RoPE, attention, GlobalPointer, losses,
+   distances — in one program), float32 and bfloat16 inputs, against the float64 NumPy
+   reference of
    `benchmarks.references` evaluated on the same (rounded) inputs on the host. Error =
    `max |out − ref| / max |ref|` over the entries that exist (GlobalPointer: the valid
    spans; the others must be large negative). float32 runs at
@@ -34,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import math
 import shutil
 import tempfile
@@ -50,7 +53,7 @@ from flax import nnx
 
 from benchmarks import references as ref
 from benchmarks.accelerator import PartReport, Section
-from kexue import models, ops, parallel, train
+from kexue import models, ops, parallel, tasks, train
 from kexue.models.config import ATTENTION_IMPLEMENTATIONS
 
 #: Largest accepted `max |out − ref| / max |ref|` per input dtype.
@@ -175,50 +178,60 @@ def precision_for(dtype: str):
 # ----------------------------------------------------------------------------- ops
 
 
-OpCase = Callable[[np.random.Generator, str, Sizes],
-                  list[tuple[str, jax.Array, np.ndarray, np.ndarray | None]]]
+@dataclasses.dataclass(frozen=True)
+class OpCheck:
+    """One op call to check: `fn(*args)` on the device against `expected` (float64),
+    over the entries `where` (None: all)."""
+
+    name: str
+    fn: Callable[..., jax.Array]
+    args: tuple[Any, ...]
+    expected: np.ndarray
+    where: np.ndarray | None = None
+
+
+#: `(rng, dtype, sizes) -> checks`; the checks of one case run as one jitted program.
+OpCase = Callable[[np.random.Generator, str, Sizes], list[OpCheck]]
 
 
 def rope_case(rng, dtype, s):
     x = on_device(rng.standard_normal((s.batch, s.n, s.heads, s.head_dim)), dtype)
-    float_positions = rng.uniform(0, 4 * s.n, (s.batch, s.n))
-    results = []
-    for layout in ("interleaved", "half"):
-        rotary = s.head_dim // 2
-        fn = jax.jit(functools.partial(ops.apply_rope, layout=layout, rotary_dim=rotary))
-        out = fn(x, jnp.asarray(float_positions, jnp.float32))
-        expected = ref.rope(host64(x), host64(jnp.asarray(float_positions, jnp.float32)),
-                            layout=layout, rotary_dim=rotary)
-        results.append((f"apply_rope ({layout}, float positions, partial)", out, expected, None))
+    positions = jnp.asarray(rng.uniform(0, 4 * s.n, (s.batch, s.n)), jnp.float32)
+    rotary = s.head_dim // 2
+    checks = [OpCheck(f"apply_rope ({layout}, float positions, partial)",
+                      functools.partial(ops.apply_rope, layout=layout, rotary_dim=rotary),
+                      (x, positions), ref.rope(host64(x), host64(positions), layout=layout,
+                                               rotary_dim=rotary))
+              for layout in ("interleaved", "half")]
     grid = rng.integers(0, 16, (s.batch, s.n, 2))
-    out = jax.jit(functools.partial(ops.apply_rope_nd, layout="half"))(x, jnp.asarray(grid))
-    results.append(("apply_rope_nd (2 axes, half)", out,
-                    ref.rope_nd(host64(x), grid, layout="half"), None))
-    positions = jnp.asarray(float_positions, jnp.float32)
-    sin, cos = jax.jit(functools.partial(ops.rope_sin_cos, rotary_dim=s.head_dim))(positions)
+    checks.append(OpCheck("apply_rope_nd (2 axes, half)",
+                          functools.partial(ops.apply_rope_nd, layout="half"),
+                          (x, jnp.asarray(grid)), ref.rope_nd(host64(x), grid, layout="half")))
     angles = ref.rope_angles(host64(positions), s.head_dim)
-    results.append(("rope_sin_cos (sin)", sin, np.sin(angles), None))
-    results.append(("rope_sin_cos (cos)", cos, np.cos(angles), None))
+    for index, (part, fn) in enumerate((("sin", np.sin), ("cos", np.cos))):
+        checks.append(OpCheck(
+            f"rope_sin_cos ({part})",
+            lambda p, index=index: ops.rope_sin_cos(p, rotary_dim=s.head_dim)[index],
+            (positions,), fn(angles)))
     if dtype == "float32":  # no inputs to round: the frequencies alone
-        results.append(("rope_frequencies", ops.rope_frequencies(s.head_dim),
-                        ref.rope_angles(1.0, s.head_dim), None))
-    return results
+        checks.append(OpCheck("rope_frequencies", lambda: ops.rope_frequencies(s.head_dim), (),
+                              ref.rope_angles(1.0, s.head_dim)))
+    return checks
 
 
 def attention_case(rng, dtype, s):
     q, k, v, mask = attention_inputs(rng, dtype, s, "padding+causal")
-    results = []
-    for scale in ("standard", "entropy_invariant"):
-        fn = jax.jit(functools.partial(ops.dot_product_attention, scale=scale,
-                                       implementation="xla"))
-        expected = ref.attention(host64(q), host64(k), host64(v), mask=mask, scale=scale)
-        results.append((f"dot_product_attention ({scale}, padding+causal, GQA)",
-                        fn(q, k, v, mask=jnp.asarray(mask)), expected, None))
+    checks = [OpCheck(f"dot_product_attention ({scale}, padding+causal, GQA)",
+                      lambda q, k, v, m, scale=scale: ops.dot_product_attention(
+                          q, k, v, mask=m, scale=scale, implementation="xla"),
+                      (q, k, v, jnp.asarray(mask)),
+                      ref.attention(host64(q), host64(k), host64(v), mask=mask, scale=scale))
+              for scale in ("standard", "entropy_invariant")]
     if dtype == "float32":  # integer key counts in, float32 out, whatever the inputs' dtype
         counts = np.arange(1, 4 * s.n + 1)
-        results.append(("entropy_invariant_scale", jax.jit(ops.entropy_invariant_scale)(
-            jnp.asarray(counts)), ref.entropy_invariant_scale(counts), None))
-    return results
+        checks.append(OpCheck("entropy_invariant_scale", ops.entropy_invariant_scale,
+                              (jnp.asarray(counts),), ref.entropy_invariant_scale(counts)))
+    return checks
 
 
 def global_pointer_case(rng, dtype, s):
@@ -228,18 +241,21 @@ def global_pointer_case(rng, dtype, s):
     spans = np.broadcast_to(spans, (s.batch, t, n, n))
     q = on_device(rng.standard_normal((s.batch, n, t, d)), dtype)
     k = on_device(rng.standard_normal((s.batch, n, t, d)), dtype)
-    out = jax.jit(ops.global_pointer_logits)(q, k, mask=jnp.asarray(valid))
-    results = [("global_pointer_logits (RoPE, padding)", out,
-                ref.global_pointer(host64(q), host64(k)), spans)]
     qe = on_device(rng.standard_normal((s.batch, n, d)), dtype)
     ke = on_device(rng.standard_normal((s.batch, n, d)), dtype)
     bs = on_device(rng.standard_normal((s.batch, n, t)), dtype)
     be = on_device(rng.standard_normal((s.batch, n, t)), dtype)
-    out_e = jax.jit(ops.efficient_global_pointer_logits)(qe, ke, bs, be, mask=jnp.asarray(valid))
-    results.append(("efficient_global_pointer_logits (RoPE, padding)", out_e,
-                    ref.efficient_global_pointer(host64(qe), host64(ke), host64(bs), host64(be)),
-                    spans))
-    return results
+    return [
+        OpCheck("global_pointer_logits (RoPE, padding)",
+                lambda q, k, valid: ops.global_pointer_logits(q, k, valid=valid),
+                (q, k, jnp.asarray(valid)), ref.global_pointer(host64(q), host64(k)), spans),
+        OpCheck("efficient_global_pointer_logits (RoPE, padding)",
+                lambda q, k, bs, be, valid: ops.efficient_global_pointer_logits(
+                    q, k, bs, be, valid=valid),
+                (qe, ke, bs, be, jnp.asarray(valid)),
+                ref.efficient_global_pointer(host64(qe), host64(ke), host64(bs), host64(be)),
+                spans),
+    ]
 
 
 def losses_case(rng, dtype, s):
@@ -249,30 +265,29 @@ def losses_case(rng, dtype, s):
     soft = rng.random(shape).astype(np.float32)
     where = rng.random(shape) < 0.9
     host = host64(logits)
-    zlpr = jax.jit(ops.zlpr_loss)
-    results = [
-        ("zlpr_loss (hard labels, where)", zlpr(logits, jnp.asarray(labels),
-                                                mask=jnp.asarray(where)),
-         ref.zlpr(host, labels, where=where), None),
-        ("zlpr_loss (soft labels)", zlpr(logits, jnp.asarray(soft)), ref.zlpr(host, soft), None),
-    ]
     positives = rng.integers(-1, s.classes, (shape[0], 8))
-    results.append(("sparse_zlpr_loss (where)", jax.jit(ops.sparse_zlpr_loss)(
-        logits, jnp.asarray(positives, jnp.int32), mask=jnp.asarray(where)),
-        ref.zlpr_from_indices(host, positives, where=where), None))
     other = on_device(3 * rng.standard_normal(shape), dtype)
-    results.append(("global_pointer_kl (where)", jax.jit(ops.global_pointer_kl)(
-        logits, other, mask=jnp.asarray(where)),
-        ref.global_pointer_kl(host, host64(other), where=where), None))
-    results.append(("softmax_kl (where)", jax.jit(ops.softmax_kl)(
-        logits, other, mask=jnp.asarray(where)),
-        ref.softmax_kl(host, host64(other), where=where), None))
     labels_int = rng.integers(0, s.classes, shape[0])
     weights = (rng.random(shape[0]) < 0.7).astype(np.float32)
-    results.append(("models.cross_entropy (weights)", jax.jit(models.cross_entropy)(
-        logits, jnp.asarray(labels_int), jnp.asarray(weights)),
-        np.asarray(ref.cross_entropy(host, labels_int, weights)), None))
-    return results
+    where_device = jnp.asarray(where)
+    return [
+        OpCheck("zlpr_loss (hard labels, where)",
+                lambda s, t, w: ops.zlpr_loss(s, t, where=w),
+                (logits, jnp.asarray(labels), where_device), ref.zlpr(host, labels, where=where)),
+        OpCheck("zlpr_loss (soft labels)", ops.zlpr_loss, (logits, jnp.asarray(soft)),
+                ref.zlpr(host, soft)),
+        OpCheck("sparse_zlpr_loss (where)", lambda s, i, w: ops.sparse_zlpr_loss(s, i, where=w),
+                (logits, jnp.asarray(positives, jnp.int32), where_device),
+                ref.zlpr_from_indices(host, positives, where=where)),
+        OpCheck("global_pointer_kl (where)", lambda s, t, w: ops.global_pointer_kl(s, t, where=w),
+                (logits, other, where_device),
+                ref.global_pointer_kl(host, host64(other), where=where)),
+        OpCheck("softmax_kl (where)", lambda s, t, w: ops.softmax_kl(s, t, where=w),
+                (logits, other, where_device), ref.softmax_kl(host, host64(other), where=where)),
+        OpCheck("models.cross_entropy (weights)", models.cross_entropy,
+                (logits, jnp.asarray(labels_int), jnp.asarray(weights)),
+                np.asarray(ref.cross_entropy(host, labels_int, weights))),
+    ]
 
 
 def distances_case(rng, dtype, s):
@@ -281,32 +296,73 @@ def distances_case(rng, dtype, s):
     cov1, cov2 = (on_device(spd(rng, b, d), dtype) for _ in range(2))
     # Rounding to bf16 can break the symmetry; the reference gets what the device holds.
     host = [host64(x) for x in (mu1, cov1, mu2, cov2)]
-    return [
-        ("gaussian_kl", jax.jit(ops.gaussian_kl)(mu1, cov1, mu2, cov2),
-         ref.gaussian_kl(*host), None),
-        ("bhattacharyya_distance", jax.jit(ops.bhattacharyya_distance)(mu1, cov1, mu2, cov2),
-         ref.bhattacharyya_distance(*host), None),
-        ("wasserstein2_distance", jax.jit(ops.wasserstein2_distance)(mu1, cov1, mu2, cov2),
-         ref.wasserstein2_distance(*host), None),
-    ]
+    args = (mu1, cov1, mu2, cov2)
+    return [OpCheck(name, getattr(ops, name), args, getattr(ref, name)(*host))
+            for name in ("gaussian_kl", "bhattacharyya_distance", "wasserstein2_distance")]
 
 
 OP_CASES: tuple[OpCase, ...] = (rope_case, attention_case, global_pointer_case, losses_case,
                                 distances_case)
 
 
+def run_checks(checks: list[OpCheck]) -> list[jax.Array]:
+    """Every check's `fn(*args)`, computed by one jitted program."""
+    fns = [check.fn for check in checks]
+    program = jax.jit(lambda args: [fn(*a) for fn, a in zip(fns, args, strict=True)])
+    return program([check.args for check in checks])
+
+
+def decoded_spans(logits: jax.Array) -> np.ndarray:
+    """`ops.decode_spans(logits)` as sorted rows `(example, type, start, end)`.
+
+    Reads either form of the op: host rows `[num_spans, 4]`, or the jit-safe
+    `(spans [..., max_spans, 3] padded with −1, scores, count)` with `max_spans` a
+    keyword (then jitted here, with room for every span, and `count` checked)."""
+    if "max_spans" not in inspect.signature(ops.decode_spans).parameters:
+        return np.asarray(ops.decode_spans(logits), np.int64)
+    types, n = logits.shape[-3], logits.shape[-1]
+    room = types * n * n
+    spans, _, count = jax.jit(functools.partial(ops.decode_spans, max_spans=room))(logits)
+    spans = np.asarray(spans).reshape(-1, room, 3)
+    rows = [(b, *map(int, row)) for b in range(spans.shape[0]) for row in spans[b]
+            if row[0] >= 0]
+    if int(np.sum(count)) != len(rows):
+        raise ValueError(f"decode_spans: `count` says {int(np.sum(count))} spans; "
+                         f"{len(rows)} rows are filled")
+    return np.asarray(sorted(rows), np.int64).reshape(-1, 4)
+
+
+def random_span_rows(rng: np.random.Generator, batch: int, rows: int, types: int,
+                     n: int) -> np.ndarray:
+    """int32 `[batch, rows, 3]` span rows: spans, repeats, −1 padding rows and rows that
+    are no span (type or end out of range, start after end)."""
+    kind = rng.integers(-1, types + 1, (batch, rows))
+    start = rng.integers(-1, n + 1, (batch, rows))
+    end = start + rng.integers(-2, 4, (batch, rows))
+    spans = np.stack([kind, start, end], axis=-1)
+    spans[:, -2:] = -1  # padding
+    spans[:, 1] = spans[:, 0]  # a repeated row
+    return spans.astype(np.int32)
+
+
 def exact_rows(rng, s) -> list[list[Any]]:
-    """Exact checks (no tolerance): the boolean masks, span decoding and span counts."""
+    """Exact checks (no tolerance): the boolean masks, span rows and their conversions,
+    span decoding and span counts."""
     valid = random_valid(rng, s.batch, s.n)
     prefix = rng.integers(0, s.n + 1, s.batch)
     causal = ops.causal_mask(s.n)
     padding = ops.padding_mask(jnp.asarray(valid))
     n, t = s.n // 2, s.types
     span_valid = random_valid(rng, s.batch, n)
-    logits = jnp.asarray(rng.standard_normal((s.batch, t, n, n)) - 1.5, jnp.float32)
+    # Spans that end before they start carry the large negative logit of a masked span,
+    # so every form of decode_spans decodes the same rows.
+    upper = np.triu(np.ones((n, n), bool))
+    logits = jnp.asarray(np.where(upper, rng.standard_normal((s.batch, t, n, n)) - 1.5,
+                                  -1e9), jnp.float32)
+    span_rows = random_span_rows(rng, s.batch, 12, t, n)
     labels = rng.random((s.batch, t, n, n)) < 0.1
     tp, fp, fn = ref.span_counts(host64(logits), labels, valid=span_valid)
-    counts = jax.jit(ops.span_f1)(logits, jnp.asarray(labels), mask=jnp.asarray(span_valid))
+    counts = jax.jit(ops.span_f1)(logits, jnp.asarray(labels), valid=jnp.asarray(span_valid))
     expected_scores = ref.f1_scores(tp, fp, fn)
     scores = jax.jit(ops.f1_from_counts)(tp, fp, fn)
     pairs = [
@@ -317,7 +373,11 @@ def exact_rows(rng, s) -> list[list[Any]]:
          ref.prefix_lm_mask(prefix, s.n)),
         ("combine_masks (causal, padding)", jax.jit(ops.combine_masks)(causal, padding),
          ref.causal_mask(s.n)[None] & ref.padding_mask(valid)),
-        ("decode_spans", ops.decode_spans(logits), ref.decode_spans(host64(logits))),
+        ("decode_spans", decoded_spans(logits), ref.decode_spans(host64(logits))),
+        ("spans_to_flat", jax.jit(ops.spans_to_flat, static_argnums=(1, 2))(span_rows, t, n),
+         ref.spans_to_flat(span_rows, t, n)),
+        ("spans_to_dense", jax.jit(ops.spans_to_dense, static_argnums=(1, 2))(span_rows, t, n),
+         ref.spans_to_dense(span_rows, t, n)),
         ("span_f1 (tp, fp, fn)", np.array([float(counts[k]) for k in ("tp", "fp", "fn")]),
          np.array([tp, fp, fn], np.float64)),
     ]
@@ -334,12 +394,14 @@ def ops_section(section: Section, rng: np.random.Generator, sizes: Sizes) -> Non
         with precision_for(dtype):
             for case in OP_CASES:
                 try:
-                    results = case(rng, dtype, sizes)
+                    checks = case(rng, dtype, sizes)
+                    outputs = run_checks(checks)
                 except Exception as error:
                     line = section.record_error(f"{case.__name__} {dtype}", error)
                     rows.append([case.__name__, dtype, line, "—", False])
                     continue
-                for name, out, expected, where in results:
+                for check, out in zip(checks, outputs, strict=True):
+                    name, expected, where = check.name, check.expected, check.where
                     error = normalized_error(out, expected, where)
                     passed = error <= TOLERANCE[dtype]
                     if where is not None:  # impossible spans: finite and large negative
@@ -402,10 +464,19 @@ def _attention_fn(implementation: str, scale: str):
                              implementation=implementation)
 
 
-def attention_gradients(fn, q, k, v, mask, weights):
+def attention_and_gradients(fn, q, k, v, mask, weights):
+    """`fn(q, k, v, mask=mask)` and the gradients of `Σ weights · fn(...)` with respect
+    to `q, k, v`, in one jitted program."""
     def loss(q, k, v):
-        return jnp.sum(fn(q, k, v, mask=mask).astype(jnp.float32) * weights)
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        out = fn(q, k, v, mask=mask)
+        return jnp.sum(out.astype(jnp.float32) * weights), out
+
+    @jax.jit
+    def both(q, k, v):
+        grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return out, grads
+
+    return both(q, k, v)
 
 
 def reference_directional_derivative(q, k, v, mask, scale, weights, directions) -> float:
@@ -445,8 +516,8 @@ def attention_section(section: Section, rng: np.random.Generator, sizes: Sizes) 
                         continue
                     fn = _attention_fn(implementation, scale)
                     try:
-                        out = jax.jit(fn)(q, k, v, mask=mask_device)
-                        grads = attention_gradients(fn, q, k, v, mask_device, weights_device)
+                        out, grads = attention_and_gradients(fn, q, k, v, mask_device,
+                                                             weights_device)
                     except Exception as error:
                         what = f"{implementation} {case_name} {dtype}"
                         rows.append([implementation, case_name, dtype,
@@ -492,31 +563,20 @@ def attention_section(section: Section, rng: np.random.Generator, sizes: Sizes) 
 # ----------------------------------------------------------------------------- models
 
 
-def lm_loss(model, batch, rng):
-    del rng
-    tokens = batch["tokens"]
-    return models.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]), {}
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    """One trained model: its flat `ModelSpec` settings, its `kexue.tasks` task and a
+    batch in the format `kexue.data` gives that task."""
+
+    name: str
+    settings: dict[str, Any]
+    task: Any
+    batch: dict[str, np.ndarray]
 
 
-def mlm_loss(model, batch, rng):
-    del rng
-    logits = model(batch["inputs"], mask=batch["valid"])
-    return models.cross_entropy(logits, batch["labels"], batch["weights"]), {}
-
-
-def ner_loss(model, batch, rng):
-    del rng
-    logits = model(batch["tokens"], mask=batch["valid"])
-    return model.loss(logits, batch["labels"], mask=batch["valid"]), {}
-
-
-def multilabel_loss(model, batch, rng):
-    del rng
-    return model.loss(model(batch["tokens"], mask=batch["valid"]), batch["labels"]), {}
-
-
-def model_cases(rng: np.random.Generator, s: Sizes) -> list[tuple[str, dict, Callable, dict]]:
-    """`(name, model section, loss, batch)` of the four trained models."""
+def model_cases(rng: np.random.Generator, s: Sizes) -> list[ModelCase]:
+    """The causal LM, the RoFormer MLM (entropy-invariant), GlobalPointer NER and the
+    multilabel classifier, each with its task's loss and a random batch."""
     common = dict(width=s.model_width, num_layers=s.model_layers, num_heads=s.model_heads,
                   mlp_dim=2 * s.model_width, vocab_size=s.vocab, dropout_rate=0.0)
     b, n = 2 * s.batch, s.n
@@ -524,32 +584,45 @@ def model_cases(rng: np.random.Generator, s: Sizes) -> list[tuple[str, dict, Cal
     valid = random_valid(rng, b, n)
     chosen = (rng.random((b, n)) < 0.15) & valid
     chosen[:, 0] = True
-    spans = ref.span_validity(n, valid)[:, None] & (rng.random((b, s.types, n, n)) < 0.01)
+    spans = random_span_rows(rng, b, 8, s.types, n)
+    classes = s.types * 4
+    examples = np.ones(b, np.float32)
     return [
-        ("causal LM", {"name": "causal_lm", **common, "tie_embeddings": True,
-                       "norm": "rmsnorm", "rope_layout": "half"},
-         lm_loss, {"tokens": tokens}),
-        ("RoFormer MLM (entropy-invariant)",
-         {"name": "roformer_mlm", **common, "norm_position": "post",
-          "attention_scale": "entropy_invariant"},
-         mlm_loss, {"inputs": np.where(chosen, 1, tokens[:, :n]).astype(np.int32),
-                    "labels": tokens[:, :n], "weights": chosen.astype(np.float32),
-                    "valid": valid}),
-        ("GlobalPointer NER", {"name": "global_pointer_ner", **common, "num_types": s.types,
-                               "gp_head_dim": 16},
-         ner_loss, {"tokens": tokens[:, :n], "valid": valid,
-                    "labels": spans.astype(np.float32)}),
-        ("multilabel classifier", {"name": "multilabel_classifier", **common,
-                                   "num_classes": s.types * 4, "pooling": "mean"},
-         multilabel_loss, {"tokens": tokens[:, :n], "valid": valid,
-                           "labels": (rng.random((b, s.types * 4)) < 0.3).astype(np.float32)}),
+        ModelCase("causal LM", {"name": "causal_lm", **common, "tie_embeddings": True,
+                                "norm": "rmsnorm", "rope_layout": "half"},
+                  tasks.LMTask(), {"tokens": tokens, "weights": np.ones((b, n), np.float32)}),
+        ModelCase("RoFormer MLM (entropy-invariant)",
+                  {"name": "roformer_mlm", **common, "norm_position": "post",
+                   "attention_scale": "entropy_invariant"},
+                  tasks.MLMTask(eval_lengths=(n,)),
+                  {"tokens": np.where(chosen, 1, tokens[:, :n]).astype(np.int32),
+                   "labels": tokens[:, :n], "weights": chosen.astype(np.float32),
+                   "valid": valid}),
+        ModelCase("GlobalPointer NER", {"name": "global_pointer_ner", **common,
+                                        "num_types": s.types, "gp_head_dim": 16},
+                  tasks.NERTask(num_types=s.types),
+                  {"tokens": tokens[:, :n], "valid": valid, "spans": spans,
+                   "example_weights": examples}),
+        ModelCase("multilabel classifier", {"name": "multilabel_classifier", **common,
+                                            "num_classes": classes, "pooling": "mean"},
+                  tasks.MultiLabelTask(num_classes=classes),
+                  {"tokens": tokens[:, :n], "valid": valid,
+                   "type_labels": (rng.random((b, classes)) < 0.3).astype(np.int32),
+                   "example_weights": examples}),
     ]
 
 
-def bf16_section(section: dict[str, Any]) -> dict[str, Any]:
-    """The model section with bf16 compute (and cuDNN attention on GPU)."""
+def bf16_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The model settings with bf16 compute (and cuDNN attention on GPU)."""
     gpu = jax.default_backend() == "gpu"
-    return {**section, "dtype": "bfloat16", "attention_implementation": "cudnn" if gpu else None}
+    return {**settings, "dtype": "bfloat16",
+            "attention_implementation": "cudnn" if gpu else None}
+
+
+def model_factory(settings: dict[str, Any]) -> Callable[[], nnx.Module]:
+    """The model of `settings` with parameters from seed 0."""
+    spec = models.ModelSpec.from_settings(settings)
+    return lambda: models.build_model(spec, rngs=nnx.Rngs(0))
 
 
 @dataclasses.dataclass
@@ -563,19 +636,17 @@ class StepResult:
     state: train.TrainState
 
 
-def sgd_step(section: dict[str, Any], loss_fn, batch) -> StepResult:
+def sgd_step(settings: dict[str, Any], task: Any, batch: dict[str, np.ndarray]) -> StepResult:
     """One product train step (`kexue.train.make_train_step`, jitted, state donated) of
-    the model `section` builds (seed 0) on one device, with plain SGD at rate 1 so the
-    parameter change is the gradient itself."""
+    the model `settings` describe (seed 0) on one device, with the task's loss and plain
+    SGD at rate 1, so the parameter change is the gradient itself."""
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     tx = optax.sgd(1.0)
-
-    def factory():
-        return models.build_model({"model": section}, rngs=nnx.Rngs(0))
-
+    factory = model_factory(settings)
     state = train.create_train_state(factory, tx, mesh)
     before = [host64(p) for p in jax.tree.leaves(state.params)]
-    step = train.make_train_step(loss_fn, tx, train.abstract_train_state(factory, tx, mesh), mesh)
+    step = train.make_train_step(task.loss, tx, train.abstract_train_state(factory, tx, mesh),
+                                 mesh, compiler_options=train.cpu_compiler_options(mesh))
     state, metrics = step(state, parallel.shard_batch(
         {k: jnp.asarray(v) for k, v in batch.items()}, mesh))
     after = [host64(p) for p in jax.tree.leaves(state.params)]
@@ -584,35 +655,39 @@ def sgd_step(section: dict[str, Any], loss_fn, batch) -> StepResult:
                       int(metrics["nonfinite"]), gradient, state)
 
 
-def models_section(section: Section, rng: np.random.Generator, sizes: Sizes) -> dict[str, Any]:
-    """Returns the bf16 causal LM's state after its step (the checkpoint section saves it)."""
+def models_section(section: Section, rng: np.random.Generator, sizes: Sizes
+                   ) -> dict[str, tuple[dict[str, Any], train.TrainState]]:
+    """Returns each model's bf16 settings and state after its step (the checkpoint
+    section saves the first)."""
     rows, states = [], {}
-    for name, model, loss_fn, batch in model_cases(rng, sizes):
-        low_section = bf16_section(model)
+    for case in model_cases(rng, sizes):
+        low_settings = bf16_settings(case.settings)
+        attention = low_settings["attention_implementation"] or "xla"
         try:
-            full = sgd_step(model, loss_fn, batch)
-            low = sgd_step(low_section, loss_fn, batch)
+            full = sgd_step(case.settings, case.task, case.batch)
+            low = sgd_step(low_settings, case.task, case.batch)
         except Exception as error:
-            rows.append([name, low_section["attention_implementation"] or "xla",
-                         section.record_error(name, error), *["—"] * 5, False])
+            rows.append([case.name, attention, section.record_error(case.name, error),
+                         *["—"] * 5, False])
             continue
-        states[name] = (low_section, low.state)
+        states[case.name] = (low_settings, low.state)
         loss_error = abs(low.loss - full.loss) / max(abs(full.loss), 1e-30)
         finite = (math.isfinite(low.loss) and low.nonfinite == 0
                   and bool(np.all(np.isfinite(low.gradient))))
         grad_error = (float(np.linalg.norm(low.gradient - full.gradient)
                             / np.linalg.norm(full.gradient)) if finite else math.inf)
-        passed = section.check(name, loss_error <= MODEL_LOSS_TOLERANCE
+        passed = section.check(case.name, loss_error <= MODEL_LOSS_TOLERANCE
                                and grad_error <= MODEL_GRAD_TOLERANCE and finite)
-        rows.append([name, low_section["attention_implementation"] or "xla",
-                     f"{full.loss:.4f}", f"{low.loss:.4f}", f"{loss_error:.1e}",
-                     f"{grad_error:.1e}", f"{low.grad_norm:.3g}", finite, passed])
+        rows.append([case.name, attention, f"{full.loss:.4f}", f"{low.loss:.4f}",
+                     f"{loss_error:.1e}", f"{grad_error:.1e}", f"{low.grad_norm:.3g}", finite,
+                     passed])
     section.note(f"Width {sizes.model_width}, {sizes.model_layers} layer(s), "
                  f"{sizes.model_heads} heads, batch {2 * sizes.batch} x {sizes.n}; parameters "
-                 "float32 from seed 0 on both sides; one `make_train_step` step with SGD at "
-                 "rate 1, so the parameter change is the gradient. Tolerances: loss "
-                 f"{MODEL_LOSS_TOLERANCE:.0e} relative, gradient {MODEL_GRAD_TOLERANCE:.0e} "
-                 "relative L2; the bf16 step must be finite (loss, gradient, no skipped step).")
+                 "float32 from seed 0 on both sides; one `make_train_step` step with the "
+                 "`kexue.tasks` loss of each model and SGD at rate 1, so the parameter change "
+                 f"is the gradient. Tolerances: loss {MODEL_LOSS_TOLERANCE:.0e} relative, "
+                 f"gradient {MODEL_GRAD_TOLERANCE:.0e} relative L2; the bf16 step must be "
+                 "finite (loss, gradient, no skipped step).")
     section.table(["model", "bf16 attention", "loss f32", "loss bf16", "loss rel. error",
                    "grad rel. L2 error", "bf16 grad norm", "bf16 step finite", "ok"], rows)
     return states
@@ -632,12 +707,12 @@ def _leaf_values(tree: Any) -> list[np.ndarray]:
 
 def checkpoint_section(section: Section, saved_model: tuple[str, dict[str, Any],
                        train.TrainState] | None) -> None:
-    """Saves `saved_model`'s state (name, model section, state on the device) and restores
-    it onto a CPU mesh."""
+    """Saves `saved_model`'s state (name, model settings, state on the device) and
+    restores it onto a CPU mesh."""
     if saved_model is None:
         section.skip("the models section produced no state to save")
         return
-    name, model, saved = saved_model
+    name, settings, saved = saved_model
     directory = tempfile.mkdtemp(prefix="kexue-accelerator-checkpoint-")
     try:
         start = time.perf_counter()
@@ -646,10 +721,7 @@ def checkpoint_section(section: Section, saved_model: tuple[str, dict[str, Any],
         checkpoints.close()
         save_s = time.perf_counter() - start
         mesh = parallel.make_mesh(devices=jax.devices("cpu")[:1])
-
-        def factory():
-            return models.build_model({"model": model}, rngs=nnx.Rngs(0))
-
+        factory = model_factory(settings)
         start = time.perf_counter()
         reader = train.Checkpointer(directory, log=lambda message: None)
         restored = reader.restore_latest(

@@ -11,10 +11,13 @@ JSON file through this script (nothing is copied by hand).
 
 Generated blocks, each between `<!-- NAME:begin -->` and `<!-- NAME:end -->`:
 
-* ``accelerator-status`` in both files: for each part of `benchmarks.accelerator.PARTS`,
-  whether GPU figures exist (device, date, status) or the part still waits for a GPU;
-* ``accelerator-<part>`` in the part's `results_file`: its tables, or the line saying
-  it has no GPU figures yet.
+* ``accelerator-status`` in both files: for each part of `benchmarks.accelerator.PARTS`
+  (the default run's and those run only when named, e.g. ``studies_ner``), whether GPU
+  figures exist (device, date, status, sections done and skipped) or the part still
+  waits for a GPU;
+* ``accelerator-<part>`` in the part's `results_file` (the studies' in docs/results.md,
+  the others in benchmarks/RESULTS.md): its tables, or the line saying it has no GPU
+  figures yet.
 
 Results count as figures only when their environment says an accelerator backend ran
 them at full size; smoke or CPU results are refused unless `--allow-cpu` (tests).
@@ -69,12 +72,16 @@ def status_block(docs: dict[str, dict[str, Any]]) -> str:
     for part in PARTS:
         doc = docs.get(part.name)
         if doc is None:
-            rows.append([part.name, part.title, "none yet: waits for a GPU", "—", "—", "—"])
+            waits = "none yet: waits for a GPU" + (
+                "" if part.in_default else f" (not in the default run: `--parts {part.name}`)")
+            rows.append([part.name, part.title, waits, "—", "—", "—"])
             continue
         env = doc.get("env") or {}
         sections = doc.get("sections", [])
         done = sum(1 for s in sections if s.get("status") in ("ok", "failed"))
-        rows.append([part.name, part.title, f"{done} of {len(sections)} sections",
+        skipped = sum(1 for s in sections if s.get("status") == "skipped")
+        rows.append([part.name, part.title, f"{done} of {len(sections)} sections"
+                     + (f" ({skipped} skipped)" if skipped else ""),
                      doc["status"], f"{env.get('device_kind', '?')} ({env.get('backend', '?')})",
                      str(env.get("date", "?"))[:10]])
     return render_table(["part", "what", "figures", "status", "device", "date"], rows)

@@ -20,8 +20,9 @@ Sections, most valuable first (each is saved as it ends):
    (`lm.max_length`, bisected, compile only), with `remat="none"` and `"full"`, then one
    real step at each length found.
 
-With `--smoke` every section runs on toy sizes (the peers' PyTorch side eager only and
-only where torch imports; no `torch.compile`, which takes minutes on CPU).
+With `--smoke` every section runs on toy sizes (the peers' PyTorch side eager only, for
+the head at every position, and only where torch imports; no `torch.compile`, which
+takes minutes on CPU).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from benchmarks import lm, peers
 from benchmarks.accelerator import PartReport, Section
@@ -69,11 +69,14 @@ def full_sizes() -> Sizes:
 
 
 def smoke_sizes() -> Sizes:
+    """Toy sizes: one 1-layer model serves both LM sections (its AdamW step compiles
+    once; the second is read from the compilation cache) and the length search tries
+    16 and 32."""
     (tiny,) = lm.quick_cases()
     shallow = lm.LMCase("tiny (D 64, L 1)", {**tiny.model, "num_layers": 1}, 4, 32)
-    return Sizes(peak_sizes=(64, 128), peak_repeats=2, repeats=2, small=shallow, medium=tiny,
-                 peer=peers.QUICK[0], length_model=shallow.model, length_start=16,
-                 length_limit=64)
+    return Sizes(peak_sizes=(64, 128), peak_repeats=2, repeats=2, small=shallow,
+                 medium=shallow, peer=peers.QUICK[0], length_model=shallow.model,
+                 length_start=16, length_limit=32)
 
 
 def run(report: PartReport) -> None:
@@ -141,13 +144,16 @@ def peers_section(section: Section, sizes: Sizes, smoke: bool) -> None:
     use_torch = missing is None and (cuda or smoke)
     if missing is None and not use_torch:
         section.note("PyTorch side not run: torch sees no CUDA device (full size needs one).")
+    # --smoke: the head at every position only, no torch.compile (minutes on CPU) and no
+    # logit comparison (tests/benchmarks/test_peers.py checks both heads and the logits).
     result = peers.run_config(
         sizes.peer, repeats=sizes.repeats, use_torch=use_torch, use_compile=not smoke,
-        heads=peers.HEADS, compile_heads=("all",), kexue_dtype="bfloat16",
-        kexue_attention="cudnn" if gpu else None, torch_device="cuda" if cuda else "cpu",
-        torch_autocast="bfloat16", check_logits=smoke)
+        heads=("all",) if smoke else peers.HEADS, compile_heads=("all",),
+        kexue_dtype="bfloat16", kexue_attention="cudnn" if gpu else None,
+        torch_device="cuda" if cuda else "cpu", torch_autocast="bfloat16", check_logits=False)
     if smoke and use_torch:
-        section.note("torch.compile not run in --smoke (it compiles for minutes on CPU).")
+        section.note("--smoke: torch.compile not run (it compiles for minutes on CPU); the "
+                     "head at every position only.")
     elif result.compile_note:
         section.note(result.compile_note)
     section.note(peers.check_params(result))
@@ -189,10 +195,9 @@ def length_section(section: Section, sizes: Sizes, report: PartReport) -> None:
     options = lm.remat_options()
     rows = []
     for policy in ("none", "full"):
-        config = ml_collections.ConfigDict({"model": {"name": "causal_lm",
-                                                      **sizes.length_model, "remat": policy}})
+        spec = lm.causal_lm_spec(sizes.length_model, remat=policy)
         # Keep time for the proof steps: stop searching 60 s before the part's budget.
-        length, peak, tried = lm.max_length(config, 1, sizes.length_start,
+        length, peak, tried = lm.max_length(spec, 1, sizes.length_start,
                                             sizes.length_limit, budget, options,
                                             deadline=report.deadline - 60)
         stopped = time.time() > report.deadline - 60
@@ -205,7 +210,7 @@ def length_section(section: Section, sizes: Sizes, report: PartReport) -> None:
         proof = ["not run", "—", "—"]
         if length and report.time_left() > 30:
             try:
-                seconds, loss = lm.run_one_step(config, 1, length, options)
+                seconds, loss = lm.run_one_step(spec, 1, length, options)
                 proof = [f"{seconds:.2f}", f"{loss:.3f}", f"{length / seconds:,.0f}"]
             except Exception as error:  # e.g. out of memory although the compile fit
                 proof = [section.record_error(f"{policy} step at {length}", error), "—", "—"]

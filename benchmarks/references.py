@@ -35,6 +35,8 @@ __all__ = [
     "softmax_kl",
     "span_counts",
     "span_validity",
+    "spans_to_dense",
+    "spans_to_flat",
     "wasserstein2_distance",
     "zlpr",
     "zlpr_from_indices",
@@ -223,6 +225,35 @@ def decode_spans(logits, *, threshold: float = 0.0) -> np.ndarray:
             for i in range(flat.shape[2]) for j in range(flat.shape[3])
             if flat[b, t, i, j] > threshold]
     return np.asarray(rows, np.int64).reshape(-1, 4)
+
+
+def _is_span(row, num_types: int, n: int) -> bool:
+    kind, start, end = (int(x) for x in row)
+    return 0 <= kind < num_types and 0 <= start <= end < n
+
+
+def spans_to_flat(spans, num_types: int, seq_len: int) -> np.ndarray:
+    """Span rows `(type, start, end)` `[..., P, 3]` → `type·n² + start·n + end`, −1 for
+    a row that is no span (type outside `[0, types)`, or not `0 ≤ start ≤ end < n`)."""
+    spans = np.asarray(spans)
+    out = np.full(spans.shape[:-1], -1, np.int64)
+    for position in np.ndindex(*spans.shape[:-1]):
+        row = spans[position]
+        if _is_span(row, num_types, seq_len):
+            out[position] = (row[0] * seq_len + row[1]) * seq_len + row[2]
+    return out
+
+
+def spans_to_dense(spans, num_types: int, seq_len: int) -> np.ndarray:
+    """Span rows `[..., P, 3]` → 0/1 labels `[..., types, n, n]` (kexue.fm/archives/8373);
+    rows that are no spans are left out, a repeated row counts once."""
+    spans = np.asarray(spans)
+    out = np.zeros((*spans.shape[:-2], num_types, seq_len, seq_len), np.int64)
+    for position in np.ndindex(*spans.shape[:-2]):
+        for row in spans[position]:
+            if _is_span(row, num_types, seq_len):
+                out[(*position, *(int(x) for x in row))] = 1
+    return out
 
 
 def span_counts(pred_logits, labels, *, valid=None, threshold: float = 0.0

@@ -7,8 +7,8 @@ Switches: `model.efficient` (Efficient GlobalPointer, archive 8877), `model.gp_l
 ("dense" ZLPR over all spans or "sparse" ZLPR over the gold spans, archive 7359).
 Reports span precision / recall / F1 over the whole dev set (`eval/f1`, from tp/fp/fn
 summed over the set). Data: the official JSON lines in `data.manual_dir` (default
-`kexue.data.default_cluener_dir()`, i.e. `../shared/data/cluener` when present; None
-downloads from the official URL).
+`kexue.data.default_cluener_dir()`, i.e. the repository's `.data/cluener` or
+`../shared/data/cluener` when present; None downloads from the official URL).
 
 Fine-tuning a pretrained Chinese BERT / RoFormer (the blog reports 80.0 dev F1 with
 BERT-base, archive 8373):

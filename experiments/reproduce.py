@@ -1,7 +1,8 @@
 """Reproduce a claim of the blog: one command per study, a table and a plot in docs/results/.
 
     python -m experiments.reproduce STUDY [--seeds 0 1 2] [--steps N]
-        [--preset default|smoke] [--out docs/results] [--runs runs/reproduce]
+        [--preset default|smoke|...] [--out docs/results] [--runs runs/reproduce]
+    python -m experiments.reproduce STUDY --list-presets    # the presets, as JSON
 
 Each study lives in `experiments/studies/<module>.py` (see `STUDIES`) and says what it
 trains and measures in its docstring. Runs go through the same building blocks as
@@ -79,10 +80,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="where the table, JSON and plot go")
     parser.add_argument("--runs", default=os.fspath(DEFAULT_RUNS),
                         help="where the training runs (workdirs) go")
+    parser.add_argument("--list-presets", action="store_true",
+                        help="print the study's presets (a JSON list) and exit")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1; got {args.steps}")
     presets = sorted(load_study(args.study).PRESETS)
+    if args.list_presets:
+        print(json.dumps(presets), flush=True)
+        parser.exit()
     if args.preset not in presets:
         parser.error(f"--preset for study {args.study!r} must be one of {presets}; "
                      f"got {args.preset!r}")

@@ -3,8 +3,8 @@
 RoFormer MLM trained at length 64 on the byte-level stdlib corpus
 (`configs/mlm_extrapolation.py`) for the four variants attention scale ∈ {standard,
 entropy_invariant} × training positions ∈ {contiguous, random_equal_mean}, one run per
-seed; masked-token accuracy at evaluation lengths 64 … 1024 (`final_metrics.json`,
-`eval/accuracy_<L>`). kexue.fm archives 8823 and 9444.
+seed; masked-token accuracy at evaluation lengths 64 … 1024 (64 … 4096 with the `gpu`
+preset; `final_metrics.json`, `eval/accuracy_<L>`). kexue.fm archives 8823 and 9444.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from experiments.studies.common import (
 
 MLM_CONFIG = "configs/mlm_extrapolation.py"
 LENGTHS = (64, 128, 256, 512, 1024)
+#: Evaluation lengths of the presets that go further than `LENGTHS`.
+PRESET_LENGTHS = {"gpu": (64, 128, 256, 512, 1024, 2048, 4096)}
 #: (name, model.attention_scale, objective.positions)
 EI_VARIANTS = (
     ("standard", "standard", "contiguous"),
@@ -42,17 +44,31 @@ EI_VARIANTS = (
 #: Study presets: (the config file's preset, overrides, default steps). The config
 #: file's "full" model (width 256, 4 layers, 5000 steps) takes hours per run on a
 #: 2-core CPU; "default" is the small model the published numbers were taken with.
+#: "gpu" is the config file's own recipe (width 256 × 4 layers, batch 64 × 64 bytes,
+#: 5000 steps = 20.5M training tokens per run, Amos-style with its half-life of 2000
+#: steps) in bfloat16 compute, evaluated at 64 … 4096 (`PRESET_LENGTHS`): the GPU
+#: campaign's study (`benchmarks/accelerator_studies.py`).
 PRESETS: dict[str, tuple[str, dict[str, Any], int]] = {
     "default": ("full", {
         "model.width": 128, "model.num_layers": 2, "model.num_heads": 4,
         "model.mlp_dim": 512, "data.batch_size": 32, "data.eval_batches": 4,
     }, 500),
+    "gpu": ("full", {
+        "model.width": 256, "model.num_layers": 4, "model.num_heads": 4,
+        "model.mlp_dim": 1024, "model.dtype": "bfloat16", "data.batch_size": 64,
+        "data.eval_batches": 4, "train.tensorboard": False,
+    }, 5000),
     "smoke": ("smoke", {
         "model.width": 16, "model.num_layers": 1, "model.num_heads": 2,
         "model.mlp_dim": 32, "data.batch_size": 8, "data.eval_batches": 1,
         "optimizer.name": "adamw", "train.tensorboard": False,
     }, 2),
 }
+
+
+def eval_lengths(preset: str) -> tuple[int, ...]:
+    """The evaluation lengths of `preset` (`LENGTHS` unless `PRESET_LENGTHS` says)."""
+    return PRESET_LENGTHS.get(preset, LENGTHS)
 
 
 def _ei_overrides(preset: str, steps: int, seed: int, scale: str,
@@ -62,7 +78,7 @@ def _ei_overrides(preset: str, steps: int, seed: int, scale: str,
         **overrides,
         "model.attention_scale": scale,
         "objective.positions": positions,
-        "eval.lengths": LENGTHS,
+        "eval.lengths": eval_lengths(preset),
         **run_schedule(seed, steps, log_points=10),
         # The config's Amos-style decay (half-life 2000 of 5000 steps), at this length.
         "optimizer.amos_style.half_life": max(round(0.4 * steps), 1),
@@ -73,6 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Study 1: trains the 4 variants × seeds; returns the results record."""
     config_preset, _, default_steps = PRESETS[args.preset]
     steps = args.steps or default_steps
+    lengths = eval_lengths(args.preset)
     runs_root = Path(args.runs) / "entropy_invariance" / f"{args.preset}-{steps}steps"
     variants: dict[str, Any] = {}
     started = time.perf_counter()
@@ -87,13 +104,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if final.get("reused"):
                 reused.append(seed)
             per_seed[str(seed)] = {str(n): float(final["eval"][f"accuracy_{n}"])
-                                   for n in LENGTHS}
+                                   for n in lengths}
             commands[str(seed)] = train_command(MLM_CONFIG, workdir, config_preset, overrides)
             print("[reproduce]   accuracy " + "  ".join(
-                f"{n}: {100 * per_seed[str(seed)][str(n)]:.2f}" for n in LENGTHS)
+                f"{n}: {100 * per_seed[str(seed)][str(n)]:.2f}" for n in lengths)
                 + f"  ({seconds[str(seed)]:.0f} s)", flush=True)
         mean, spread = {}, {}
-        for n in LENGTHS:
+        for n in lengths:
             mean[str(n)], spread[str(n)] = summary([acc[str(n)] for acc in per_seed.values()])
         variants[name] = {"attention_scale": scale, "positions": positions,
                           "accuracy": per_seed, "mean": mean, "std": spread,
@@ -106,7 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "spec": "kexue.fm archives 8823, 9444",
         "config": MLM_CONFIG, "preset": args.preset, "config_preset": config_preset,
         "model_and_data": preset_overrides, "steps": steps, "seeds": list(args.seeds),
-        "train_length": 64, "lengths": list(LENGTHS), "metric": "masked-token accuracy",
+        "train_length": 64, "lengths": list(lengths), "metric": "masked-token accuracy",
         "variants": variants, "runtime_s": round(time.perf_counter() - started, 1),
     }
 

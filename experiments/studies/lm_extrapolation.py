@@ -3,11 +3,12 @@
 A byte-level pre-norm RoPE decoder (`configs/lm_stdlib.py`, made small) trained at
 length 64 on the stdlib corpus with attention scale `standard` (`1/√d`) or
 `entropy_invariant` (`log_512(n_i)/√d`, n_i the keys query i sees; kexue.fm/archives/
-8823), one run per seed, then scored at lengths 64 … 1024 (`eval.lengths` of the lm
-task): every length predicts the same held-out bytes (windows of 1024 cut into shorter
-ones), over whole windows (`bits_per_byte_<L>`) and over the tail, the last quarter of
-the positions of each window (`bits_per_byte_tail_<L>`), where a model trained at 64
-has to use contexts longer than it ever saw. kexue.fm/archives/8823, 9444.
+8823), one run per seed, then scored at lengths 64 … 1024 (64 … 4096 with the `gpu`
+preset; `eval.lengths` of the lm task): every length predicts the same held-out bytes
+(windows of the longest length cut into shorter ones), over whole windows
+(`bits_per_byte_<L>`) and over the tail, the last quarter of the positions of each
+window (`bits_per_byte_tail_<L>`), where a model trained at 64 has to use contexts
+longer than it ever saw. kexue.fm/archives/8823, 9444.
 """
 
 from __future__ import annotations
@@ -35,17 +36,27 @@ from experiments.studies.common import (
 LM_CONFIG = "configs/lm_stdlib.py"
 TRAIN_LENGTH = 64
 LENGTHS = (64, 128, 256, 512, 1024)
+#: Evaluation lengths of the presets that go further than `LENGTHS`.
+PRESET_LENGTHS = {"gpu": (64, 128, 256, 512, 1024, 2048, 4096)}
 #: (name, model.attention_scale)
 VARIANTS = (("standard", "standard"), ("entropy-invariant", "entropy_invariant"))
 #: Study presets: (the config file's preset, overrides, default steps). The config
 #: file's "full" model (width 256, 4 layers, length 128) is shrunk so that the 6 runs
 #: of 600 steps take 13.9 CPU-minutes in all (37.6 min wall on the shared 2-core
-#: development machine; about 10-15 min alone on two idle cores).
+#: development machine; about 10-15 min alone on two idle cores). "gpu" is the config
+#: file's own model (width 256 × 4 layers, Amos) in bfloat16 compute, batch 64 × 64
+#: bytes, 5000 steps (20.5M training tokens per run), evaluated at 64 … 4096
+#: (`PRESET_LENGTHS`): the GPU campaign's study (`benchmarks/accelerator_studies.py`).
 PRESETS: dict[str, tuple[str, dict[str, Any], int]] = {
     "default": ("full", {
         "model.width": 128, "model.num_layers": 2, "model.num_heads": 4,
         "model.mlp_dim": 512, "data.batch_size": 32, "data.eval_batches": 4,
     }, 600),
+    "gpu": ("full", {
+        "model.width": 256, "model.num_layers": 4, "model.num_heads": 4,
+        "model.mlp_dim": 1024, "model.dtype": "bfloat16", "data.batch_size": 64,
+        "data.eval_batches": 4, "train.tensorboard": False,
+    }, 5000),
     "smoke": ("smoke", {
         "model.width": 16, "model.num_layers": 1, "model.num_heads": 2,
         "model.mlp_dim": 32, "data.batch_size": 8, "data.eval_batches": 1,
@@ -54,13 +65,18 @@ PRESETS: dict[str, tuple[str, dict[str, Any], int]] = {
 }
 
 
+def eval_lengths(preset: str) -> tuple[int, ...]:
+    """The evaluation lengths of `preset` (`LENGTHS` unless `PRESET_LENGTHS` says)."""
+    return PRESET_LENGTHS.get(preset, LENGTHS)
+
+
 def _overrides(preset: str, steps: int, seed: int, scale: str) -> dict[str, Any]:
     _, overrides, _ = PRESETS[preset]
     return {
         **overrides,
         "model.attention_scale": scale,
         "data.seq_len": TRAIN_LENGTH,
-        "eval.lengths": LENGTHS,
+        "eval.lengths": eval_lengths(preset),
         "eval.sample_tokens": 0,
         **run_schedule(seed, steps, log_points=10),
     }
@@ -70,6 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Trains the 2 variants × seeds; returns the results record."""
     config_preset, preset_overrides, default_steps = PRESETS[args.preset]
     steps = args.steps or default_steps
+    lengths = eval_lengths(args.preset)
     runs_root = Path(args.runs) / "lm_extrapolation" / f"{args.preset}-{steps}steps"
     variants: dict[str, Any] = {}
     tokens: dict[str, dict[str, float]] = {}
@@ -86,22 +103,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if final.get("reused"):
                 reused.append(seed)
             metrics = final["eval"]
-            whole[str(seed)] = {str(n): float(metrics[f"bits_per_byte_{n}"]) for n in LENGTHS}
+            whole[str(seed)] = {str(n): float(metrics[f"bits_per_byte_{n}"]) for n in lengths}
             tail[str(seed)] = {str(n): float(metrics[f"bits_per_byte_tail_{n}"])
-                               for n in LENGTHS}
+                               for n in lengths}
             at_train[str(seed)] = float(metrics["bits_per_byte"])
-            tokens = {"whole": {str(n): float(metrics[f"tokens_{n}"]) for n in LENGTHS},
-                      "tail": {str(n): float(metrics[f"tokens_tail_{n}"]) for n in LENGTHS}}
+            tokens = {"whole": {str(n): float(metrics[f"tokens_{n}"]) for n in lengths},
+                      "tail": {str(n): float(metrics[f"tokens_tail_{n}"]) for n in lengths}}
             commands[str(seed)] = train_command(LM_CONFIG, workdir, config_preset, overrides)
             print("[reproduce]   bits/byte (tail) " + "  ".join(
                 f"{n}: {whole[str(seed)][str(n)]:.3f} ({tail[str(seed)][str(n)]:.3f})"
-                for n in LENGTHS) + f"  ({seconds[str(seed)]:.0f} s)", flush=True)
+                for n in lengths) + f"  ({seconds[str(seed)]:.0f} s)", flush=True)
         variants[name] = {
             "attention_scale": scale, "bits_per_byte": whole, "bits_per_byte_tail": tail,
             "mean": {}, "std": {}, "tail_mean": {}, "tail_std": {},
             "eval_bits_per_byte": at_train, "run_seconds": seconds, "reused_seeds": reused,
             "train_commands": commands}
-        for n in LENGTHS:
+        for n in lengths:
             key = str(n)
             variants[name]["mean"][key], variants[name]["std"][key] = summary(
                 [values[key] for values in whole.values()])
@@ -113,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "spec": "kexue.fm archive 8823",
         "config": LM_CONFIG, "preset": args.preset, "config_preset": config_preset,
         "model_and_data": preset_overrides, "steps": steps, "seeds": list(args.seeds),
-        "train_length": TRAIN_LENGTH, "lengths": list(LENGTHS), "entropy_base": 512.0,
+        "train_length": TRAIN_LENGTH, "lengths": list(lengths), "entropy_base": 512.0,
         "metric": "bits per byte (log2 loss per held-out byte), whole windows and tail "
                   "(target positions >= 3L/4 of each window)",
         "tokens_scored": tokens, "variants": variants,

@@ -31,10 +31,20 @@ def repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+#: Where `default_cluener_dir` looks, in order, relative to the repository root: the
+#: repository's own ignored copy (what travels with it, e.g. to a GPU machine without
+#: network) and the project machine's shared copy beside the repository.
+CLUENER_DIRS = (os.path.join(".data", "cluener"), os.path.join("..", "shared", "data", "cluener"))
+
+
 def default_cluener_dir() -> str | None:
-    """`<repo>/../shared/data/cluener` if it holds `train.jsonl`, else None (download)."""
-    path = os.path.normpath(os.path.join(repo_root(), "..", "shared", "data", "cluener"))
-    return path if os.path.isfile(os.path.join(path, "train.jsonl")) else None
+    """The first of `<repo>/.data/cluener` and `<repo>/../shared/data/cluener` that holds
+    `train.jsonl`, else None (download)."""
+    for relative in CLUENER_DIRS:
+        path = os.path.normpath(os.path.join(repo_root(), relative))
+        if os.path.isfile(os.path.join(path, "train.jsonl")):
+            return path
+    return None
 
 
 def make_builder(

@@ -8,12 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
 
 from benchmarks import accelerator, accelerator_report
 from kexue import ops
+from tests.benchmarks import _fake_reproduce as fake
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAKE = "tests.benchmarks._campaign_parts"
@@ -31,16 +33,21 @@ def rows_of(doc: dict, section: str) -> list[list]:
 
 @pytest.mark.slow
 def test_smoke_campaign_runs_every_part_and_writes_its_files(tmp_path):
+    """`--smoke` runs the default parts in one process (the studies, whose work is in
+    subprocesses, in a thread beside the others), every section ``ok``."""
     out = tmp_path / "out"
     process = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--smoke",
                               "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                              timeout=1800, check=False)
     assert process.returncode == 0, process.stdout[-6000:] + process.stderr[-3000:]
+    assert process.stdout.count("(in this process, budget") == 2
+    assert "== part studies (in a thread of this process, budget" in process.stdout
     files = sorted(os.listdir(out))
-    assert files == sorted(f"{p.name}.{ext}" for p in accelerator.PARTS for ext in ("json", "md"))
+    assert files == sorted(f"{p.name}.{ext}" for p in accelerator.DEFAULT_PARTS
+                           for ext in ("json", "md"))
     assert len(files) <= 8
     docs = {}
-    for part in accelerator.PARTS:
+    for part in accelerator.DEFAULT_PARTS:
         doc = json.loads((out / f"{part.name}.json").read_text())
         docs[part.name] = doc
         assert doc["status"] == "ok", doc
@@ -62,21 +69,38 @@ def test_smoke_campaign_runs_every_part_and_writes_its_files(tmp_path):
     implementations = {row[0] for row in attention}
     assert "xla" in implementations and "cudnn" not in implementations  # cuDNN: GPU only
     assert {row[2] for row in attention} == {"float32", "bfloat16"}
-    assert len(rows_of(correctness, "models")) == 4
+    assert [row[0] for row in rows_of(correctness, "models")] == [
+        "causal LM", "RoFormer MLM (entropy-invariant)", "GlobalPointer NER",
+        "multilabel classifier"]
     (checkpoint,) = rows_of(correctness, "checkpoint")
     assert checkpoint[2] == "cpu" and checkpoint[-1] is True
+    studies = docs["studies"]
+    assert [s["name"] for s in studies["sections"]] == ["setup", "mlm", "lm"]
+    (mlm,) = [s for s in studies["sections"] if s["name"] == "mlm"]
+    record = mlm["data"]["record"]
+    assert (record["study"], record["preset"], record["seeds"]) == (
+        "entropy_invariance", "smoke", [0])
+    mean, per_seed = mlm["tables"]
+    assert mean["header"] == ["variant", *map(str, record["lengths"])]
+    assert [row[0] for row in mean["rows"]] == list(record["variants"])
+    assert len(per_seed["rows"]) == 4 and {row[1] for row in per_seed["rows"]} == {"0"}
+    (lm,) = [s for s in studies["sections"] if s["name"] == "lm"]
+    assert lm["data"]["record"]["study"] == "lm_extrapolation"
+    assert len(lm["tables"]) == 4  # whole windows and tail: mean, then per seed
+    assert "<scratch>" in json.dumps(record) and "kexue-accelerator-studies" not in json.dumps(
+        studies)
     speed = docs["speed"]
     assert [s["name"] for s in speed["sections"]] == [
         "peak", "lm_124m", "peers", "lm_350m", "length"]
     assert [row[1] for row in rows_of(speed, "lm_124m")] == ["adamw", "amos", "amos_style"]
     (length,) = [s for s in speed["sections"] if s["name"] == "length"]
     for policy in ("none", "full"):
-        assert 16 <= length["data"]["policies"][policy]["length"] <= 64
+        assert 16 <= length["data"]["policies"][policy]["length"] <= 32
     # The report renders smoke results only when told to.
     with pytest.raises(ValueError, match="full-size run"):
         accelerator_report.load_results(str(out))
     assert set(accelerator_report.load_results(str(out), allow_cpu=True)) == {
-        p.name for p in accelerator.PARTS}
+        p.name for p in accelerator.DEFAULT_PARTS}
 
 
 def test_a_part_past_its_budget_is_killed_and_the_next_one_runs(tmp_path, capsys):
@@ -169,7 +193,19 @@ def test_parts_argument_is_checked():
 def test_registry_fits_the_files_the_gpu_machine_returns():
     assert len(accelerator.PARTS) <= accelerator.MAX_PARTS == 4
     assert len({p.name for p in accelerator.PARTS}) == len(accelerator.PARTS)
-    assert sum(p.budget_s for p in accelerator.PARTS) <= accelerator.DEFAULT_DEADLINE_S
+    # The default campaign: under 8 minutes, with room for start-up; the studies take
+    # the largest share.
+    default = accelerator.DEFAULT_PARTS
+    assert [p.name for p in default] == ["correctness", "studies", "speed"]
+    assert (sum(p.budget_s for p in default) + accelerator.MARGIN_S
+            <= accelerator.DEFAULT_DEADLINE_S < 480)
+    assert max(default, key=lambda p: p.budget_s).name == "studies"
+    assert accelerator.default_deadline(default, smoke=False) == accelerator.DEFAULT_DEADLINE_S
+    # A part outside it runs alone within one GPU-machine command (10 minutes).
+    (ner,) = [p for p in accelerator.PARTS if not p.in_default]
+    assert ner.name == "studies_ner"
+    assert (accelerator.default_deadline([ner], smoke=False) == ner.budget_s
+            + accelerator.MARGIN_S <= accelerator.MAX_DEADLINE_S < 600)
     for part in accelerator.PARTS:
         assert part.results_file in accelerator_report.FILES
 
@@ -219,3 +255,130 @@ def test_report_renders_accelerator_results(tmp_path):
     assert "waits for a GPU" in blocks["accelerator-correctness"]
     assert "| speed | Speed | 1 of 1 sections | ok | NVIDIA H200 (gpu) | 2026-12-01 |" in (
         blocks["accelerator-status"])
+
+
+# ----------------------------------------------------------------------------- studies
+
+
+FAKE_REPRODUCE = "tests.benchmarks._fake_reproduce"
+
+
+def registered(name: str) -> accelerator.Part:
+    (part,) = [p for p in accelerator.PARTS if p.name == name]
+    return part
+
+
+def section_of(doc: dict, name: str) -> dict:
+    (found,) = [s for s in doc["sections"] if s["name"] == name]
+    return found
+
+
+@pytest.fixture
+def fake_studies(monkeypatch):
+    """The studies parts with `experiments.reproduce` replaced by a stand-in that writes
+    known records at once (tests/benchmarks/_fake_reproduce.py), no dataset built."""
+    from benchmarks import accelerator_studies, accelerator_studies_ner
+
+    monkeypatch.setattr(accelerator_studies, "REPRODUCE", FAKE_REPRODUCE)
+    monkeypatch.setattr(accelerator_studies, "prepare_text_files", lambda: None)
+    monkeypatch.setattr(accelerator_studies_ner, "prepare_cluener", lambda: ROOT)
+    return accelerator_studies
+
+
+def test_studies_part_runs_seeds_apart_and_merges_them(tmp_path, fake_studies):
+    """The GPU layout: MLM seeds 0 and 1 in two processes, then merged by a third call
+    that reads both back; the LM's two seeds in one process; every cell of the tables
+    is the study's number."""
+    status = accelerator.run_part_here(registered("studies"), str(tmp_path), smoke=False,
+                                       deadline=time.time() + 120)
+    doc = accelerator.read_part(str(tmp_path), "studies")
+    assert status == 0, doc
+    assert [(s["name"], s["status"]) for s in doc["sections"]] == [
+        ("setup", "ok"), ("mlm", "ok"), ("lm", "ok")]
+    mlm = section_of(doc, "mlm")
+    assert [p["seeds"] for p in mlm["data"]["processes"]] == [[0], [1]]
+    record = mlm["data"]["record"]
+    assert (record["study"], record["preset"], record["seeds"]) == (
+        "entropy_invariance", "gpu", [0, 1])
+    assert all(v["reused_seeds"] == [0, 1] for v in record["variants"].values())
+    mean, per_seed = mlm["tables"]
+    assert mean["header"] == ["variant", "64", "128", "256"]
+    lengths = fake.LENGTHS
+    for index, (name, row) in enumerate(zip(fake.MLM_VARIANTS, mean["rows"], strict=True)):
+        average, spread = zip(*(fake.summary([fake.value(index, s, n) for s in (0, 1)])
+                                for n in lengths), strict=True)
+        assert row == [name, *(f"{100 * m:.2f} ± {100 * d:.2f}"
+                               for m, d in zip(average, spread, strict=True))]
+    assert per_seed["rows"][3] == ["standard + random positions", "1",
+                                   *(f"{100 * fake.value(1, 1, n):.2f}" for n in lengths)]
+    notes = " ".join(mlm["notes"])
+    assert "100 steps at length 64 = 0.0M training tokens per run; seeds 0, 1" in notes
+    # The merge reads runs back: it gets no share of the device memory.
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=None" in notes
+    lm = section_of(doc, "lm")
+    assert [p["seeds"] for p in lm["data"]["processes"]] == [[0, 1]]
+    whole, tail, _, tail_seeds = lm["tables"]
+    assert "tail" in tail["title"] and "per seed" in tail_seeds["title"]
+    average = fake.summary([fake.value(1, 0, 64), fake.value(1, 1, 64)])[0]
+    assert whole["rows"][1][1].startswith(f"{average:.3f} ± ")
+    assert tail_seeds["rows"][0] == ["standard", "0", *(f"{fake.value(0, 0, n, True):.3f}"
+                                                        for n in lengths)]
+    assert "<scratch>/out-" in lm["data"]["record"]["command"]
+    # Three processes share the device: 0.9 of its memory, a third each.
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.300" in " ".join(lm["notes"])
+
+
+def test_studies_part_reports_the_seeds_that_finished(tmp_path, fake_studies, monkeypatch):
+    monkeypatch.setenv("FAKE_REPRODUCE_FAIL_SEED", "1")
+    status = accelerator.run_part_here(registered("studies"), str(tmp_path), smoke=False,
+                                       deadline=time.time() + 120)
+    assert status == 1
+    doc = accelerator.read_part(str(tmp_path), "studies")
+    mlm, lm = section_of(doc, "mlm"), section_of(doc, "lm")
+    assert mlm["status"] == "failed" and mlm["data"]["record"]["seeds"] == [0]
+    assert mlm["failed_checks"] == ["entropy_invariance: every planned seed finished"]
+    notes = " ".join(mlm["notes"])
+    assert "seed(s) [1] ended with status 1" in notes and "fake failure" in notes
+    assert "Only seeds [0] of [0, 1] finished" in notes
+    assert {row[1] for row in mlm["tables"][1]["rows"]} == {"0"}
+    assert lm["status"] == "failed" and "record" not in lm["data"]
+    assert lm["failed_checks"] == ["lm_extrapolation: some seed finished"]
+
+
+def test_study_processes_are_stopped_at_the_part_budget(tmp_path, fake_studies, monkeypatch):
+    monkeypatch.setenv("FAKE_REPRODUCE_SLEEP", "60")
+    started = time.time()
+    status = accelerator.run_part_here(registered("studies"), str(tmp_path), smoke=False,
+                                       deadline=started + fake_studies.MERGE_RESERVE_S + 3)
+    assert status == 1 and time.time() - started < 30
+    doc = accelerator.read_part(str(tmp_path), "studies")
+    for name in ("mlm", "lm"):
+        section = section_of(doc, name)
+        assert section["status"] == "failed"
+        assert all(p["stopped_at_budget"] for p in section["data"]["processes"])
+        assert "stopped at the part's budget" in " ".join(section["notes"])
+
+
+def test_ner_part_runs_gpu_presets_and_skips_studies_without_one(tmp_path, fake_studies):
+    from benchmarks import accelerator_studies_ner as ner
+
+    assert ner.chosen_presets(["default", "gpu", "gpu_subset", "gpus", "smoke"], False) == [
+        "gpu", "gpu_subset"]
+    assert ner.chosen_presets(["default", "gpu", "smoke"], True) == ["smoke"]
+    status = accelerator.run_part_here(registered("studies_ner"), str(tmp_path), smoke=False,
+                                       deadline=time.time() + 120)
+    doc = accelerator.read_part(str(tmp_path), "studies_ner")
+    assert status == 0, doc
+    assert [(s["name"], s["status"]) for s in doc["sections"]] == [
+        ("setup", "ok"), ("globalpointer", "ok"), ("rdrop", "ok"), ("optimizers", "skipped")]
+    rdrop = section_of(doc, "rdrop")
+    assert sorted(rdrop["data"]["records"]) == ["gpu", "gpu_subset"]
+    assert rdrop["data"]["records"]["gpu_subset"]["seeds"] == [0, 1, 2]
+    notes = "\n".join(rdrop["notes"])
+    assert "**Fake rdrop**" in notes and "| gpu_subset | 0 1 2 |" in notes
+    assert "![" not in notes and "# Fake" not in notes
+    skipped = " ".join(section_of(doc, "optimizers")["notes"])
+    assert "`optimizers` has no `gpu` preset yet (its presets: default, smoke)" in skipped
+    setup = section_of(doc, "setup")
+    assert setup["tables"][0]["rows"][2] == ["optimizers", "—", "—", skipped[len("Skipped: "):]]
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.300" in " ".join(setup["notes"])

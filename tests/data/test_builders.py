@@ -94,3 +94,20 @@ def test_builders_work_without_importing_tensorflow(text_corpus, tmp_path, reque
                             cwd=os.getcwd(), timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_default_cluener_dir_prefers_the_repository_copy(tmp_path, monkeypatch):
+    """`<repo>/.data/cluener` (the copy that travels with the repository) before
+    `<repo>/../shared/data/cluener`; a directory without `train.jsonl` does not count."""
+    from kexue.data import sources
+
+    repo, shared = tmp_path / "repo", tmp_path / "shared" / "data" / "cluener"
+    own = repo / ".data" / "cluener"
+    for path in (own, shared):
+        path.mkdir(parents=True)
+    monkeypatch.setattr(sources, "repo_root", lambda: str(repo))
+    assert sources.default_cluener_dir() is None
+    (shared / "train.jsonl").write_text("{}\n")
+    assert sources.default_cluener_dir() == str(shared)
+    (own / "train.jsonl").write_text("{}\n")
+    assert sources.default_cluener_dir() == str(own)

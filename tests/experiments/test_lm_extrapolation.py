@@ -71,3 +71,22 @@ def test_smoke_study_writes_table_and_plot(smoke_study):
     assert all((runs / r / "final_metrics.json").exists() for r in
                ("entropy_invariant-seed0", "standard-seed0"))
     assert "updated" not in result.stdout  # docs/results.md is left alone for other --out
+
+
+def test_gpu_preset_trains_the_config_files_model_on_20m_tokens():
+    """Every variant's config passes the checks `train` makes, with the model of
+    `configs/lm_stdlib.py`, 5000 steps of 64 windows of 64 bytes (≥ 20M tokens per run),
+    bf16 compute, evaluated at 64 … 4096 (each length dividing the longest)."""
+    from experiments.studies.common import study_config
+
+    config_preset, _, steps = lm_extrapolation.PRESETS["gpu"]
+    own = study_config(lm_extrapolation.LM_CONFIG, "full", {}).model
+    for _, scale in lm_extrapolation.VARIANTS:
+        overrides = lm_extrapolation._overrides("gpu", steps, 0, scale)
+        config = study_config(lm_extrapolation.LM_CONFIG, config_preset, overrides)
+        for key in ("width", "num_layers", "num_heads", "mlp_dim", "norm", "rope_layout"):
+            assert config.model[key] == own[key]
+        assert (config.model.attention_scale, config.model.dtype) == (scale, "bfloat16")
+        tokens = config.train.num_steps * config.data.batch_size * config.data.seq_len
+        assert config.data.seq_len == lm_extrapolation.TRAIN_LENGTH and tokens >= 20_000_000
+        assert tuple(config.eval.lengths) == (64, 128, 256, 512, 1024, 2048, 4096)

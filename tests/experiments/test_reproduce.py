@@ -94,3 +94,35 @@ def test_every_study_module_has_the_interface():
         study = reproduce.load_study(name)
         assert {"default", "smoke"} <= set(study.PRESETS), name
         assert all(callable(getattr(study, f)) for f in ("run", "plot", "markdown")), name
+
+
+def test_list_presets_prints_them_as_json(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.parse_args(["entropy_invariance", "--list-presets"])
+    assert exit_info.value.code in (0, None)
+    assert json.loads(capsys.readouterr().out) == sorted(entropy_invariance.PRESETS)
+
+
+def test_gpu_preset_is_the_config_files_own_recipe_at_20m_tokens():
+    """What the GPU campaign runs: every variant's config passes the checks `train`
+    makes, with the config file's model (width 256, 4 layers), 5000 steps of 64 × 64
+    bytes (≥ 20M tokens per run), bf16 compute, Amos-style's half-life 2000, evaluated
+    at 64 … 4096."""
+    from experiments.studies.common import study_config
+
+    config_preset, _, steps = entropy_invariance.PRESETS["gpu"]
+    assert entropy_invariance.eval_lengths("gpu") == (64, 128, 256, 512, 1024, 2048, 4096)
+    assert entropy_invariance.eval_lengths("smoke") == entropy_invariance.LENGTHS
+    own = study_config(entropy_invariance.MLM_CONFIG, "full", {}).model
+    for _, scale, positions in entropy_invariance.EI_VARIANTS:
+        overrides = entropy_invariance._ei_overrides("gpu", steps, 1, scale, positions)
+        config = study_config(entropy_invariance.MLM_CONFIG, config_preset, overrides)
+        for key in ("width", "num_layers", "num_heads", "mlp_dim"):
+            assert config.model[key] == own[key]
+        assert (config.model.attention_scale, config.objective.positions) == (scale, positions)
+        assert config.model.dtype == "bfloat16"
+        tokens = config.train.num_steps * config.data.batch_size * config.data.seq_len
+        assert tokens >= 20_000_000, tokens
+        assert config.optimizer.amos_style.half_life == 2000
+        assert tuple(config.eval.lengths) == (64, 128, 256, 512, 1024, 2048, 4096)
+        assert config.seed == config.train.seed == config.data.seed == 1
