@@ -10,8 +10,8 @@ Prints three markdown tables:
    fresh output buffer, as a standalone op must; for arrays of 100+ MB the kernel's
    fresh pages cost as much as the loop on this CPU, which lowers both alike. Positions
    known at trace time (the default `arange(n)`) use a host-computed table; traced
-   positions compute sin/cos on the device, where XLA:CPU recomputes them per
-   element of the fused loop.
+   positions compute the table on the device, once per entry, before the rotation
+   loop reads it.
 2. Entropy-invariant vs standard attention time for the same inputs and mask
    (target: under 5% overhead; the extra work is one per-query scale on `q`).
 3. Peak memory of dense vs sparse ZLPR loss-and-gradient for a GlobalPointer head
