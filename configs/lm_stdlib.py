@@ -59,7 +59,8 @@ def get_config(preset: str = "full") -> ml_collections.ConfigDict:
     config.model.tie_embeddings = True
     config.model.dtype = "float32"  # "bfloat16" on GPU/TPU
     config.model.remat = "none"  # "full" | "dots" | "dots_no_batch": memory for recompute
-    # None (XLA's choice) | "xla" | "cudnn" (NVIDIA GPUs, with dtype bfloat16)
+    # None (per backend: blocked on CPU from ops.attention.CPU_BLOCKED_MIN_KEYS keys on)
+    # | "blocked" | "xla" | "cudnn" (NVIDIA GPUs, with dtype bfloat16)
     config.model.attention_implementation = ml_collections.config_dict.placeholder(str)
 
     config.optimizer = optimizer_config("amos", learning_rate=0.1)

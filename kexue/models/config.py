@@ -20,8 +20,9 @@ NORM_POSITIONS = ("pre", "post")
 ROPE_LAYOUTS = ("interleaved", "half")
 ATTENTION_SCALES = ("standard", "entropy_invariant")
 DTYPES = ("float32", "bfloat16", "float16")
-#: `jax.nn.dot_product_attention` implementations (None: XLA picks; "cudnn": GPU only).
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+#: `ops.dot_product_attention` implementations: None (per backend, see
+#: `ops.attention.default_implementation`), "xla", "cudnn" (GPU only), "blocked".
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "blocked")
 #: Rematerialisation policies of `TransformerConfig.remat` (see its docstring).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -69,9 +70,14 @@ class TransformerConfig:
       attention_scale: ``"standard"`` (`1/√d`) or ``"entropy_invariant"``
         (`log_b(n)/√d`, kexue.fm/archives/8823).
       entropy_base: `b` of the entropy-invariant scale.
-      attention_implementation: the `implementation` of `jax.nn.dot_product_attention`
-        behind `ops.dot_product_attention`: None (XLA's choice), ``"xla"`` or
-        ``"cudnn"`` (fused cuDNN flash attention; NVIDIA GPUs, bf16/fp16 compute only).
+      attention_implementation: the `implementation` of `ops.dot_product_attention`:
+        ``"blocked"`` (kexue's blocked attention: memory linear in the length, causal
+        blocks above the diagonal skipped), ``"xla"`` or ``"cudnn"`` (fused cuDNN
+        flash attention; NVIDIA GPUs, bf16/fp16 compute only), or None: blocked on CPU
+        from `ops.attention.CPU_BLOCKED_MIN_KEYS` keys on (where it is faster), XLA's
+        choice elsewhere.
+      attention_block_q, attention_block_k: query / key block sizes of the blocked
+        implementation; None means the op's defaults.
       dropout_rate: dropout on the embeddings and on each residual branch.
       dtype: compute dtype of matmuls (``"float32"`` or ``"bfloat16"``); norms,
         softmax statistics and returned logits stay float32.
@@ -106,6 +112,8 @@ class TransformerConfig:
     attention_scale: str = "standard"
     entropy_base: float = 512.0
     attention_implementation: str | None = None
+    attention_block_q: int | None = None
+    attention_block_k: int | None = None
     dropout_rate: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -139,6 +147,12 @@ class TransformerConfig:
             raise config_error("attention_implementation", "'cudnn' only with model.dtype "
                                "'bfloat16' or 'float16' (cuDNN's fused attention)",
                                f"cudnn with dtype {self.dtype}")
+        for key in ("attention_block_q", "attention_block_k"):
+            if getattr(self, key) is not None:
+                check_positive_int(key, getattr(self, key))
+                if self.attention_implementation in ("xla", "cudnn"):
+                    raise config_error(key, "None unless model.attention_implementation is "
+                                       "'blocked' or None", getattr(self, key))
         if self.rotary_dim is not None:
             check_positive_int("rotary_dim", self.rotary_dim)
         step = 2 * self.rope_dims

@@ -33,9 +33,11 @@ POOLINGS = ("cls", "mean")
 
 
 def attention_mask_from(mask, attention_mask=None):
-    """Combine token validity `mask [b, n]` (→ padding mask) with an explicit mask."""
-    padding = None if mask is None else ops.padding_mask(mask)
-    return ops.combine_masks(padding, attention_mask)
+    """Token validity `mask [b, n]` and an optional explicit bool mask as one
+    `ops.AttentionMask` (None when both are None)."""
+    if mask is None and attention_mask is None:
+        return None
+    return ops.AttentionMask(valid=mask, mask=attention_mask)
 
 
 class RoFormerEncoder(nnx.Module):
