@@ -6,7 +6,7 @@ sequence the `lm_stdlib` model can train on in a fixed memory budget.
     python -m benchmarks.attention --markdown benchmarks/results/attention.json
 
 1. **Attention alone**, at the `lm_stdlib` shape (batch 1, 4 heads of 64, float32, the
-   entropy-invariant scale) for n = 128 … 16384, causal and bidirectional: the peak
+   entropy-invariant scale) for n = 32 … 16384, causal and bidirectional: the peak
    memory of the jitted value-and-gradient w.r.t. `q, k, v` from XLA's compiled
    `memory_analysis()` (arguments + outputs + temporaries − aliased), and its median
    time. `ops.dot_product_attention(..., implementation="xla")` is the dense path,
@@ -17,7 +17,10 @@ sequence the `lm_stdlib` model can train on in a fixed memory budget.
 2. **Longest trainable length** of the `configs/lm_stdlib.py` model at batch 1: lengths
    doubled from 512 until the compiled AdamW step (`benchmarks.lm.max_length`: temp +
    arguments, CPU memory scheduler) exceeds the budget (4 GiB), dense vs blocked; then
-   one real step of the blocked model at `--proof-length` (16384) is run.
+   one real step of the blocked model at 16384 tokens is run.
+3. **Train step** of that model (the product `make_train_step`, AdamW), dense vs
+   blocked, at its default shape (batch 16 x 128) and at 4 x 512 and 1 x 2048: the
+   default `model.attention_implementation` on CPU is chosen from 1 and 3.
 
 The results are written as JSON (`--out`); `--markdown PATH` prints the tables of a
 JSON file, which is how benchmarks/RESULTS.md is produced.
@@ -47,12 +50,14 @@ MIB = 2**20
 IMPLEMENTATIONS = {"dense": "xla", "blocked": "blocked"}
 MASKS = ("causal", "bidirectional")
 
-FULL = {"lengths": (128, 256, 512, 1024, 2048, 4096, 8192, 16384), "batch": 1, "heads": 4,
-        "head_dim": 64, "repeats": 3, "run_budget": 4 * GIB,
-        "lm": {"start": 512, "limit": 65536, "budget": 4 * GIB, "proof_length": 16384}}
+FULL = {"lengths": (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), "batch": 1,
+        "heads": 4, "head_dim": 64, "repeats": 3, "run_budget": 6 * GIB,
+        "lm": {"start": 512, "limit": 65536, "budget": 4 * GIB, "proof_length": 16384,
+               "steps": ((16, 128), (4, 512), (1, 2048))}}
 SMOKE = {"lengths": (64, 128), "batch": 1, "heads": 2, "head_dim": 8, "repeats": 1,
          "run_budget": GIB,
          "lm": {"start": 32, "limit": 64, "budget": GIB, "proof_length": 32,
+                "steps": ((2, 32),),
                 "model": dict(width=32, num_layers=1, num_heads=2, mlp_dim=64,
                               vocab_size=64, tie_embeddings=True,
                               attention_scale="entropy_invariant")}}
@@ -139,6 +144,20 @@ def lm_longest(model: dict[str, Any], *, start: int, limit: int, budget: int,
     return result
 
 
+def lm_step_rows(model: dict[str, Any], shapes: Sequence[tuple[int, int]], *,
+                 repeats: int) -> list[dict[str, Any]]:
+    """Product train-step time (`benchmarks.lm.train_stepper`, AdamW) of the causal LM,
+    dense vs blocked, per `(batch, length)`; all steps interleaved in one loop."""
+    keys = [(batch, length, name) for batch, length in shapes for name in IMPLEMENTATIONS]
+    runners = [lm.train_stepper(lm.LMCase(name, {**model, "attention_implementation":
+                                                  IMPLEMENTATIONS[name]}, batch, length),
+                                "adamw")
+               for batch, length, name in keys]
+    times = interleaved_median_times(runners, repeats=repeats, warmup=1)
+    return [{"batch": batch, "length": length, "implementation": name, "seconds": seconds}
+            for (batch, length, name), seconds in zip(keys, times, strict=True)]
+
+
 def crossover(rows: Sequence[dict[str, Any]]) -> int | None:
     """Smallest measured n from which blocked is at least as fast as dense for every
     mask and every longer length where dense was run (None: never)."""
@@ -221,6 +240,18 @@ def markdown(results: dict[str, Any]) -> str:
         [[name, lm_result[name]["length"], f"{lm_result[name]['peak_bytes'] / GIB:.2f}",
           ", ".join(f"{b / GIB:.2f}" for b in lm_result[name]["tried_bytes"])]
          for name in IMPLEMENTATIONS]))
+    steps = results["lm_steps"]
+    out += ["", "Train step of the `lm_stdlib` model (product `make_train_step`, AdamW), "
+            "interleaved medians:", ""]
+    step_rows = []
+    for dense in (row for row in steps if row["implementation"] == "dense"):
+        blocked = next(row for row in steps if row["implementation"] == "blocked"
+                       and (row["batch"], row["length"]) == (dense["batch"], dense["length"]))
+        step_rows.append([f"{dense['batch']} x {dense['length']}",
+                          milliseconds(dense["seconds"]), milliseconds(blocked["seconds"]),
+                          f"{blocked['seconds'] / dense['seconds']:.2f}x"])
+    out.append(markdown_table(["batch x length", "dense ms", "blocked ms", "blocked / dense"],
+                              step_rows))
     proof = lm_result["proof"]
     out += ["", f"One real blocked training step at length {proof['length']}: "
             f"{proof['seconds']:.1f} s, loss {proof['loss']:.3f}.", ""]
@@ -249,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lm_result = lm_longest(model, start=size["lm"]["start"], limit=size["lm"]["limit"],
                            budget=size["lm"]["budget"],
                            proof_length=size["lm"]["proof_length"])
+    lm_steps = lm_step_rows(model, size["lm"]["steps"], repeats=size["repeats"])
     results = {
         "date": today(), "machine": machine_description(),
         "command": "python -m benchmarks.attention" + (" --smoke" if args.smoke else ""),
@@ -258,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "block_q": blocked_attention.DEFAULT_BLOCK_Q,
                   "block_k": blocked_attention.DEFAULT_BLOCK_K},
         "run_budget_bytes": size["run_budget"], "rows": rows, "lm": lm_result,
+        "lm_steps": lm_steps,
         "numpy": np.__version__,
     }
     print(markdown(results))

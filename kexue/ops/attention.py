@@ -256,11 +256,16 @@ def _blocked(q4, k4, v4, structure: blocked_attention.FlatMask, scale, base: flo
     """`dot_product_attention` on `[B, n, heads, d]` inputs with the blocked kernel."""
     n_q, d = q4.shape[1], q4.shape[-1]
     n_k = k4.shape[1]
-    if scale == "entropy_invariant":
+    unmasked = not structure.causal and all(
+        part is None for part in (structure.q_valid, structure.kv_valid, structure.mask))
+    if scale == "entropy_invariant" and not unmasked:
         counts = blocked_attention.visible_counts(structure, n_q, n_k)  # [B', h', n_q]
         row_scale = entropy_invariant_scale(counts, entropy_base=base) / math.sqrt(d)
-    else:
-        value = 1.0 / math.sqrt(d) if scale == "standard" else float(scale)
+    else:  # the same scale for every query, computed in Python as on the dense path
+        if scale == "entropy_invariant":
+            value = math.log(n_k) / math.log(base) / math.sqrt(d)
+        else:
+            value = 1.0 / math.sqrt(d) if scale == "standard" else float(scale)
         row_scale = jnp.full((1, 1, n_q), value, jnp.float32)
     return blocked_attention.attention(
         q4, k4, v4, row_scale.astype(jnp.float32), structure,

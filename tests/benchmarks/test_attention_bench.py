@@ -24,6 +24,9 @@ def test_smoke_run_writes_json_and_tables(tmp_path, capsys):
         assert lm_result[name]["length"] == attention.SMOKE["lm"]["limit"]
         assert 0 < lm_result[name]["peak_bytes"] <= lm_result["budget_bytes"]
     assert lm_result["proof"]["loss"] > 0
+    assert [(row["batch"], row["length"], row["implementation"])
+            for row in written["lm_steps"]] == [(2, 32, "dense"), (2, 32, "blocked")]
+    assert all(row["seconds"] > 0 for row in written["lm_steps"])
     printed = capsys.readouterr().out
     attention.main(["--markdown", str(path)])
     again = capsys.readouterr().out
