@@ -274,8 +274,12 @@ def _blocked(q4, k4, v4, structure: blocked_attention.FlatMask, scale, base: flo
 
 
 #: On CPU, attention over at least this many keys uses the blocked implementation by
-#: default (`python -m benchmarks.attention` measures where it overtakes dense).
-CPU_BLOCKED_MIN_KEYS = 2048
+#: default. From `python -m benchmarks.attention` (2 cores; forward + backward, 4 heads
+#: of 64, causal / bidirectional): blocked takes 0.79x / 0.49x of dense time at 128
+#: keys, 0.36x / 0.79x at 512, 0.05x / 0.12x at 4096; below 128 both take under half a
+#: millisecond and the ratio is noise. The `lm_stdlib` train step is 0.81x at its
+#: default 16 x 128 (benchmarks/RESULTS.md).
+CPU_BLOCKED_MIN_KEYS = 128
 
 
 def default_implementation(n_k: int) -> str | None:

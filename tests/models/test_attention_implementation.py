@@ -78,3 +78,25 @@ def test_cudnn_matches_xla_on_gpu(rng):
                               attention_implementation=implementation)
         outputs.append(forward(models.build_model(config, rngs=nnx.Rngs(0)), tokens))
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=5e-2, atol=5e-2)
+
+
+def test_blocked_under_remat_gives_the_same_gradients(rng):
+    """`jax.checkpoint` around blocks whose attention is a custom VJP: same gradients."""
+    tokens = jnp.asarray(rng.integers(0, 64, (2, 21)), jnp.int32)
+    grads = []
+    for remat in ("none", "full", "dots"):
+        config = model_config("causal_lm", num_layers=2, remat=remat,
+                              attention_implementation="blocked", attention_block_q=8,
+                              attention_block_k=8, attention_scale="entropy_invariant")
+        model = models.build_model(config, rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+
+        def loss(params, rest, graphdef=graphdef):
+            logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
+            return models.cross_entropy(logits, tokens[:, 1:])
+
+        grads.append(jax.jit(jax.grad(loss))(params, rest))
+    for other in grads[1:]:
+        for got, want in zip(jax.tree.leaves(other), jax.tree.leaves(grads[0]), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
