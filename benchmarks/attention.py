@@ -3,6 +3,7 @@ sequence the `lm_stdlib` model can train on in a fixed memory budget.
 
     python -m benchmarks.attention --out benchmarks/results/attention.json   # ~15 min, CPU
     python -m benchmarks.attention --smoke --out /tmp/attention.json          # seconds
+    python -m benchmarks.attention --block-sizes --out benchmarks/results/attention_blocks.json
     python -m benchmarks.attention --markdown benchmarks/results/attention.json
 
 1. **Attention alone**, at the `lm_stdlib` shape (batch 1, 4 heads of 64, float32, the
@@ -22,8 +23,10 @@ sequence the `lm_stdlib` model can train on in a fixed memory budget.
    blocked, at its default shape (batch 16 x 128) and at 4 x 512 and 1 x 2048: the
    default `model.attention_implementation` on CPU is chosen from 1 and 3.
 
-The results are written as JSON (`--out`); `--markdown PATH` prints the tables of a
-JSON file, which is how benchmarks/RESULTS.md is produced.
+`--block-sizes` instead times the blocked path alone for the `BLOCK_SIZES` at n = 2048
+(how its default blocks were chosen). The results are written as JSON (`--out`);
+`--markdown PATH` prints the tables of a JSON file, which is how benchmarks/RESULTS.md
+is produced.
 """
 
 from __future__ import annotations
@@ -50,12 +53,15 @@ MIB = 2**20
 IMPLEMENTATIONS = {"dense": "xla", "blocked": "blocked"}
 MASKS = ("causal", "bidirectional")
 
+#: `(block_q, block_k)` pairs timed by `--block-sizes`.
+BLOCK_SIZES = ((128, 128), (256, 128), (256, 256), (512, 256), (512, 512))
 FULL = {"lengths": (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), "batch": 1,
         "heads": 4, "head_dim": 64, "repeats": 3, "run_budget": 6 * GIB,
+        "block_length": 2048, "block_repeats": 5,
         "lm": {"start": 512, "limit": 65536, "budget": 4 * GIB, "proof_length": 16384,
                "steps": ((16, 128), (4, 512), (1, 2048))}}
 SMOKE = {"lengths": (64, 128), "batch": 1, "heads": 2, "head_dim": 8, "repeats": 1,
-         "run_budget": GIB,
+         "run_budget": GIB, "block_length": 100, "block_repeats": 1,
          "lm": {"start": 32, "limit": 64, "budget": GIB, "proof_length": 32,
                 "steps": ((2, 32),),
                 "model": dict(width=32, num_layers=1, num_heads=2, mlp_dim=64,
@@ -68,14 +74,17 @@ def attention_mask(kind: str) -> ops.AttentionMask:
 
 
 def compiled_gradient(n: int, mask: str, implementation: str, *, batch: int, heads: int,
-                      head_dim: int):
-    """The compiled value-and-gradient w.r.t. `(q, k, v)` of `Σ attention(q, k, v)`."""
+                      head_dim: int, blocks: tuple[int, int] | None = None):
+    """The compiled value-and-gradient w.r.t. `(q, k, v)` of `Σ attention(q, k, v)`
+    (`blocks`: `(block_q, block_k)` of the blocked path; None: its defaults)."""
     shape = jax.ShapeDtypeStruct((batch, n, heads, head_dim), jnp.float32)
+    block_q, block_k = (None, None) if blocks is None else blocks
 
     def loss(q, k, v):
         out = ops.dot_product_attention(q, k, v, mask=attention_mask(mask),
                                         scale="entropy_invariant",
-                                        implementation=implementation)
+                                        implementation=implementation,
+                                        block_q=block_q, block_k=block_k)
         return jnp.sum(out)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
@@ -121,6 +130,40 @@ def attention_rows(lengths: Sequence[int], *, batch: int, heads: int, head_dim: 
                                      for mask in MASKS for name in IMPLEMENTATIONS),
               file=sys.stderr, flush=True)
     return rows
+
+
+def block_size_rows(n: int, sizes: Sequence[tuple[int, int]], *, batch: int, heads: int,
+                    head_dim: int, repeats: int) -> list[dict[str, Any]]:
+    """Blocked value-and-gradient time and peak per `(block_q, block_k)` at length `n`,
+    causal and bidirectional, all interleaved in one loop."""
+    key = jax.random.key(n)
+    q, k, v = (jax.random.normal(subkey, (batch, n, heads, head_dim), jnp.float32)
+               for subkey in jax.random.split(key, 3))
+    cases = [(mask, blocks) for blocks in sizes for mask in MASKS]
+    compiled = [compiled_gradient(n, mask, "blocked", batch=batch, heads=heads,
+                                  head_dim=head_dim, blocks=blocks) for mask, blocks in cases]
+    times = interleaved_median_times([lambda c=c: c(q, k, v) for c in compiled],
+                                     repeats=repeats, warmup=1)
+    return [{"n": n, "mask": mask, "block_q": blocks[0], "block_k": blocks[1],
+             "peak_bytes": peak_bytes(c), "seconds": seconds}
+            for (mask, blocks), c, seconds in zip(cases, compiled, times, strict=True)]
+
+
+def block_markdown(results: dict[str, Any]) -> str:
+    """The table of a `--block-sizes` results dict."""
+    shape = results["shape"]
+    rows = results["blocks"]
+    best = {mask: min(row["seconds"] for row in rows if row["mask"] == mask) for mask in MASKS}
+    table = [[f"{row['block_q']} x {row['block_k']}", row["mask"],
+              f"{row['peak_bytes'] / MIB:,.1f}", milliseconds(row["seconds"]),
+              f"{row['seconds'] / best[row['mask']]:.2f}x"] for row in rows]
+    return "\n".join([
+        f"Blocked attention block sizes ({results['date']}; {results['machine']}). Command: "
+        f"`{results['command']}`.", "",
+        f"Value and gradient at n = {rows[0]['n']}, batch {shape['batch']}, "
+        f"{shape['heads']} heads of {shape['head_dim']}, float32, entropy-invariant scale; "
+        f"median of {shape['repeats']} interleaved runs.", "",
+        markdown_table(["block_q x block_k", "mask", "peak MiB", "ms", "vs fastest"], table)])
 
 
 def lm_longest(model: dict[str, Any], *, start: int, limit: int, budget: int,
@@ -264,15 +307,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
     parser.add_argument("--out", help="write the results as JSON to this path")
+    parser.add_argument("--block-sizes", action="store_true",
+                        help="only time the blocked path for several block sizes")
     parser.add_argument("--markdown", metavar="JSON",
                         help="print the tables of a results file and exit")
     args = parser.parse_args(argv)
     if args.markdown:
         with open(args.markdown) as f:
             results = json.load(f)
-        print(markdown(results))
+        print(block_markdown(results) if "blocks" in results else markdown(results))
         return results
     size = SMOKE if args.smoke else FULL
+    shape = {"batch": size["batch"], "heads": size["heads"], "head_dim": size["head_dim"],
+             "dtype": "float32", "scale": "entropy_invariant", "repeats": size["repeats"],
+             "block_q": blocked_attention.DEFAULT_BLOCK_Q,
+             "block_k": blocked_attention.DEFAULT_BLOCK_K}
+    command = "python -m benchmarks.attention" + (" --smoke" if args.smoke else "")
+    if args.block_sizes:
+        blocks = block_size_rows(size["block_length"], BLOCK_SIZES, batch=size["batch"],
+                                 heads=size["heads"], head_dim=size["head_dim"],
+                                 repeats=size["block_repeats"])
+        results = {"date": today(), "machine": machine_description(),
+                   "command": command + " --block-sizes", "shape": shape, "blocks": blocks}
+        print(block_markdown(results))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+        return results
     model = size["lm"].get("model") or lm.lm_stdlib_model()[0]
     rows = attention_rows(size["lengths"], batch=size["batch"], heads=size["heads"],
                           head_dim=size["head_dim"], repeats=size["repeats"],
@@ -282,13 +343,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            proof_length=size["lm"]["proof_length"])
     lm_steps = lm_step_rows(model, size["lm"]["steps"], repeats=size["repeats"])
     results = {
-        "date": today(), "machine": machine_description(),
-        "command": "python -m benchmarks.attention" + (" --smoke" if args.smoke else ""),
-        "shape": {"batch": size["batch"], "heads": size["heads"],
-                  "head_dim": size["head_dim"], "dtype": "float32",
-                  "scale": "entropy_invariant", "repeats": size["repeats"],
-                  "block_q": blocked_attention.DEFAULT_BLOCK_Q,
-                  "block_k": blocked_attention.DEFAULT_BLOCK_K},
+        "date": today(), "machine": machine_description(), "command": command,
+        "shape": shape,
         "run_budget_bytes": size["run_budget"], "rows": rows, "lm": lm_result,
         "lm_steps": lm_steps,
         "numpy": np.__version__,

@@ -8,6 +8,8 @@ attention (kexue.fm/archives/8823, 9034, 9588) scales the logits of query `i` by
 length the rest of the model was tuned at (512 by default; at `n_i = b` it is standard
 attention). The factor is per query, so it is folded into `q` before the dot product and
 the fused kernels of `jax.nn.dot_product_attention` (cuDNN flash on GPU) still apply.
+``implementation="blocked"`` computes the same attention block by block
+(`kexue.ops.blocked_attention`) with memory linear in the length.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from kexue.ops.masks import AttentionMask
 __all__ = ["IMPLEMENTATIONS", "SCALES", "dot_product_attention", "entropy_invariant_scale"]
 
 SCALES = ("standard", "entropy_invariant")
-#: `implementation` values: XLA's choice (None), `jax.nn.dot_product_attention`'s
-#: ``"xla"`` / ``"cudnn"``, and kexue's ``"blocked"`` (`kexue.ops.blocked_attention`).
+#: `implementation` values: None (per backend, `default_implementation`),
+#: `jax.nn.dot_product_attention`'s ``"xla"`` / ``"cudnn"``, and kexue's ``"blocked"``
+#: (`kexue.ops.blocked_attention`).
 IMPLEMENTATIONS = (None, "xla", "cudnn", "blocked")
 
 
@@ -260,15 +263,16 @@ def _blocked(q4, k4, v4, structure: blocked_attention.FlatMask, scale, base: flo
         part is None for part in (structure.q_valid, structure.kv_valid, structure.mask))
     if scale == "entropy_invariant" and not unmasked:
         counts = blocked_attention.visible_counts(structure, n_q, n_k)  # [B', h', n_q]
+        counts = counts.astype(_checks.compute_dtype(q4.dtype))
         row_scale = entropy_invariant_scale(counts, entropy_base=base) / math.sqrt(d)
     else:  # the same scale for every query, computed in Python as on the dense path
         if scale == "entropy_invariant":
             value = math.log(n_k) / math.log(base) / math.sqrt(d)
         else:
             value = 1.0 / math.sqrt(d) if scale == "standard" else float(scale)
-        row_scale = jnp.full((1, 1, n_q), value, jnp.float32)
+        row_scale = jnp.full((1, 1, n_q), value, _checks.compute_dtype(q4.dtype))
     return blocked_attention.attention(
-        q4, k4, v4, row_scale.astype(jnp.float32), structure,
+        q4, k4, v4, row_scale, structure,
         block_q=blocked_attention.DEFAULT_BLOCK_Q if block_q is None else block_q,
         block_k=blocked_attention.DEFAULT_BLOCK_K if block_k is None else block_k)
 

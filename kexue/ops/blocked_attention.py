@@ -248,8 +248,9 @@ def _visible(static: _Static, aux: _Aux, q_block: jax.Array, k_block: jax.Array,
 
 
 def _block_scores(static: _Static, aux: _Aux, q_block, k_block, q, k, scale):
-    """Scaled, masked float32 logits `[B, H, bq, G, bk]` of one block."""
-    s = jnp.einsum("bhqgd,bhkd->bhqgk", q, k, preferred_element_type=jnp.float32)
+    """Scaled, masked logits `[B, H, bq, G, bk]` of one block, in the scale's dtype
+    (float32, or float64 for float64 inputs)."""
+    s = jnp.einsum("bhqgd,bhkd->bhqgk", q, k, preferred_element_type=scale.dtype)
     s = s * scale[..., None]
     visible = _visible(static, aux, q_block, k_block, q.shape[3])
     return s if visible is None else jnp.where(visible, s, _MASKED)
@@ -264,6 +265,7 @@ def _forward(static: _Static, q, k, v, scale, aux: _Aux):
     """Blocked forward pass: output `[B, H, Nq, G, d]` and log-sum-exp `[B, H, Nq, G]`."""
     batch, heads, _, groups, d = q.shape
     bq, bk = static.block_q, static.block_k
+    accumulate = scale.dtype  # accumulation dtype: float32 (float64 for float64 inputs)
 
     def query_block(_, q_block):
         q_b = _q_rows(q, q_block, bq)
@@ -281,12 +283,12 @@ def _forward(static: _Static, q, k, v, scale, aux: _Aux):
             total = correction * total + jnp.sum(p, axis=-1)
             acc = correction[..., None] * acc + jnp.einsum(
                 "bhqgk,bhkd->bhqgd", p.astype(v.dtype), v_b,
-                preferred_element_type=jnp.float32)
+                preferred_element_type=accumulate)
             return m_new, total, acc
 
-        init = (jnp.full(stats_shape, _EMPTY_MAX, jnp.float32),
-                jnp.zeros(stats_shape, jnp.float32),
-                jnp.zeros((*stats_shape, d), jnp.float32))
+        init = (jnp.full(stats_shape, _EMPTY_MAX, accumulate),
+                jnp.zeros(stats_shape, accumulate),
+                jnp.zeros((*stats_shape, d), accumulate))
         m, total, acc = jax.lax.fori_loop(aux.lo[q_block], aux.hi[q_block], key_block, init)
         seen = total > 0
         total = jnp.where(seen, total, 1.0)
@@ -305,8 +307,9 @@ def _backward(static: _Static, q, k, v, scale, aux: _Aux, out, lse, d_out):
     """Gradients `(dq, dk, dv)` recomputing each block's probabilities from `lse`."""
     batch, heads, _, groups, d = q.shape
     bq, bk = static.block_q, static.block_k
+    accumulate = scale.dtype  # accumulation dtype: float32 (float64 for float64 inputs)
     # D_i = Σ_d dO_id O_id = Σ_j p_ij dp_ij: the softmax-gradient row term.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = jnp.sum(d_out.astype(accumulate) * out.astype(accumulate), axis=-1)
 
     def query_block(carry, q_block):
         q_b = _q_rows(q, q_block, bq)
@@ -323,14 +326,14 @@ def _backward(static: _Static, q, k, v, scale, aux: _Aux, out, lse, d_out):
             s = _block_scores(static, aux, q_block, k_block, q_b, k_b, scale_b)
             p = jnp.exp(s - lse_b[..., None])
             dv_b = jnp.einsum("bhqgk,bhqgd->bhkd", p.astype(d_out.dtype), d_out_b,
-                              preferred_element_type=jnp.float32)
+                              preferred_element_type=accumulate)
             dp = jnp.einsum("bhqgd,bhkd->bhqgk", d_out_b, v_b,
-                            preferred_element_type=jnp.float32)
+                            preferred_element_type=accumulate)
             ds = p * (dp - delta_b[..., None]) * scale_b[..., None]
             dq = dq + jnp.einsum("bhqgk,bhkd->bhqgd", ds.astype(k.dtype), k_b,
-                                 preferred_element_type=jnp.float32)
+                                 preferred_element_type=accumulate)
             dk_b = jnp.einsum("bhqgk,bhqgd->bhkd", ds.astype(q.dtype), q_b,
-                              preferred_element_type=jnp.float32)
+                              preferred_element_type=accumulate)
             dk = jax.lax.dynamic_update_slice_in_dim(
                 dk, jax.lax.dynamic_slice_in_dim(dk, start, bk, axis=2) + dk_b, start, axis=2)
             dv = jax.lax.dynamic_update_slice_in_dim(
@@ -338,12 +341,12 @@ def _backward(static: _Static, q, k, v, scale, aux: _Aux, out, lse, d_out):
             return dq, dk, dv
 
         dk, dv = carry
-        dq = jnp.zeros((batch, heads, bq, groups, d), jnp.float32)
+        dq = jnp.zeros((batch, heads, bq, groups, d), accumulate)
         dq, dk, dv = jax.lax.fori_loop(aux.lo[q_block], aux.hi[q_block], key_block,
                                        (dq, dk, dv))
         return (dk, dv), dq
 
-    zeros = jnp.zeros(k.shape, jnp.float32)
+    zeros = jnp.zeros(k.shape, accumulate)
     (dk, dv), dq = jax.lax.scan(query_block, (zeros, zeros), jnp.arange(aux.lo.shape[0]))
     dq = jnp.moveaxis(dq, 0, 2).reshape(q.shape)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
@@ -424,14 +427,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, row_scale: jax.Array,
 
     Args:
       q: `[B, n_q, h, d]`; k, v: `[B, n_k, h_kv, d]` (same float dtype; `h % h_kv == 0`).
-      row_scale: float32 `[B' , h', n_q]` (`B'` 1 or `B`, `h'` 1 or `h`): the logit scale
+      row_scale: float `[B', h', n_q]` (`B'` 1 or `B`, `h'` 1 or `h`): the logit scale
         of each query, `s_ij = row_scale_i · q_i·k_j`.
       flat: the mask (`flatten_mask`, or `FlatMask` with only `mask` set).
       block_q, block_k: block sizes (clipped to `n_q`, `n_k`; the lengths are padded to
         multiples of them).
 
     Returns:
-      `[B, n_q, h, d]` in `q.dtype`; zeros for queries that see no key.
+      `[B, n_q, h, d]` in `q.dtype`, accumulated in float32 (float64 for float64
+      inputs); zeros for queries that see no key.
     """
     batch, n_q, h, d = q.shape
     n_k, h_kv = k.shape[1], k.shape[2]
@@ -451,7 +455,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, row_scale: jax.Array,
         scale = row_scale[:, :, :, None]
     else:
         scale = jnp.swapaxes(row_scale.reshape(rows_s, h_kv, groups, n_q), 2, 3)
-    scale = _pad_axis(scale.astype(jnp.float32), 2, nq_pad)
+    scale = _pad_axis(scale.astype(_checks.compute_dtype(q.dtype)), 2, nq_pad)
 
     kv_valid = flat.kv_valid
     if kv_valid is None and nk_pad > n_k:

@@ -44,3 +44,17 @@ def test_crossover_and_growth_exponent():
     assert attention.crossover(rows) == 256
     assert attention.growth_exponent(rows, "blocked", "causal") == 1.0
     assert attention.growth_exponent(rows, "dense", "causal") == 2.0
+
+
+def test_block_sizes_table(tmp_path, capsys):
+    path = tmp_path / "blocks.json"
+    results = attention.main(["--smoke", "--block-sizes", "--out", str(path)])
+    assert json.loads(path.read_text()) == results
+    assert [(row["block_q"], row["block_k"], row["mask"]) for row in results["blocks"]] == [
+        (*blocks, mask) for blocks in attention.BLOCK_SIZES for mask in attention.MASKS]
+    assert all(row["seconds"] > 0 and row["peak_bytes"] > 0 for row in results["blocks"])
+    capsys.readouterr()
+    attention.main(["--markdown", str(path)])
+    table = capsys.readouterr().out
+    assert "| block_q x block_k | mask | peak MiB | ms | vs fastest |" in table
+    assert table.count("1.00x") >= 2  # the fastest of each mask
