@@ -57,7 +57,7 @@ MASKS = ("causal", "bidirectional")
 BLOCK_SIZES = ((128, 128), (256, 128), (256, 256), (512, 256), (512, 512))
 FULL = {"lengths": (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), "batch": 1,
         "heads": 4, "head_dim": 64, "repeats": 3, "run_budget": 6 * GIB,
-        "block_length": 2048, "block_repeats": 5,
+        "block_length": 2048, "block_repeats": 9,
         "lm": {"start": 512, "limit": 65536, "budget": 4 * GIB, "proof_length": 16384,
                "steps": ((16, 128), (4, 512), (1, 2048))}}
 SMOKE = {"lengths": (64, 128), "batch": 1, "heads": 2, "head_dim": 8, "repeats": 1,
@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  heads=size["heads"], head_dim=size["head_dim"],
                                  repeats=size["block_repeats"])
         results = {"date": today(), "machine": machine_description(),
-                   "command": command + " --block-sizes", "shape": shape, "blocks": blocks}
+                   "command": command + " --block-sizes",
+                   "shape": {**shape, "repeats": size["block_repeats"]}, "blocks": blocks}
         print(block_markdown(results))
         if args.out:
             with open(args.out, "w") as f:

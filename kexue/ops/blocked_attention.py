@@ -35,10 +35,10 @@ from kexue.ops.masks import AttentionMask
 
 __all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q"]
 
-#: Default query / key block sizes. On CPU (2 cores, AVX-512) forward+backward time at
-#: n = 2048 was flat within noise for blocks of 128-256 and 10-40% slower at 512 x 512;
-#: 256 x 256 keeps a block of scores (`h · 256 · 256` float32) in cache.
-DEFAULT_BLOCK_Q = 256
+#: Default query / key block sizes: the fastest of 128 x 128 … 512 x 512 for forward +
+#: backward at n = 2048 on CPU, causal and bidirectional, in two runs of
+#: `python -m benchmarks.attention --block-sizes` (benchmarks/RESULTS.md).
+DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 256
 
 # Logit of a masked entry; finite so that `exp(masked − m)` is an exact 0 without NaNs.
