@@ -279,10 +279,11 @@ def _blocked(q4, k4, v4, structure: blocked_attention.FlatMask, scale, base: flo
 
 #: On CPU, attention over at least this many keys uses the blocked implementation by
 #: default. From `python -m benchmarks.attention` (2 cores; forward + backward, 4 heads
-#: of 64, causal / bidirectional): blocked takes 0.79x / 0.49x of dense time at 128
-#: keys, 0.36x / 0.79x at 512, 0.05x / 0.12x at 4096; below 128 both take under half a
-#: millisecond and the ratio is noise. The `lm_stdlib` train step is 0.81x at its
-#: default 16 x 128 (benchmarks/RESULTS.md).
+#: of 64, causal / bidirectional): blocked takes 0.64x / 0.64x of dense time at 128
+#: keys, 0.78x / 0.64x at 512, 0.11x / 0.29x at 4096; below 128 both take a few
+#: milliseconds at most and the ratio is noise (0.26x-2.79x at 64). The `lm_stdlib`
+#: train step is 0.98x at its
+#: default 16 x 128 and 0.38x at 1 x 2048 (benchmarks/RESULTS.md).
 CPU_BLOCKED_MIN_KEYS = 128
 
 
