@@ -37,6 +37,7 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.ops
 	$(PY) -m benchmarks.optim
 	$(PY) -m benchmarks.lm
+	$(PY) -m benchmarks.attention --out benchmarks/results/attention.json
 
 # kexue vs Hugging Face's PyTorch RoFormer (installs the `peers` extra: torch, transformers).
 bench-peers: $(VENV)/.installed

@@ -10,10 +10,12 @@ Prints three markdown tables:
    fresh output buffer, as a standalone op must; for arrays of 100+ MB the kernel's
    fresh pages cost as much as the loop on this CPU, which lowers both alike. Positions
    known at trace time (the default `arange(n)`) use a host-computed table; traced
-   positions compute sin/cos on the device, where XLA:CPU recomputes them per
-   element of the fused loop.
-2. Entropy-invariant vs standard attention time for the same inputs and mask
-   (target: under 5% overhead; the extra work is one per-query scale on `q`).
+   positions compute the table on the device, once per entry, before the rotation
+   loop reads it.
+2. Entropy-invariant vs standard attention time for the same inputs and mask, given as
+   an `ops.AttentionMask` as the models pass it, with the default implementation
+   (blocked on CPU at these lengths); target: under 5% overhead (the extra work is
+   counting each query's visible keys, `O(n)`, and one per-query logit scale).
 3. Peak memory of dense vs sparse ZLPR loss-and-gradient for a GlobalPointer head
    at n = 512 with 10 entity types, from XLA's compiled memory analysis
    (arguments + outputs + temporaries).
@@ -75,9 +77,8 @@ def attention_table(quick: bool) -> str:
         v = jax.random.normal(keys[2], (b, n, h, d), jnp.float32)
         lengths = jax.random.randint(keys[3], (b,), n // 2, n + 1)
         valid = jnp.arange(n)[None, :] < lengths[:, None]
-        for mask_name, mask in (("padding", ops.padding_mask(valid)),
-                                ("padding+causal",
-                                 ops.combine_masks(ops.padding_mask(valid), ops.causal_mask(n)))):
+        for mask_name, mask in (("padding", ops.AttentionMask(valid=valid)),
+                                ("padding+causal", ops.AttentionMask(valid=valid, causal=True))):
             attend = jax.jit(
                 lambda q, k, v, m, scale: ops.dot_product_attention(q, k, v, mask=m, scale=scale),
                 static_argnums=4)

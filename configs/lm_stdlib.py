@@ -47,8 +47,9 @@ def get_config(preset: str = "full") -> ml_collections.ConfigDict:
                               batch_size=16, eval_batches=8)
 
     # model.dtype "bfloat16" on GPU/TPU; model.remat "full" | "dots" | "dots_no_batch"
-    # trades recompute for memory; model.attention_implementation None (XLA's choice) |
-    # "xla" | "cudnn" (NVIDIA GPUs, with dtype bfloat16).
+    # trades recompute for memory; model.attention_implementation None (per backend:
+    # blocked on CPU from ops.attention.CPU_BLOCKED_MIN_KEYS keys on) | "blocked" | "xla"
+    # | "cudnn" (NVIDIA GPUs, with dtype bfloat16).
     config.model = byte_lm_model_config(
         attention_implementation=ml_collections.config_dict.placeholder(str))
 

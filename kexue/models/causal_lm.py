@@ -69,9 +69,7 @@ class CausalLM(nnx.Module):
         broadcastable to `[b, n, n]` (True = may attend), further restricts the causal
         one.
         """
-        n = tokens.shape[-1]
-        padding = None if valid is None else ops.padding_mask(valid)
-        attention_mask = ops.combine_masks(ops.causal_mask(n), padding, mask)
+        attention_mask = ops.AttentionMask(valid=valid, causal=True, mask=mask)
         hidden, _ = self.transformer(self.embed(tokens), positions=positions,
                                      mask=attention_mask, deterministic=deterministic)
         return self.logits(hidden)
@@ -92,10 +90,8 @@ class CausalLM(nnx.Module):
         The caller keeps `index + q ≤ max_length`.
         """
         q_len = tokens.shape[-1]
-        max_length = cache.layers[0].key.shape[1]
-        offsets = jnp.arange(q_len, dtype=jnp.int32)
-        positions = cache.index + offsets
-        mask = jnp.arange(max_length)[None, :] <= positions[:, None]  # [q, max_length]
+        positions = cache.index + jnp.arange(q_len, dtype=jnp.int32)
+        mask = ops.AttentionMask(causal=True, q_offset=cache.index)  # key j ≤ index + i
         hidden, layers = self.transformer(self.embed(tokens), positions=positions, mask=mask,
                                           cache=cache.layers, cache_index=cache.index,
                                           deterministic=True)

@@ -21,8 +21,9 @@ NORM_POSITIONS = ("pre", "post")
 ROPE_LAYOUTS = ("interleaved", "half")
 ATTENTION_SCALES = ("standard", "entropy_invariant")
 DTYPES = ("float32", "bfloat16", "float16")
-#: `jax.nn.dot_product_attention` implementations (None: XLA picks; "cudnn": GPU only).
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+#: `ops.dot_product_attention` implementations: None (per backend, see
+#: `ops.attention.default_implementation`), "xla", "cudnn" (GPU only), "blocked".
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "blocked")
 #: Rematerialisation policies of `TransformerConfig.remat` (see its docstring).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -85,9 +86,14 @@ class TransformerConfig:
         token embeddings (BERT); 0: none. Sequences may then be at most this long.
       type_vocab_size: rows of a token-type (segment) embedding table added to the
         token embeddings (BERT / RoFormer checkpoints have 2); 0: none.
-      attention_implementation: the `implementation` of `jax.nn.dot_product_attention`
-        behind `ops.dot_product_attention`: None (XLA's choice), ``"xla"`` or
-        ``"cudnn"`` (fused cuDNN flash attention; NVIDIA GPUs, bf16/fp16 compute only).
+      attention_implementation: the `implementation` of `ops.dot_product_attention`:
+        ``"blocked"`` (kexue's blocked attention: memory linear in the length, causal
+        blocks above the diagonal skipped), ``"xla"`` or ``"cudnn"`` (fused cuDNN
+        flash attention; NVIDIA GPUs, bf16/fp16 compute only), or None: blocked on CPU
+        from `ops.attention.CPU_BLOCKED_MIN_KEYS` keys on (where it is faster), XLA's
+        choice elsewhere.
+      attention_block_q, attention_block_k: query / key block sizes of the blocked
+        implementation; None means the op's defaults.
       dropout_rate: dropout on the embeddings and on each residual branch.
       dtype: compute dtype of matmuls (``"float32"`` or ``"bfloat16"``); norms,
         softmax statistics and returned logits stay float32.
@@ -124,6 +130,8 @@ class TransformerConfig:
     max_positions: int = 0
     type_vocab_size: int = 0
     attention_implementation: str | None = None
+    attention_block_q: int | None = None
+    attention_block_k: int | None = None
     dropout_rate: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -158,6 +166,12 @@ class TransformerConfig:
             raise argument_error("attention_implementation", "'cudnn' only with `dtype` "
                                "'bfloat16' or 'float16' (cuDNN's fused attention)",
                                f"cudnn with dtype {self.dtype}")
+        for key in ("attention_block_q", "attention_block_k"):
+            if getattr(self, key) is not None:
+                check_positive_int(key, getattr(self, key))
+                if self.attention_implementation in ("xla", "cudnn"):
+                    raise argument_error(key, "None unless `attention_implementation` is "
+                                         "'blocked' or None", getattr(self, key))
         if self.rotary_dim is not None:
             check_positive_int("rotary_dim", self.rotary_dim, allow_zero=True)
         step = 2 * self.rope_dims

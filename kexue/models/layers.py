@@ -224,8 +224,9 @@ class Attention(nnx.Module):
           x: hidden states `[b, n, D]`.
           positions: `[b, n]` / `[n]` positions (int or float), `[…, n, rope_dims]` for
             N-D RoPE.
-          mask: bool, `[b, n, n_k]` or broadcastable (True = may attend); with a cache,
-            `n_k = max_length`.
+          mask: an `ops.AttentionMask` (structured: validity, causal flag and offset,
+            prefix lengths), or a bool `[b, n, n_k]` or broadcastable (True = may
+            attend); with a cache, `n_k = max_length`.
           cache: keys/values of earlier positions; the new ones are written at
             `cache_index` and attention runs over the whole cache.
           cache_index: int32 scalar, the number of positions already in `cache`.
@@ -246,7 +247,9 @@ class Attention(nnx.Module):
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         out = ops.dot_product_attention(q, k, v, mask=mask, scale=c.attention_scale,
                                         entropy_base=c.entropy_base,
-                                        implementation=c.attention_implementation)
+                                        implementation=c.attention_implementation,
+                                        block_q=c.attention_block_q,
+                                        block_k=c.attention_block_k)
         return self.out(out), cache
 
 

@@ -41,9 +41,11 @@ POOLINGS = ("cls", "mean")
 
 
 def attention_mask_from(valid=None, mask=None):
-    """Combine token validity `valid [b, n]` (→ padding mask) with an attention `mask`."""
-    padding = None if valid is None else ops.padding_mask(valid)
-    return ops.combine_masks(padding, mask)
+    """Token validity `valid [b, n]` and an optional bool attention `mask` as one
+    `ops.AttentionMask` (None when both are None)."""
+    if valid is None and mask is None:
+        return None
+    return ops.AttentionMask(valid=valid, mask=mask)
 
 
 class RoFormerEncoder(nnx.Module):

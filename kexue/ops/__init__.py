@@ -7,6 +7,8 @@ naming the argument. Importing this package loads JAX and NumPy only.
     from kexue import ops
     q = ops.apply_rope(q, positions)
     out = ops.dot_product_attention(q, k, v, mask=mask, scale="entropy_invariant")
+    out = ops.dot_product_attention(q, k, v, mask=ops.AttentionMask(valid=valid, causal=True),
+                                    implementation="blocked")  # memory linear in n
 """
 
 from kexue.ops.attention import dot_product_attention, entropy_invariant_scale
@@ -21,10 +23,17 @@ from kexue.ops.global_pointer import (
     spans_to_flat,
 )
 from kexue.ops.losses import global_pointer_kl, softmax_kl, sparse_zlpr_loss, zlpr_loss
-from kexue.ops.masks import causal_mask, combine_masks, padding_mask, prefix_lm_mask
+from kexue.ops.masks import (
+    AttentionMask,
+    causal_mask,
+    combine_masks,
+    padding_mask,
+    prefix_lm_mask,
+)
 from kexue.ops.rope import apply_rope, apply_rope_nd, rope_frequencies, rope_sin_cos
 
 __all__ = [
+    "AttentionMask",
     "apply_rope",
     "apply_rope_nd",
     "bhattacharyya_distance",

@@ -8,6 +8,8 @@ attention (kexue.fm/archives/8823, 9034, 9588) scales the logits of query `i` by
 length the rest of the model was tuned at (512 by default; at `n_i = b` it is standard
 attention). The factor is per query, so it is folded into `q` before the dot product and
 the fused kernels of `jax.nn.dot_product_attention` (cuDNN flash on GPU) still apply.
+``implementation="blocked"`` computes the same attention block by block
+(`kexue.ops.blocked_attention`) with memory linear in the length.
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kexue.ops import _checks
+from kexue.ops import _checks, blocked_attention
+from kexue.ops.masks import AttentionMask
 
-__all__ = ["SCALES", "dot_product_attention", "entropy_invariant_scale"]
+__all__ = ["IMPLEMENTATIONS", "SCALES", "dot_product_attention", "entropy_invariant_scale"]
 
 SCALES = ("standard", "entropy_invariant")
+#: `implementation` values: None (per backend, `default_implementation`),
+#: `jax.nn.dot_product_attention`'s ``"xla"`` / ``"cudnn"``, and kexue's ``"blocked"``
+#: (`kexue.ops.blocked_attention`).
+IMPLEMENTATIONS = (None, "xla", "cudnn", "blocked")
 
 
 def _check_entropy_base(entropy_base) -> float:
@@ -109,9 +116,18 @@ def _prepare_mask(mask, q_shape: tuple[int, ...], n_k: int) -> jax.Array:
     return jnp.broadcast_to(mask, (flat_batch, heads, n_q, n_k))
 
 
+def _check_block(name: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"`{name}` must be a positive Python int or None; got {value!r}.")
+    return int(value)
+
+
 def dot_product_attention(q, k, v, *, mask=None, scale: str | float = "standard",
-                          entropy_base: float = 512.0,
-                          implementation: str | None = None) -> jax.Array:
+                          entropy_base: float = 512.0, implementation: str | None = None,
+                          block_q: int | None = None,
+                          block_k: int | None = None) -> jax.Array:
     """Multi-head attention `softmax(κ_i q_i·k_j + mask) v` with grouped-query heads.
 
     The logit scale `κ_i` of query `i` is `1/√d` for ``scale="standard"``,
@@ -123,18 +139,34 @@ def dot_product_attention(q, k, v, *, mask=None, scale: str | float = "standard"
     so its fused kernels apply; a scale that is the same for all queries (standard, a
     number, or entropy-invariant without a mask) is passed to it directly.
 
+    With ``implementation="blocked"`` the same function is computed by
+    `kexue.ops.blocked_attention`: online softmax over key blocks with a recomputing
+    custom VJP, so neither the forward nor the backward pass holds more than a
+    `[block_q, block_k]` block of scores per head, and memory is linear in `n`. Given an
+    `AttentionMask`, it skips key blocks above the causal diagonal and blocks of padding,
+    and counts the visible keys per query in `O(n)`. Its gradient is reverse-mode only
+    (`jax.grad`/`jax.vjp`, not `jax.jvp`).
+
     Args:
       q: `[..., n_q, h, d]` queries, float dtype.
       k: `[..., n_k, h_kv, d]` keys, same dtype and leading axes as `q`, `h % h_kv == 0`.
       v: `[..., n_k, h_kv, d]` values, same shape and dtype as `k`.
-      mask: optional bool, True = may attend. Either `[..., n_q, n_k]` (fewer axes than
-        `q`; shared by all heads) or `[..., h, n_q, n_k]` (as many axes as `q`), each
-        broadcastable to `q.shape[:-3] + (h, n_q, n_k)`. See `kexue.ops.masks`.
+      mask: optional, True = may attend: a bool array, either `[..., n_q, n_k]` (fewer
+        axes than `q`; shared by all heads) or `[..., h, n_q, n_k]` (as many axes as
+        `q`), each broadcastable to `q.shape[:-3] + (h, n_q, n_k)`; or an
+        `AttentionMask` (validity, causal flag and offset, prefix lengths: the same
+        mask in `O(n)` form, which the blocked implementation reads directly). See
+        `kexue.ops.masks`.
       scale: ``"standard"``, ``"entropy_invariant"`` or a Python number (the logit
         scale itself, `1/√d` not applied on top).
       entropy_base: `b` of the entropy-invariant scale (the tuned training length).
-      implementation: passed to `jax.nn.dot_product_attention` (None, ``"xla"``,
-        ``"cudnn"``).
+      implementation: ``"blocked"`` (kexue's blocked attention), or passed to
+        `jax.nn.dot_product_attention` (``"xla"``, ``"cudnn"``). None picks per backend
+        (`default_implementation`): blocked on CPU from `CPU_BLOCKED_MIN_KEYS` keys on,
+        XLA's choice otherwise.
+      block_q, block_k: query / key block sizes of the blocked implementation (None:
+        `blocked_attention.DEFAULT_BLOCK_Q` / `DEFAULT_BLOCK_K`); an error with
+        ``"xla"`` or ``"cudnn"``.
 
     Returns:
       `[..., n_q, h, d]` in the dtype of `q`. A query that sees no key gets zeros (with
@@ -165,12 +197,34 @@ def dot_product_attention(q, k, v, *, mask=None, scale: str | float = "standard"
         )
     _check_scale(scale)
     base = _check_entropy_base(entropy_base)
+    _checks.check_one_of("implementation", implementation, IMPLEMENTATIONS)
+    block_q, block_k = _check_block("block_q", block_q), _check_block("block_k", block_k)
+    if implementation in ("xla", "cudnn") and (block_q is not None or block_k is not None):
+        raise ValueError(f"`block_q` and `block_k` apply to implementation='blocked' only; "
+                         f"got implementation={implementation!r} with block_q={block_q}, "
+                         f"block_k={block_k}.")
+    if implementation is None:
+        implementation = default_implementation(n_k)
 
     flat = math.prod(batch)
     q4 = q.reshape(flat, n_q, h, d)
     k4 = k.reshape(flat, n_k, h_kv, d)
     v4 = v.reshape(flat, n_k, h_kv, d)
-    mask4 = None if mask is None else _prepare_mask(mask, q.shape, n_k)
+    structure = None
+    if isinstance(mask, AttentionMask):
+        dense = None if mask.mask is None else _prepare_mask(mask.mask, q.shape, n_k)
+        structure = blocked_attention.flatten_mask(mask, q.shape, n_k, dense)
+    if implementation == "blocked":
+        if structure is None:
+            structure = blocked_attention.FlatMask(
+                None, None, False, None, None,
+                None if mask is None else _prepare_mask(mask, q.shape, n_k))
+        out = _blocked(q4, k4, v4, structure, scale, base, block_q, block_k)
+        return out.reshape(q.shape)
+    if structure is not None:
+        mask4 = blocked_attention.dense_mask(structure, n_q, n_k)
+    else:
+        mask4 = None if mask is None else _prepare_mask(mask, q.shape, n_k)
 
     kernel_scale = 1.0
     counts = None  # visible keys per (batch, head, query), when the scale needs them
@@ -198,3 +252,48 @@ def dot_product_attention(q, k, v, *, mask=None, scale: str | float = "standard"
         seen = jnp.swapaxes(seen, -1, -2)[..., None]  # [B', n_q, h', 1]
         out = jnp.where(seen, out, jnp.zeros((), out.dtype))
     return out.reshape(q.shape).astype(q.dtype)
+
+
+def _blocked(q4, k4, v4, structure: blocked_attention.FlatMask, scale, base: float,
+             block_q: int | None, block_k: int | None) -> jax.Array:
+    """`dot_product_attention` on `[B, n, heads, d]` inputs with the blocked kernel."""
+    n_q, d = q4.shape[1], q4.shape[-1]
+    n_k = k4.shape[1]
+    unmasked = not structure.causal and all(
+        part is None for part in (structure.q_valid, structure.kv_valid, structure.mask))
+    if scale == "entropy_invariant" and not unmasked:
+        counts = blocked_attention.visible_counts(structure, n_q, n_k)  # [B', h', n_q]
+        counts = counts.astype(_checks.compute_dtype(q4.dtype))
+        row_scale = entropy_invariant_scale(counts, entropy_base=base) / math.sqrt(d)
+    else:  # the same scale for every query, computed in Python as on the dense path
+        if scale == "entropy_invariant":
+            value = math.log(n_k) / math.log(base) / math.sqrt(d)
+        else:
+            value = 1.0 / math.sqrt(d) if scale == "standard" else float(scale)
+        row_scale = jnp.full((1, 1, n_q), value, _checks.compute_dtype(q4.dtype))
+    return blocked_attention.attention(
+        q4, k4, v4, row_scale, structure,
+        block_q=blocked_attention.DEFAULT_BLOCK_Q if block_q is None else block_q,
+        block_k=blocked_attention.DEFAULT_BLOCK_K if block_k is None else block_k)
+
+
+#: On CPU, attention over at least this many keys uses the blocked implementation by
+#: default. From `python -m benchmarks.attention` (2 cores; forward + backward, 4 heads
+#: of 64, causal / bidirectional): blocked takes 0.64x / 0.64x of dense time at 128
+#: keys, 0.78x / 0.64x at 512, 0.11x / 0.29x at 4096; below 128 both take a few
+#: milliseconds at most and the ratio is noise (0.26x-2.79x at 64). The `lm_stdlib`
+#: train step is 0.98x at its
+#: default 16 x 128 and 0.38x at 1 x 2048 (benchmarks/RESULTS.md).
+CPU_BLOCKED_MIN_KEYS = 128
+
+
+def default_implementation(n_k: int) -> str | None:
+    """The implementation `implementation=None` resolves to for `n_k` keys.
+
+    ``"blocked"`` on CPU for `n_k ≥ CPU_BLOCKED_MIN_KEYS`; otherwise None, which leaves
+    the choice to `jax.nn.dot_product_attention` (XLA, or cuDNN's fused kernel where it
+    applies).
+    """
+    if jax.default_backend() == "cpu" and n_k >= CPU_BLOCKED_MIN_KEYS:
+        return "blocked"
+    return None

@@ -5,9 +5,16 @@ to key `j`" (kexue.fm/archives/8475). Masks combine by logical AND, so padding a
 causality compose with `combine_masks`. `kexue.ops.attention.dot_product_attention`
 accepts any of them, counts the visible keys per query from the mask (entropy-invariant
 scale) and returns zeros for a query that sees no key.
+
+`AttentionMask` is the same information in structured form (token validity, a causal
+flag with its offset, prefix lengths, and optionally a boolean mask on top): `O(n)`
+arrays instead of `O(n²)`, from which blocked attention skips whole blocks and counts the
+visible keys per query without building the `[q_len, k_len]` mask.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +22,7 @@ import numpy as np
 
 from kexue.ops import _checks
 
-__all__ = ["causal_mask", "combine_masks", "padding_mask", "prefix_lm_mask"]
+__all__ = ["AttentionMask", "causal_mask", "combine_masks", "padding_mask", "prefix_lm_mask"]
 
 
 def _check_length(name: str, value) -> int:
@@ -133,3 +140,51 @@ def combine_masks(*masks) -> jax.Array | None:
     for _, m in present[1:]:
         result = result & m
     return result
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query sees, in structured form; pass it as `mask=` to attention.
+
+    Query `i` may attend to key `j` iff all of the given parts allow it:
+
+    * `valid[..., i]` and `kv_valid[..., j]` (padding, as `padding_mask`);
+    * with `causal`: `j <= i + q_offset`, or `j < prefix_lengths` (prefix-LM: the prefix
+      is visible to every query, as `prefix_lm_mask`);
+    * `mask[..., i, j]` (any boolean mask, as `dot_product_attention` reads it).
+
+    `dot_product_attention(q, k, v, mask=AttentionMask(...))` gives exactly what the
+    equivalent boolean mask gives. The dense implementations build that mask; the blocked
+    one (``implementation="blocked"``) reads the parts directly: it counts each query's
+    visible keys (entropy-invariant scale) in `O(n)`, and skips key blocks above the
+    causal diagonal and blocks made only of padding. A model passes its structure here
+    rather than a combined `[b, n, n]` mask.
+
+    Attributes:
+      valid: bool (or integer, nonzero = real token) `[..., n_q]` query validity; a
+        padded query sees nothing and gets zeros. None: all valid.
+      kv_valid: bool (or integer) `[..., n_k]` key validity. None means `valid` when
+        that is given and `n_q == n_k` (self-attention), else all keys valid.
+      causal: static Python bool: query `i` sees keys `j <= i + q_offset`.
+      q_offset: position of query 0 among the keys: a Python int, or an integer array
+        of shape `[...]` (one per sequence) that may be traced, e.g. the cache index
+        when decoding. None means `n_k − n_q` (the queries are the last `n_q`
+        positions, as in `causal_mask`). Only read with `causal`.
+      prefix_lengths: integer `[...]` prefix length per sequence (prefix-LM / UniLM,
+        kexue.fm/archives/8475); needs `causal=True`.
+      mask: optional bool `[..., n_q, n_k]` (shared by the heads) or `[..., h, n_q, n_k]`
+        ANDed with the rest; it costs `O(n²)` memory, so the blocked implementation
+        uses it for correctness, not for long sequences.
+
+    The leading axes `...` of every part broadcast against the batch axes of `q`. The
+    class is a pytree (arrays are leaves, `causal` is static), so it passes through
+    `jax.jit`, `jax.checkpoint` and `nnx` modules as one argument.
+    """
+
+    valid: jax.Array | None = None
+    kv_valid: jax.Array | None = None
+    causal: bool = dataclasses.field(default=False, metadata={"static": True})
+    q_offset: jax.Array | int | None = None
+    prefix_lengths: jax.Array | None = None
+    mask: jax.Array | None = None

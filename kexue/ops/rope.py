@@ -84,10 +84,8 @@ def _sin_cos_from_angles(positions, theta64: np.ndarray) -> tuple[jax.Array, jax
 
     Host positions (known at trace time, e.g. the default `arange(n)`) give a table
     computed in float64 with NumPy and embedded as a constant: exact angles even for
-    large positions, and under `jax.jit` nothing is recomputed. (XLA fuses device-side
-    `sin`/`cos` into the rotation loop and recomputes them for every batch element and
-    head, which on CPU makes RoPE several times slower than a copy; see
-    benchmarks/RESULTS.md.) Traced positions are computed on the device.
+    large positions, and under `jax.jit` nothing is recomputed. Traced positions are
+    computed on the device by `_device_sin_cos`, once per table entry.
     """
     dtype = _angle_dtype(positions)
     if _is_host_value(positions):
@@ -97,7 +95,73 @@ def _sin_cos_from_angles(positions, theta64: np.ndarray) -> tuple[jax.Array, jax
             return (jnp.asarray(np.sin(angles), dtype=dtype),
                     jnp.asarray(np.cos(angles), dtype=dtype))
     angles = jnp.asarray(positions).astype(dtype)[..., None] * theta64.astype(dtype)
-    return jnp.sin(angles), jnp.cos(angles)
+    return _device_sin_cos(angles)
+
+
+#: Taylor coefficients of `tan u = Σ c_k u^(2k+1)`; 7 terms are within 3e-9 (relative)
+#: on `|u| ≤ π/8`.
+_TAN_TAYLOR = (1.0, 1 / 3, 2 / 15, 17 / 315, 62 / 2835, 1382 / 155925, 21844 / 6081075)
+
+
+def _cody_waite_split(value: float, bits: int = 8) -> tuple[float, float, float]:
+    """`value = hi + mid + lo` with `hi`, `mid` of `bits` significant bits, so that `k·hi`
+    and `k·mid` are exact in float32 for integers `|k| < 2^(24 − bits)`."""
+    parts = []
+    rest = value
+    for _ in range(2):
+        mantissa, exponent = math.frexp(rest)
+        part = math.ldexp(math.floor(math.ldexp(mantissa, bits)), exponent - bits)
+        parts.append(part)
+        rest -= part
+    return parts[0], parts[1], float(np.float32(rest))
+
+
+_HALF_PI_PARTS = _cody_waite_split(math.pi / 2)
+
+
+def _device_sin_cos(angles: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """sin and cos of traced `angles`, computed once per table entry.
+
+    XLA:CPU counts `sin`/`cos` as cheap, fuses them into the rotation loop and evaluates
+    them for every batch element and head, with a scalar routine that costs ~10x the
+    rotation itself; RoPE then runs at a fraction of copy bandwidth. Here float32 angles
+    go through vectorisable arithmetic that ends in a division, which XLA:CPU counts as
+    expensive and does not fuse into a consumer that reads each element many times, so
+    the table is computed once and read by the loop (`python -m benchmarks.ops`):
+
+    1. quadrant `k = round(a / (π/2))` and `r = a − k·π/2 ∈ [−π/4, π/4]` (π/2 split in
+       three parts, Cody–Waite, so `k·π/2` is exact for `|a| < 10⁵`; beyond that its
+       error stays below the rounding of the float32 angle itself);
+    2. `t = tan(r/2)` from its Taylor series (`|r/2| ≤ π/8`);
+    3. `sin r = 2t/(1 + t²)`, `cos r = (1 − t²)/(1 + t²)` (Weierstrass), rotated by the
+       quadrant: `(sin a, cos a) = (sin r, cos r)·i^k` — the division comes last.
+
+    Within 2e-7 of `sin`/`cos` of the float32 angle for `|a| < 10⁵`. float64 angles use
+    `jnp.sin`/`jnp.cos`.
+    """
+    if angles.dtype == jnp.float64:
+        return jnp.sin(angles), jnp.cos(angles)
+    dtype = angles.dtype
+    quadrant = jnp.round(angles * np.asarray(2 / math.pi, dtype))
+    reduced = angles
+    for part in _HALF_PI_PARTS:
+        reduced = reduced - quadrant * np.asarray(part, dtype)
+    half = reduced * 0.5
+    square = half * half
+    tan_half = jnp.full_like(half, _TAN_TAYLOR[-1])
+    for coefficient in _TAN_TAYLOR[-2::-1]:
+        tan_half = tan_half * square + np.asarray(coefficient, dtype)
+    tan_half = tan_half * half
+    sin_r = 2 * tan_half
+    cos_r = 1 - tan_half * tan_half
+    k = quadrant.astype(jnp.int32)
+    odd = (k & 1) == 1
+    sin_sign = jnp.where((k & 2) == 2, -1.0, 1.0).astype(dtype)
+    cos_sign = jnp.where(((k + 1) & 2) == 2, -1.0, 1.0).astype(dtype)
+    denominator = 1 + tan_half * tan_half
+    sin = sin_sign * jnp.where(odd, cos_r, sin_r) / denominator
+    cos = cos_sign * jnp.where(odd, sin_r, cos_r) / denominator
+    return sin, cos
 
 
 def _angle_dtype(positions) -> jnp.dtype:

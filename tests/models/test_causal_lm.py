@@ -18,6 +18,9 @@ from tests.models._configs import model_config
         {"attention_scale": "entropy_invariant", "num_kv_heads": 2, "entropy_base": 8.0},
         {"rope_layout": "half", "rotary_dim": 4, "num_kv_heads": 1, "activation": "swiglu",
          "norm": "rmsnorm", "norm_position": "post", "tie_embeddings": True},
+        {"attention_implementation": "blocked", "attention_block_q": 2,
+         "attention_block_k": 4, "attention_scale": "entropy_invariant", "num_kv_heads": 2,
+         "entropy_base": 8.0},
     ],
 )
 def test_cached_decoding_equals_full_forward(rng, overrides):

@@ -72,9 +72,10 @@ def test_bad_remat_names_the_setting(value):
 
 
 def compiled_temp_bytes(remat: str) -> int:
-    """Temporary buffer bytes of the compiled gradient of a long, narrow causal LM."""
+    """Temporary buffer bytes of the compiled gradient of a long, narrow causal LM with
+    dense attention (whose `[b, h, n, n]` probabilities remat has to drop)."""
     config = model_config("causal_lm", width=64, num_layers=4, num_heads=2, mlp_dim=256,
-                          vocab_size=32, remat=remat)
+                          vocab_size=32, remat=remat, attention_implementation="xla")
     model = models.build_model(config, rngs=nnx.Rngs(0))
     # Pure states through a plain `jax.grad`, as in `kexue.train.make_train_step`.
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -107,7 +108,7 @@ def train_step_temp_bytes(remat: str) -> int:
     from kexue import parallel, train
 
     config = model_config("causal_lm", width=64, num_layers=4, num_heads=2, mlp_dim=256,
-                          vocab_size=32, remat=remat)
+                          vocab_size=32, remat=remat, attention_implementation="xla")
     mesh = parallel.make_mesh(data=1, devices=jax.devices()[:1])
 
     def loss_fn(model, batch, rng):

@@ -299,3 +299,44 @@ def test_host_positions_are_exact_and_precomputed(rng, layout):
 
     hlo = jax.jit(lambda x: apply_rope(x, layout=layout)).lower(x).compile().as_text()
     assert "sine(" not in hlo and "cosine(" not in hlo
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA:CPU's fusion decisions")
+def test_traced_positions_table_is_computed_outside_the_rotation_loop(rng):
+    """Positions traced under jit: the sin/cos table is computed once per table entry.
+
+    The compiled computation that writes the rotated `[b, n, h, d]` array (the loop over
+    every element) must only read the table, not evaluate a transcendental per element.
+    """
+    x = rng.normal(size=(3, 8, 2, 16)).astype(np.float32)
+    positions = rng.uniform(0, 100, size=(3, 8)).astype(np.float32)
+    fn = jax.jit(lambda x, p: apply_rope(x, p))
+    np.testing.assert_allclose(fn(x, positions), rope_reference(x, positions), **TOL)
+    hlo = fn.lower(x, positions).compile().as_text()
+    computations = [block.strip() for block in hlo.split("\n\n") if "ROOT" in block]
+    loops = [block for block in computations
+             if block.startswith("%") and "-> f32[3,8,2,16]" in block.split("\n")[0]]
+    assert loops, hlo
+    for block in loops:
+        assert not any(op in block for op in ("tan(", "sine(", "cosine(")), block
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_traced_sin_cos_match_float64_of_the_float32_angles(rng, integer):
+    """Traced positions: sin/cos within 3e-7 of the float64 values at the float32 angles.
+
+    The angles `m·θ` are rounded to float32 as documented; the table computed from them
+    on the device must add no more than a few ulp. Positions cover every quadrant and
+    magnitudes up to 1e5 radians.
+    """
+    if integer:
+        positions = rng.integers(-100_000, 100_000, size=(4, 257)).astype(np.int32)
+    else:
+        positions = rng.uniform(-100_000, 100_000, size=(4, 257)).astype(np.float32)
+    rotary_dim = 16
+    sin, cos = jax.jit(lambda p: rope_sin_cos(p, rotary_dim, base=100.0))(positions)
+    theta32 = np.power(100.0, np.arange(rotary_dim // 2) * (-2.0 / rotary_dim)).astype(np.float32)
+    angles = (positions.astype(np.float32)[..., None] * theta32).astype(np.float64)
+    assert sin.dtype == jnp.float32 and sin.shape == angles.shape
+    np.testing.assert_allclose(sin, np.sin(angles), rtol=0, atol=3e-7)
+    np.testing.assert_allclose(cos, np.cos(angles), rtol=0, atol=3e-7)
