@@ -8,21 +8,29 @@
 Model- and data-agnostic: a model is any `nnx.Module` built by a no-argument
 factory, a loss is `(model, batch, rng) -> (loss, aux metrics)`, data is an iterator
 with `get_state` / `set_state`.
+
+A run directory has one writer (`WorkdirLock`, held by `train_loop`) and any number of
+readers (`Checkpointer(..., read_only=True)`), which never change it.
 """
 
 from kexue.train.checkpoint import (
+    CheckpointCorruptError,
     Checkpointer,
     CheckpointMismatchError,
     CheckpointSaveError,
     Restored,
+    state_checksums,
 )
 from kexue.train.loop import (
+    FINAL_METRICS,
     CheckpointableIterator,
     LoopConfig,
     NonFiniteError,
     TrainResult,
+    check_resume,
     count_tokens,
     evaluate,
+    read_final_metrics,
     train_loop,
 )
 from kexue.train.metrics import (
@@ -42,8 +50,20 @@ from kexue.train.state import (
     train_state_shardings,
 )
 from kexue.train.steps import LossFn, make_eval_step, make_train_step
+from kexue.train.workdir import (
+    LOCK_FILE,
+    WorkdirError,
+    WorkdirLock,
+    WorkdirLockedError,
+    check_workdir,
+    read_json,
+    write_json_atomic,
+)
 
 __all__ = [
+    "FINAL_METRICS",
+    "LOCK_FILE",
+    "CheckpointCorruptError",
     "CheckpointMismatchError",
     "CheckpointSaveError",
     "CheckpointableIterator",
@@ -59,7 +79,12 @@ __all__ = [
     "TensorBoardWriter",
     "TrainResult",
     "TrainState",
+    "WorkdirError",
+    "WorkdirLock",
+    "WorkdirLockedError",
     "abstract_train_state",
+    "check_resume",
+    "check_workdir",
     "count_tokens",
     "create_train_state",
     "evaluate",
@@ -67,7 +92,11 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "path_str",
+    "read_final_metrics",
+    "read_json",
     "scalars",
+    "state_checksums",
     "train_loop",
     "train_state_shardings",
+    "write_json_atomic",
 ]
