@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 from kexue import models, ops, optim
 from kexue.data import CLUENER_TYPES, DataIterator, default_data_config, make_dataset
 from kexue.parallel import MESH_AXES
-from kexue.train import LoopConfig
+from kexue.train import LoopConfig, WorkdirError, read_json
 
 __all__ = ["CONFIG_FILE", "PRESET_FULL", "Task", "build_optimizer", "build_task",
            "check_config", "load_presets", "load_saved_config", "optimizer_config",
@@ -141,6 +141,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         was expected and what was given.
     """
     _check_keys(config, TOP_KEYS, "")
+    _check_finite(config.to_dict(), "")
     for key in ("data", "model", "optimizer", "train"):
         if key not in config:
             raise ValueError(f"the config needs a `{key}` section")
@@ -184,6 +185,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config key `train.checkpoint_every`: expected a multiple of "
                          f"`train.eval_every` = {train.eval_every} (the best checkpoint is "
                          f"tracked at eval steps); got {train.checkpoint_every}")
+
+
+def _check_finite(tree: Mapping[str, Any], prefix: str) -> None:
+    """No setting is NaN or ±inf (`clip_norm=nan` would silently switch clipping off)."""
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            _check_finite(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"config key `{prefix}{key}`: expected a finite number; "
+                             f"got {value!r}")
 
 
 def _check_rdrop(alpha: Any, model_name: Any) -> None:
@@ -246,9 +257,13 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, st
     path = os.path.join(workdir, CONFIG_FILE)
     new = json.loads(config.to_json_best_effort(sort_keys=True))
     changed: dict[str, str] = {}
+    old = None
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as file:
-            old = json.load(file)
+        try:
+            old = read_json(path, what="the run's config")
+        except WorkdirError as error:  # replaced below by the config of this run
+            print(f"{error}; writing this run's config over it", flush=True)
+    if old is not None:
         flat_old, flat_new = _flatten(old), _flatten(new)
         changed = {key: f"{flat_old.get(key)!r} -> {flat_new.get(key)!r}"
                    for key in sorted(set(flat_old) | set(flat_new))
@@ -278,9 +293,9 @@ def load_saved_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} the workdir of a "
                                 "`python -m experiments.train` run?")
-    with open(path, encoding="utf-8") as file:
-        config = ml_collections.ConfigDict(_tuples(json.load(file)))
-    return config
+    record = read_json(path, what="the run's config, written by experiments.train: rerun "
+                                  "the training command (it writes it again) or restore it")
+    return ml_collections.ConfigDict(_tuples(record))
 
 
 def _tuples(tree: Any) -> Any:

@@ -11,6 +11,13 @@ model, prints a greedy sample. The resolved config is saved as `<workdir>/config
 (read back by `python -m experiments.evaluate --workdir DIR`). Running the command
 again on the same workdir resumes from the newest checkpoint. A preset can also be
 named in the config argument: `--config configs/lm_stdlib.py:smoke`.
+
+One trainer per workdir: a second one exits at once naming the first one's PID and
+host. Everything that can be checked before training is (config values, the workdir,
+the data, the newest checkpoint against the model); a command refused by a check
+leaves the workdir as it was (`config.json` is written only after the checks). A
+failure ends in one `error:` line; its traceback goes to `<workdir>/error.log` once
+training has begun (`--verbosity=1` prints it).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from kexue.parallel import initialize_distributed
+from kexue.train import OPERATOR_ERRORS, report_failure
 
 # Unknown override keys are accepted here and rejected by `check_config`, which names
 # the nearest valid key.
@@ -54,10 +62,25 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every step at INFO
         logging.set_verbosity(logging.WARNING)
     info = initialize_distributed()  # before any other JAX call
+    started: list[str] = []  # the workdir, once training writes there (for error.log)
+    try:
+        _train(info, started)
+    except OPERATOR_ERRORS as error:
+        sys.exit(report_failure(error, verbose=flags.FLAGS.verbosity >= 1,
+                                workdir=started[0] if started else None))
 
+
+def _train(info, started: list[str]) -> None:
     from experiments import _build
     from kexue.parallel import mesh_from_config
-    from kexue.train import train_loop
+    from kexue.train import (
+        LoopConfig,
+        WorkdirLock,
+        abstract_train_state,
+        check_resume,
+        check_workdir,
+        train_loop,
+    )
 
     try:
         flag = flags.FLAGS["config"]
@@ -67,25 +90,36 @@ def main(argv: list[str]) -> None:
         _build.check_config(config)
         mesh = mesh_from_config(config)
         _build.check_against_mesh(config, mesh)
-        task = _build.build_task(config, mesh)
-        tx = _build.build_optimizer(task.config, task.model_factory)
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         _config_error(error)
-    config = task.config
-    workdir = _WORKDIR.value
-    if info.process_index == 0:
-        print("resolved config:\n" + config.to_json_best_effort(indent=2, sort_keys=True),
-              flush=True)
-        print(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} "
-              f"device(s), {info.process_count} process(es)", flush=True)
-    changed = _build.save_config(config, workdir)
-    if changed and info.process_index == 0:
-        print("config differs from the saved one in this workdir (resuming anyway): "
-              + "; ".join(f"{k}: {v}" for k, v in changed.items()), flush=True)
-    result = train_loop(model_factory=task.model_factory, loss_fn=task.loss_fn, tx=tx,
-                        train_data=task.train_data, mesh=mesh, config=config.train,
-                        workdir=workdir, eval_data=task.eval_data, eval_fn=task.eval_fn,
-                        tokens_in=task.tokens_in)
+    # Workdir checks, then the writer lock, before the data is built: a second trainer
+    # exits at once, and nothing is written until every check has passed.
+    workdir = check_workdir(_WORKDIR.value, writable=True)
+    with WorkdirLock(workdir):
+        try:
+            task = _build.build_task(config, mesh)
+            tx = _build.build_optimizer(task.config, task.model_factory)
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            _config_error(error)
+        config = task.config
+        if info.process_index == 0:
+            print("resolved config:\n" + config.to_json_best_effort(indent=2, sort_keys=True),
+                  flush=True)
+            print(f"mesh {dict(mesh.shape)} on {mesh.devices.size} "
+                  f"{mesh.devices.flat[0].platform} device(s), {info.process_count} "
+                  "process(es)", flush=True)
+        loop = LoopConfig.from_config(config.train)
+        check_resume(workdir, abstract_train_state(task.model_factory, tx, mesh,
+                                                   seed=loop.seed))
+        changed = _build.save_config(config, workdir)  # every check passed
+        started.append(workdir)
+        if changed and info.process_index == 0:
+            print("config differs from the saved one in this workdir (resuming anyway): "
+                  + "; ".join(f"{k}: {v}" for k, v in changed.items()), flush=True)
+        result = train_loop(model_factory=task.model_factory, loss_fn=task.loss_fn, tx=tx,
+                            train_data=task.train_data, mesh=mesh, config=loop,
+                            workdir=workdir, eval_data=task.eval_data, eval_fn=task.eval_fn,
+                            tokens_in=task.tokens_in)
     if result.preempted:
         sys.exit(0)
     if info.process_index != 0:

@@ -52,7 +52,15 @@ def train_run(config_file: str, preset: str, overrides: Mapping[str, Any],
     """Trains one run as `experiments.train` would (or reads it back); `final_metrics.json`."""
     from experiments import _build
     from kexue.parallel import mesh_from_config
-    from kexue.train import train_loop
+    from kexue.train import (
+        LoopConfig,
+        WorkdirError,
+        WorkdirLock,
+        abstract_train_state,
+        check_resume,
+        read_final_metrics,
+        train_loop,
+    )
 
     config = _load_config_module(config_file).get_config()
     config.preset = preset
@@ -67,22 +75,28 @@ def train_run(config_file: str, preset: str, overrides: Mapping[str, Any],
     saved_path = workdir / _build.CONFIG_FILE
     if final_path.exists() and saved_path.exists():
         saved = json.loads(saved_path.read_text())
-        final = json.loads(final_path.read_text())
         wanted = json.loads(task.config.to_json_best_effort(sort_keys=True))
+        try:  # an incomplete record (no final evaluation) is never reused
+            final = read_final_metrics(workdir)
+        except WorkdirError:
+            final = {}
         if saved == wanted and final.get("step") == int(config.train.num_steps):
             log(f"[reproduce]   finished run found in {workdir}: reusing it")
             return {**final, "reused": True}
     tx = _build.build_optimizer(task.config, task.model_factory)
-    _build.save_config(task.config, os.fspath(workdir))
-    train_loop(model_factory=task.model_factory, loss_fn=task.loss_fn, tx=tx,
-               train_data=task.train_data, mesh=mesh, config=task.config.train,
-               workdir=os.fspath(workdir), eval_data=task.eval_data, eval_fn=task.eval_fn,
-               tokens_in=task.tokens_in, log=lambda message: None)
+    with WorkdirLock(workdir):
+        check_resume(workdir, abstract_train_state(
+            task.model_factory, tx, mesh, seed=LoopConfig.from_config(task.config.train).seed))
+        _build.save_config(task.config, os.fspath(workdir))
+        train_loop(model_factory=task.model_factory, loss_fn=task.loss_fn, tx=tx,
+                   train_data=task.train_data, mesh=mesh, config=task.config.train,
+                   workdir=os.fspath(workdir), eval_data=task.eval_data, eval_fn=task.eval_fn,
+                   tokens_in=task.tokens_in, log=lambda message: None)
     if not final_path.exists():  # stopped by SIGTERM/SIGINT: checkpoint saved, not finished
         raise RuntimeError(f"the run in {workdir} stopped before its last step (a "
                            "preemption signal); its checkpoint is saved: rerun the same "
                            "command to resume it and finish the study")
-    return json.loads(final_path.read_text())
+    return read_final_metrics(workdir)
 
 
 def summary(values: Sequence[float]) -> tuple[float, float | None]:

@@ -23,6 +23,7 @@ from kexue.train.checkpoint import (
 )
 from kexue.train.loop import (
     FINAL_METRICS,
+    OPERATOR_ERRORS,
     CheckpointableIterator,
     LoopConfig,
     NonFiniteError,
@@ -51,18 +52,22 @@ from kexue.train.state import (
 )
 from kexue.train.steps import LossFn, make_eval_step, make_train_step
 from kexue.train.workdir import (
+    ERROR_LOG,
     LOCK_FILE,
     WorkdirError,
     WorkdirLock,
     WorkdirLockedError,
     check_workdir,
     read_json,
+    report_failure,
     write_json_atomic,
 )
 
 __all__ = [
+    "ERROR_LOG",
     "FINAL_METRICS",
     "LOCK_FILE",
+    "OPERATOR_ERRORS",
     "CheckpointCorruptError",
     "CheckpointMismatchError",
     "CheckpointSaveError",
@@ -94,6 +99,7 @@ __all__ = [
     "path_str",
     "read_final_metrics",
     "read_json",
+    "report_failure",
     "scalars",
     "state_checksums",
     "train_loop",

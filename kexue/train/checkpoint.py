@@ -566,8 +566,8 @@ class Checkpointer:
         Raises:
           CheckpointMismatchError: the newest readable checkpoint holds other
             parameter paths or shapes.
-          RuntimeError: no checkpoint could be restored; every reason is listed and
-            nothing is moved (the fault may lie with this run, not the files).
+          CheckpointCorruptError: no checkpoint could be restored; every reason is
+            listed and nothing is moved (the fault may lie with this run, not the files).
         """
         if self._manager is not None:
             self._manager.reload()
@@ -606,9 +606,9 @@ class Checkpointer:
                 break
         if skipped:
             reasons = "\n".join(f"  step {step}: {reason}" for step, reason in skipped)
-            raise RuntimeError(f"no checkpoint in {self.directory} could be restored:\n"
-                               f"{reasons}\nNothing was moved or deleted; fix the cause or "
-                               "use a fresh workdir.")
+            raise CheckpointCorruptError(
+                f"no checkpoint in {self.directory} could be restored:\n{reasons}\nNothing "
+                "was moved or deleted; fix the cause or use a fresh workdir.")
         return None
 
 

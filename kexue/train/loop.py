@@ -42,7 +42,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kexue.parallel import DEFAULT_RULES, LogicalRules, host_local_to_global
-from kexue.train.checkpoint import Checkpointer, CheckpointMismatchError
+from kexue.train.checkpoint import (
+    CheckpointCorruptError,
+    Checkpointer,
+    CheckpointMismatchError,
+    CheckpointSaveError,
+)
 from kexue.train.metrics import MetricWriter, ProgressBar, scalars
 from kexue.train.preemption import PreemptionGuard
 from kexue.train.state import TrainState, abstract_train_state, create_train_state
@@ -55,9 +60,9 @@ from kexue.train.workdir import (
     write_json_atomic,
 )
 
-__all__ = ["FINAL_METRICS", "CheckpointableIterator", "LoopConfig", "NonFiniteError",
-           "TrainResult", "check_resume", "count_tokens", "evaluate", "read_final_metrics",
-           "train_loop"]
+__all__ = ["FINAL_METRICS", "OPERATOR_ERRORS", "CheckpointableIterator", "LoopConfig",
+           "NonFiniteError", "TrainResult", "check_resume", "count_tokens", "evaluate",
+           "read_final_metrics", "train_loop"]
 
 FINAL_METRICS = "final_metrics.json"
 
@@ -74,6 +79,14 @@ class CheckpointableIterator(Protocol):
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss, gradient or updated state."""
+
+
+#: Failures whose message tells an operator what is wrong and what to do (bad config
+#: or input, unusable workdir, I/O errors, a diverging run); command-line tools print
+#: them in one line (`report_failure`). Anything else is a bug: show its traceback.
+OPERATOR_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, OSError, WorkdirError, CheckpointSaveError, CheckpointCorruptError,
+    NonFiniteError)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,18 +23,21 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
+import traceback
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-__all__ = ["LOCK_FILE", "WorkdirError", "WorkdirLock", "WorkdirLockedError", "check_workdir",
-           "read_json", "write_json_atomic"]
+__all__ = ["ERROR_LOG", "LOCK_FILE", "WorkdirError", "WorkdirLock", "WorkdirLockedError",
+           "check_workdir", "read_json", "report_failure", "write_json_atomic"]
 
 LOCK_FILE = "writer.lock"
+ERROR_LOG = "error.log"
 
 
 class WorkdirError(RuntimeError):
@@ -289,3 +292,33 @@ def read_json(path: str | os.PathLike, *, what: str = "file") -> dict[str, Any]:
         raise WorkdirError(f"{path} is damaged (a JSON {type(value).__name__}, not an "
                            f"object); it should hold {what}")
     return value
+
+
+def report_failure(error: BaseException, *, verbose: bool = False,
+                   workdir: str | os.PathLike | None = None,
+                   stream: TextIO | None = None) -> int:
+    """Prints `error: <type>: <message>` for an operator-facing failure; returns 1.
+
+    The traceback is printed only when `verbose`; otherwise, given a `workdir` (a run
+    that had started writing there), it is appended to `<workdir>/error.log`, and the
+    message says where it went (or why it could not be saved, e.g. a full disk).
+    """
+    stream = sys.stderr if stream is None else stream
+    text = "".join(traceback.format_exception(error))
+    if verbose:
+        stream.write(text)
+        where = ""
+    elif workdir is not None:
+        path = os.path.join(os.fspath(workdir), ERROR_LOG)
+        try:
+            with open(path, "a", encoding="utf-8") as file:
+                file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n{text}")
+            where = f" (traceback in {path})"
+        except OSError as problem:
+            where = (f" (traceback not saved to {path}: {problem.strerror or problem}; "
+                     "--verbosity=1 prints it)")
+    else:
+        where = " (--verbosity=1 prints the traceback)"
+    stream.write(f"error: {type(error).__name__}: {error}{where}\n")
+    stream.flush()
+    return 1
