@@ -1,0 +1,104 @@
+"""What checkpoint checksums cost: save and restore times of the lm_stdlib model with and
+without them, interleaved, medians.
+
+    python -m tests.reliability.checksum_cost --repeats 9
+
+Builds the `configs/lm_stdlib.py` model (full size, byte vocabulary) with its Amos
+optimizer state, then alternates, `--repeats` times (the order within a round
+alternates too): a synchronous save with checksums (`Checkpointer(checksums=True)`:
+hash every array on the devices, then write) and one without; a read-only restore
+with verification and one without (onto the same abstract state, arrays ready).
+Round 0 compiles the checksum function and is reported apart from the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from experiments import _build
+from kexue import models
+from kexue.parallel import mesh_from_config
+from kexue.train import Checkpointer, abstract_train_state, create_train_state
+
+
+def _lm_stdlib():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "configs", "lm_stdlib.py")
+    spec = importlib.util.spec_from_file_location("_lm_stdlib", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.vocab_size = 261  # the byte tokenizer's
+    config.model.seq_len = config.data.seq_len
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args(argv)
+    config = _lm_stdlib()
+    mesh = mesh_from_config(config)
+    from flax import nnx
+
+    def model_factory():
+        return models.build_model(config, rngs=nnx.Rngs(0))
+
+    tx = _build.build_optimizer(config, model_factory)
+    state = create_train_state(model_factory, tx, mesh)
+    abstract = abstract_train_state(model_factory, tx, mesh)
+    leaves = jax.tree.leaves(state)
+    size = sum(np.asarray(leaf).nbytes for leaf in leaves
+               if not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key))
+    print(f"state: {len(leaves)} arrays, {size / 2**20:.1f} MiB; {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s)")
+    root = tempfile.mkdtemp(prefix="checksum_cost_")
+    times: dict[tuple[str, bool], list[float]] = {(kind, on): [] for kind in ("save", "restore")
+                                                  for on in (True, False)}
+    try:
+        for round_index in range(args.repeats + 1):
+            order = (True, False) if round_index % 2 else (False, True)
+            for on in order:
+                directory = os.path.join(root, f"{'on' if on else 'off'}-{round_index}")
+                writer = Checkpointer(directory, async_save=False, checksums=on,
+                                      log=lambda message: None)
+                started = time.perf_counter()
+                writer.save(state)
+                writer.wait()
+                saved = time.perf_counter() - started
+                writer.close()
+                reader = Checkpointer(directory, read_only=True, checksums=on,
+                                      log=lambda message: None)
+                started = time.perf_counter()
+                restored = reader.restore(0, abstract)
+                jax.block_until_ready(jax.tree.leaves(restored.state))
+                loaded = time.perf_counter() - started
+                reader.close()
+                shutil.rmtree(directory)
+                if round_index == 0:
+                    print(f"round 0 (compiles the checksum function when on): checksums "
+                          f"{'on ' if on else 'off'} save {saved:.3f} s, restore {loaded:.3f} s")
+                    continue
+                times[("save", on)].append(saved)
+                times[("restore", on)].append(loaded)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"medians over {args.repeats} interleaved rounds:")
+    for kind in ("save", "restore"):
+        on, off = np.median(times[(kind, True)]), np.median(times[(kind, False)])
+        print(f"  {kind:7s} with checksums {on:.3f} s, without {off:.3f} s: "
+              f"+{on - off:.3f} s ({(on / off - 1) * 100:+.0f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
