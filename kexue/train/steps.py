@@ -187,10 +187,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         old = (state.params, state.model_state, state.opt_state)
         candidate = keep_if(finite, (params, model_state, opt_state), old)
         # Checked after a barrier: the fusions computing the new state stay as they are
-        # without the check, so a step that is not skipped rounds exactly the same.
+        # without the check, so a step that is not skipped rounds exactly the same; a
+        # `cond` (not a second `where` over every array) keeps XLA's compile-time
+        # memory as it was.
         candidate = jax.lax.optimization_barrier(candidate)
         stays = _stays_finite(candidate, old)
-        new_params, new_model_state, new_opt_state = keep_if(stays, candidate, old)
+        new_params, new_model_state, new_opt_state = jax.lax.cond(
+            stays, lambda: candidate, lambda: old)
         finite = finite & stays
         skipped = jnp.logical_not(finite).astype(jnp.int32)
         consecutive = jnp.where(finite, 0, state.consecutive_nonfinite + 1).astype(jnp.int32)
