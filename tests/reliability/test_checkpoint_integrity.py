@@ -32,6 +32,8 @@ from kexue.train import (
     abstract_train_state,
     create_train_state,
     make_train_step,
+    path_str,
+    state_checksums,
     train_loop,
 )
 from tests.train import toy
@@ -58,6 +60,52 @@ def _tree_snapshot(root) -> dict[str, tuple[int, bytes]]:
             with open(path, "rb") as file:
                 out[os.path.relpath(path, root)] = (os.stat(path).st_mtime_ns, file.read())
     return out
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def _numpy_checksum(leaf: np.ndarray) -> str:
+    """Independent reference of the module doc's hash, in NumPy uint32/uint64 arithmetic."""
+    leaf = np.asarray(leaf)
+    words = (leaf.astype(np.uint8).astype(np.uint32) if leaf.dtype == np.bool_ else
+             leaf.view(np.uint32)).reshape(-1).astype(np.uint64)
+    index = np.arange(words.size, dtype=np.uint64)
+    mask = np.uint64(0xFFFFFFFF)
+
+    def mul(a, b):  # 32-bit products, kept below 2**64 before reducing
+        return ((a & mask) * (b & mask)) & mask
+
+    h = words ^ ((mul(index, np.uint64(0x9E3779B9)) + np.uint64(0x243F6A88)) & mask)
+    h = h ^ (h >> np.uint64(16))
+    h = mul(h, np.uint64(0x85EBCA6B))
+    h = h ^ (h >> np.uint64(13))
+    h = mul(h, np.uint64(0xC2B2AE35))
+    h = h ^ (h >> np.uint64(16))
+    first = int(h.sum(dtype=np.uint64) & mask)
+    second = int(mul(h, (np.uint64(2) * index + np.uint64(1)) & mask).sum(dtype=np.uint64) & mask)
+    return f"{first:08x}{second:08x}"
+
+
+def test_checksums_match_a_numpy_reference_on_any_mesh(rng):
+    one = create_train_state(toy.model_factory(), toy.tx(), _mesh())
+    eight = create_train_state(toy.model_factory(), toy.tx(),
+                               make_mesh(2, 2, 2, devices=jax.devices()[:8]))
+    sums = state_checksums(one)
+    assert state_checksums(eight) == sums  # sharded over 8 devices, the same numbers
+    flat = jax.tree_util.tree_flatten_with_path({
+        "params": one.params, "opt_state": one.opt_state, "step": one.step,
+        "rng": jax.random.key_data(one.rng)})[0]
+    for path, leaf in flat:
+        assert sums[path_str(path)] == _numpy_checksum(np.asarray(leaf)), path_str(path)
+    w1 = np.asarray(one.params["w1"])
+    for _ in range(5):  # any one flipped bit changes the hash
+        bits = w1.copy().view(np.uint32)
+        bits.flat[rng.integers(bits.size)] ^= np.uint32(1 << int(rng.integers(32)))
+        assert _numpy_checksum(bits.view(np.float32)) != sums["params/w1"]
+    swapped = w1.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # the same values elsewhere
+    assert _numpy_checksum(swapped) != sums["params/w1"]
 
 
 # ----------------------------------------------------------------------------- bit flips
