@@ -9,7 +9,8 @@
 * `sources`: `make_builder`, `prepare`, `load_catalog` (any TFDS catalog dataset),
   `default_cluener_dir`.
 * `text_files`: the `TextFiles` builder (a glob of local files; default the stdlib).
-* `cluener`: the `Cluener` builder and its checked line parser.
+* `cluener`: the `Cluener` builder (`cluener_config`: keyed on the manual files) and its
+  checked line parser.
 * `tokenizers`: `ByteTokenizer`, `CharTokenizer`.
 * `pipeline`: `make_dataset`, `DataIterator`, `DatasetMetadata`, LM windows, MLM
   masking, GlobalPointer labels.
@@ -20,6 +21,8 @@ from kexue.data.cluener import (
     CLUENER_URL,
     Cluener,
     MalformedRecordError,
+    cluener_config,
+    cluener_files,
     parse_cluener_line,
     read_cluener_file,
 )
@@ -51,6 +54,8 @@ __all__ = [
     "MalformedRecordError",
     "TextFiles",
     "Tokenizer",
+    "cluener_config",
+    "cluener_files",
     "default_cluener_dir",
     "default_data_config",
     "default_text_glob",

@@ -327,7 +327,7 @@ def _text(value: Any) -> str:
 
 
 def _split_texts(source: Any, key: str) -> Iterator[str]:
-    chunk = 1024
+    chunk = 32  # records in memory at once (text_files parts are up to chunk_bytes each)
     for start in range(0, len(source), chunk):
         for example in source.__getitems__(list(range(start, min(start + chunk, len(source))))):
             yield _text(example[key])
@@ -364,7 +364,7 @@ def _document_units(source: Any) -> list[list[int]]:
     index of their part 0 (whose key, the file's path, puts the documents in the order
     they have when stored whole). Reads every record's `path` and `part` once."""
     parts: dict[bytes, list[tuple[int, int]]] = {}
-    chunk = 256
+    chunk = 32  # records in memory at once
     for start in range(0, len(source), chunk):
         indices = list(range(start, min(start + chunk, len(source))))
         for index, example in zip(indices, source.__getitems__(indices), strict=True):
