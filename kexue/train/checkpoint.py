@@ -517,8 +517,9 @@ class Checkpointer:
                         if expected.get(path) != actual.get(path))
         if differ:
             raise CheckpointCorruptError(
-                f"checkpoint {self.directory}/{step}: {len(differ)} arrays differ from the "
-                f"checksums saved with them ({', '.join(differ[:5])}"
+                f"checkpoint {self.directory}/{step}: "
+                f"{f'{len(differ)} arrays differ' if len(differ) > 1 else '1 array differs'} "
+                f"from the checksums saved at save time ({', '.join(differ[:5])}"
                 f"{', ...' if len(differ) > 5 else ''}): the files changed after saving "
                 "(disk, copy or transfer error)")
         if meta.get("data_sha256") not in (None, _data_digest(data)):

@@ -285,3 +285,17 @@ def test_downloads_fail_within_10_s_when_the_network_is_unreachable(tmp_path):
         assert outcome["outcome"].startswith("ConnectionError: cannot download "), outcome
         assert "192.0.2.1:9" in outcome["outcome"] and "data.manual_dir" in outcome["outcome"]
     assert "--config.data.manual_dir=DIR" in outcomes[0]["outcome"]
+
+
+def test_network_probe_gives_up_after_its_time_limit(monkeypatch):
+    from kexue.data import sources
+
+    def never_answers(address, timeout=None):
+        time.sleep(30)
+
+    monkeypatch.setattr(sources, "PROBE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(sources.socket, "create_connection", never_answers)
+    started = time.monotonic()
+    reason = sources._probe("https://storage.example/archive.zip")
+    assert time.monotonic() - started < 3
+    assert reason == "storage.example:443: no answer in 1 s"
