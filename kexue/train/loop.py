@@ -273,7 +273,11 @@ def check_resume(workdir: str | os.PathLike, abstract_state: TrainState) -> int 
       CheckpointMismatchError: the newest checkpoint holds another model or optimizer.
     """
     directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
-    return Checkpointer(directory, read_only=True).check_latest_compatible(abstract_state)
+    reader = Checkpointer(directory, read_only=True)
+    try:
+        return reader.check_latest_compatible(abstract_state)
+    finally:
+        reader.close()
 
 
 def _close_all(closers: Iterable[Callable[[], None]], log: Callable[[str], None],

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import jax
@@ -290,12 +291,18 @@ def test_downloads_fail_within_10_s_when_the_network_is_unreachable(tmp_path):
 def test_network_probe_gives_up_after_its_time_limit(monkeypatch):
     from kexue.data import sources
 
+    released = threading.Event()
+
     def never_answers(address, timeout=None):
-        time.sleep(30)
+        released.wait(30)  # a host that does not answer until the test ends
+        raise OSError(errno.ETIMEDOUT, "timed out")
 
     monkeypatch.setattr(sources, "PROBE_TIMEOUT_S", 1.0)
     monkeypatch.setattr(sources.socket, "create_connection", never_answers)
     started = time.monotonic()
-    reason = sources._probe("https://storage.example/archive.zip")
+    try:
+        reason = sources._probe("https://storage.example/archive.zip")
+    finally:
+        released.set()
     assert time.monotonic() - started < 3
     assert reason == "storage.example:443: no answer in 1 s"
