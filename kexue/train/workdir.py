@@ -8,7 +8,9 @@
 
 `WorkdirLock` holds an exclusive `fcntl.flock` on `<workdir>/writer.lock` (which
 records the holder's PID, host and start time) for as long as it is held; the kernel
-drops the lock when the process dies, so a `kill -9` never leaves a stale lock. The
+drops the lock when the process dies, so a `kill -9` never leaves a stale lock. (NFS
+maps `flock` to POSIX locks, which work across hosts; on a file system without locks
+a warning says the rule is not enforced there.) The
 lock file is removed on release, and a workdir the lock itself created is removed
 again if it is still empty, so a command that fails its checks leaves no trace. In a
 multi-process job process 0 takes the lock and every process learns the outcome.
@@ -99,6 +101,10 @@ def _describe_holder(text: str) -> str:
         return "another process (its PID and host are not recorded yet)"
 
 
+# errno values of file systems without flock support.
+_NO_LOCKS = frozenset(code for code in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS,
+                                        errno.EINVAL) if code)
+
 # Locks this process holds: realpath -> [WorkdirLock, hold count]. flock locks belong to
 # an open file description, so a second open+flock in the same process would fail.
 _HELD: dict[str, list[Any]] = {}
@@ -172,6 +178,11 @@ class WorkdirLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
+                if error.errno in _NO_LOCKS:  # e.g. some FUSE mounts: warn, do not refuse
+                    print(f"[kexue.train] warning: the file system of {self.workdir} does "
+                          f"not support locks ({error.strerror}): one trainer per workdir "
+                          "is not enforced there", file=sys.stderr, flush=True)
+                    break
                 holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
                 os.close(fd)
                 if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):

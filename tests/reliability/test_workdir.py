@@ -5,15 +5,19 @@
   step, every evaluation succeeds on a checksum-verified state.
 * A reader changes nothing in the checkpoint directory, not even the temporary
   directory of a save in flight, and creates nothing where there is no checkpoint.
+* A reader skips a step the trainer deletes while it is read, for the previous one.
 * A second trainer on the same workdir exits at once naming the first one's PID and
-  host; the first one finishes with its metrics intact.
+  host; the first one finishes with its metrics intact. A file system without locks
+  gets a warning, not a refusal.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -171,3 +175,38 @@ def test_lock_is_reentrant_in_a_process_and_released(tmp_path):
         other.wait()
     with WorkdirLock(workdir):  # the kernel dropped the dead holder's lock
         pass
+
+
+def test_reader_takes_the_previous_step_when_the_trainer_deletes_one_while_read(
+        tmp_path, monkeypatch):
+    mesh = _mesh()
+    toy.run(str(tmp_path / "run"), mesh, 6, tensorboard=False)  # steps 2, 4, 6
+    abstract = abstract_train_state(toy.model_factory(), toy.tx(), mesh)
+    notes: list[str] = []
+    reader = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True, log=notes.append)
+    restore = Checkpointer.restore
+
+    def deleted_while_read(self, step, target):
+        if step == 6:  # the trainer's keep policy removes step 6 in the middle of the read
+            shutil.rmtree(os.path.join(self.directory, "6"))
+            raise FileNotFoundError(f"{self.directory}/6/state/_METADATA")
+        return restore(self, step, target)
+
+    monkeypatch.setattr(Checkpointer, "restore", deleted_while_read)
+    restored = reader.restore_latest(abstract)
+    assert restored.step == 4 and restored.skipped == ()
+    assert any("step 6" in note and "removed while being read" in note for note in notes)
+    assert not (tmp_path / "run" / "corrupt_checkpoints").exists()
+
+
+def test_file_system_without_locks_warns_and_trains(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with WorkdirLock(tmp_path / "run") as lock:
+        assert lock.held
+    assert "does not support locks (No locks available): one trainer per workdir is not " \
+           "enforced there" in capsys.readouterr().err
