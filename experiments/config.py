@@ -48,7 +48,7 @@ from kexue.models import MODEL_KEYS, ModelSpec, TransformerConfig, checkpoint_vo
 from kexue.optim import OPTIMIZERS, optimizer_defaults
 from kexue.parallel import MESH_AXES
 from kexue.tasks import LOSSES, POSITIONS
-from kexue.train import LoopConfig
+from kexue.train import LoopConfig, WorkdirError, read_json, write_json_atomic
 
 __all__ = ["CONFIG_FILE", "INIT_FROM_MODELS", "TASK_KEYS", "check", "config_keys",
            "data_settings", "load", "load_saved", "model_settings", "save"]
@@ -209,6 +209,7 @@ def check(config: ml_collections.ConfigDict) -> None:
         misspelling), what was expected and what was given.
     """
     _check_keys(config, TOP_KEYS, "")
+    _check_finite(config.to_dict(), "")
     for key in ("data", "model", "optimizer", "train"):
         if key not in config:
             raise ValueError(f"the config needs a `{key}` section")
@@ -261,32 +262,36 @@ def check(config: ml_collections.ConfigDict) -> None:
                          f"tracked at eval steps); got {loop.checkpoint_every}")
 
 
+def _check_finite(tree: Mapping[str, Any], prefix: str) -> None:
+    """No setting is NaN or ±inf (`clip_norm=nan` would silently switch clipping off)."""
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            _check_finite(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"config key `{prefix}{key}`: expected a finite number; "
+                             f"got {value!r}")
+
+
 def save(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """Writes `<workdir>/config.json` (process 0); returns keys that differ from the saved one."""
     path = os.path.join(workdir, CONFIG_FILE)
     new = json.loads(config.to_json_best_effort(sort_keys=True))
     changed: dict[str, str] = {}
+    old = None
     if os.path.exists(path):
-        flat_old, flat_new = _flatten(_read_json(path)), _flatten(new)
+        try:
+            old = read_json(path, what="the run's config")
+        except WorkdirError as error:  # replaced below by the config of this run
+            print(f"{error}; writing this run's config over it", flush=True)
+    if old is not None:
+        flat_old, flat_new = _flatten(old), _flatten(new)
         changed = {key: f"{flat_old.get(key)!r} -> {flat_new.get(key)!r}"
                    for key in sorted(set(flat_old) | set(flat_new))
                    if flat_old.get(key) != flat_new.get(key)}
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as file:
-            json.dump(new, file, indent=2, sort_keys=True)
-            file.write("\n")
-        os.replace(path + ".tmp", path)
+        write_json_atomic(path, new)
     return changed
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not readable JSON ({type(error).__name__}: {error}); "
-                         "restore it from a backup or use a fresh workdir") from error
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -307,7 +312,9 @@ def load_saved(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise ValueError(f"{path} not found: is {workdir!r} the workdir of a "
                          "`python -m experiments.train` run?")
-    return ml_collections.ConfigDict(_tuples(_read_json(path)))
+    record = read_json(path, what="the run's config, written by experiments.train: rerun "
+                                  "the training command (it writes it again) or restore it")
+    return ml_collections.ConfigDict(_tuples(record))
 
 
 def _tuples(tree: Any) -> Any:

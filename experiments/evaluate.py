@@ -1,13 +1,20 @@
 """Re-evaluate the newest checkpoint of a training run with the config saved in its workdir.
 
-    python -m experiments.evaluate --workdir runs/lm_stdlib
+    python -m experiments.evaluate --workdir runs/lm_stdlib [--output=PATH]
 
 Reads `<workdir>/config.json` (written by `experiments.train`), rebuilds the mesh,
 data, model, task and optimizer state layout from it (`experiments.run`), restores
 the newest readable checkpoint, runs the same evaluation as training does, prints
-the metrics and writes them to `<workdir>/evaluate.json`. For a language model it
-also prints the greedy sample. `--mesh=data,fsdp,tensor` evaluates on another mesh
-shape (checkpoints restore onto any shape).
+the metrics and writes them to `--output` (default `<workdir>/evaluate.json`; `-`:
+print only). For a language model it also prints the greedy sample.
+`--mesh=data,fsdp,tensor` evaluates on another mesh shape (checkpoints restore onto
+any shape).
+
+The checkpoints are opened read-only (`Checkpointer(read_only=True)`): evaluating a
+run while it trains never disturbs the trainer, and a checkpoint that the trainer
+deletes while it is read is skipped for the previous one. A read-only workdir is fine
+(the metrics are printed; the default output is skipped with a note). A failure ends
+in one `error:` line (`--verbosity=1` prints the traceback).
 """
 
 from __future__ import annotations
@@ -19,10 +26,19 @@ import sys
 from absl import app, flags, logging
 
 from kexue.parallel import initialize_distributed
+from kexue.train import OPERATOR_ERRORS, report_failure
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of experiments.train.")
 _MESH = flags.DEFINE_list("mesh", None, "Mesh sizes data,fsdp,tensor (default: as trained).")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the metrics (JSON); default "
+                              "<workdir>/evaluate.json, `-` to only print them.")
 flags.mark_flag_as_required("workdir")
+
+
+def _writable(path: str) -> bool:
+    directory = os.path.dirname(os.path.abspath(path))
+    return os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK) and (
+        not os.path.exists(path) or os.access(path, os.W_OK))
 
 
 def main(argv: list[str]) -> None:
@@ -31,37 +47,60 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every step at INFO
         logging.set_verbosity(logging.WARNING)
     info = initialize_distributed()
+    try:
+        _evaluate(info)
+    except OPERATOR_ERRORS as error:
+        sys.exit(report_failure(error, verbose=flags.FLAGS.verbosity >= 1))
 
+
+def _evaluate(info) -> None:
     from experiments import config as experiment_config
     from experiments import run as experiment_run
-    from kexue.train import Checkpointer, abstract_train_state, evaluate, make_eval_step
+    from kexue.train import (
+        Checkpointer,
+        abstract_train_state,
+        check_workdir,
+        evaluate,
+        make_eval_step,
+        write_json_atomic,
+    )
 
-    workdir = os.path.abspath(_WORKDIR.value)
+    workdir = check_workdir(_WORKDIR.value, writable=False)
     config = experiment_config.load_saved(workdir)
     if _MESH.value:
         sizes = [int(size) for size in _MESH.value]
         if len(sizes) != 3:
             raise app.UsageError(f"--mesh takes three sizes data,fsdp,tensor; got {sizes}")
         config.mesh.update(dict(zip(("data", "fsdp", "tensor"), sizes, strict=True)))
+    # Where the metrics go, settled before the evaluation runs.
+    output = _OUTPUT.value or os.path.join(workdir, "evaluate.json")
+    if output == "-":
+        output = None
+    elif not _writable(output):
+        if _OUTPUT.value:
+            raise OSError(f"--output={output} is not writable: pass a writable path, or "
+                          "--output=- to only print the metrics")
+        print(f"note: {workdir} is not writable; the metrics are only printed (pass "
+              "--output=PATH to write them elsewhere)", file=sys.stderr, flush=True)
+        output = None
     experiment_config.check(config)
     run = experiment_run.build(config)
     abstract = abstract_train_state(run.model_factory, run.tx, run.mesh, seed=run.loop.seed)
-    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     try:
         restored = checkpoints.restore_latest(abstract)
     finally:
         checkpoints.close()
     if restored is None:
-        print(f"no checkpoint in {workdir}/checkpoints", file=sys.stderr)
-        sys.exit(1)
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: has the run saved "
+                                "one yet (train.checkpoint_every)?")
     eval_step = make_eval_step(run.task.eval_stats, abstract, run.mesh)
     metrics = evaluate(eval_step, restored.state, run.eval_data(), run.mesh, run.task.finalize)
     if info.process_index != 0:
         return
     print(f"step {restored.step} eval: " + json.dumps(metrics, sort_keys=True), flush=True)
-    with open(os.path.join(workdir, "evaluate.json"), "w", encoding="utf-8") as file:
-        json.dump({"step": restored.step, "eval": metrics}, file, indent=2, sort_keys=True)
-        file.write("\n")
+    if output is not None:
+        write_json_atomic(output, {"step": restored.step, "eval": metrics})
     experiment_run.print_sample(config, restored.state.model(), run.train_data.tokenizer)
 
 

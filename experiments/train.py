@@ -12,6 +12,13 @@ checkpoints, `final_metrics.json`) and, for a language model, prints a greedy sa
 The resolved config is saved as `<workdir>/config.json` (read back by `python -m
 experiments.evaluate --workdir DIR`). Running the command again on the same workdir
 resumes from the newest checkpoint.
+
+One trainer per workdir: a second one exits at once naming the first one's PID and
+host. Everything that can be checked before training is (config values, the workdir,
+the data, the newest checkpoint against the model); a command refused by a check
+leaves the workdir as it was (`config.json` is written only after the checks). A
+failure ends in one `error:` line; its traceback goes to `<workdir>/error.log` once
+training has begun (`--verbosity=1` prints it).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from kexue.parallel import initialize_distributed
+from kexue.train import OPERATOR_ERRORS, report_failure
 
 # Unknown override keys are accepted here and rejected by `experiments.config.check`,
 # which names the nearest valid key.
@@ -55,9 +63,18 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every step at INFO
         logging.set_verbosity(logging.WARNING)
     info = initialize_distributed()  # before any other JAX call
+    started: list[str] = []  # the workdir, once training writes there (for error.log)
+    try:
+        _train(info, started)
+    except OPERATOR_ERRORS as error:
+        sys.exit(report_failure(error, verbose=flags.FLAGS.verbosity >= 1,
+                                workdir=started[0] if started else None))
 
+
+def _train(info, started: list[str]) -> None:
     from experiments import config as experiment_config
     from experiments import run as experiment_run
+    from kexue.train import WorkdirLock, abstract_train_state, check_resume, check_workdir
 
     try:
         flag = flags.FLAGS["config"]
@@ -68,21 +85,32 @@ def main(argv: list[str]) -> None:
                              f"--config.preset={overrides['preset']}")
         config = _CONFIG.value
         experiment_config.check(config)
-        run = experiment_run.build(config)
+        mesh = experiment_run.mesh_from(config)
+        experiment_run.check_against_mesh(config, mesh)
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         _config_error(error)
-    mesh = run.mesh
-    workdir = _WORKDIR.value
-    if info.process_index == 0:
-        print("resolved config:\n" + config.to_json_best_effort(indent=2, sort_keys=True),
-              flush=True)
-        print(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} "
-              f"device(s), {info.process_count} process(es)", flush=True)
-    changed = experiment_config.save(config, workdir)
-    if changed and info.process_index == 0:
-        print("config differs from the saved one in this workdir (resuming anyway): "
-              + "; ".join(f"{k}: {v}" for k, v in changed.items()), flush=True)
-    result = experiment_run.train(run, workdir)
+    # Workdir checks, then the writer lock, before the data is built: a second trainer
+    # exits at once, and nothing is written until every check has passed.
+    workdir = check_workdir(_WORKDIR.value, writable=True)
+    with WorkdirLock(workdir):
+        try:
+            run = experiment_run.build(config, mesh)
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            _config_error(error)
+        if info.process_index == 0:
+            print("resolved config:\n" + config.to_json_best_effort(indent=2, sort_keys=True),
+                  flush=True)
+            print(f"mesh {dict(mesh.shape)} on {mesh.devices.size} "
+                  f"{mesh.devices.flat[0].platform} device(s), {info.process_count} "
+                  "process(es)", flush=True)
+        check_resume(workdir, abstract_train_state(run.model_factory, run.tx, mesh,
+                                                   seed=run.loop.seed))
+        changed = experiment_config.save(config, workdir)  # every check passed
+        started.append(workdir)
+        if changed and info.process_index == 0:
+            print("config differs from the saved one in this workdir (resuming anyway): "
+                  + "; ".join(f"{k}: {v}" for k, v in changed.items()), flush=True)
+        result = experiment_run.train(run, workdir)
     if result.preempted:
         sys.exit(0)
     if info.process_index != 0:

@@ -54,25 +54,39 @@ def train_run(config_file: str, preset: str, overrides: Mapping[str, Any],
     """Trains one run as `experiments.train` would (or reads it back); `final_metrics.json`."""
     from experiments import config as experiment_config
     from experiments import run as experiment_run
+    from kexue.train import (
+        WorkdirError,
+        WorkdirLock,
+        abstract_train_state,
+        check_resume,
+        read_final_metrics,
+    )
 
     config = study_config(config_file, preset, overrides)
     final_path = workdir / "final_metrics.json"
     saved_path = workdir / experiment_config.CONFIG_FILE
     if final_path.exists() and saved_path.exists():
         saved = json.loads(saved_path.read_text())
-        final = json.loads(final_path.read_text())
         wanted = json.loads(config.to_json_best_effort(sort_keys=True))
+        try:  # an incomplete record (no final evaluation) is never reused
+            final = read_final_metrics(workdir)
+        except WorkdirError:
+            final = {}
         if saved == wanted and final.get("step") == int(config.train.num_steps):
             log(f"[reproduce]   finished run found in {workdir}: reusing it")
             return {**final, "reused": True}
     run = experiment_run.build(config)
-    experiment_config.save(config, os.fspath(workdir))
-    experiment_run.train(run, workdir, log=lambda message: None)
+    os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(os.fspath(workdir)):
+        check_resume(os.fspath(workdir), abstract_train_state(
+            run.model_factory, run.tx, run.mesh, seed=run.loop.seed))
+        experiment_config.save(config, os.fspath(workdir))
+        experiment_run.train(run, workdir, log=lambda message: None)
     if not final_path.exists():  # stopped by SIGTERM/SIGINT: checkpoint saved, not finished
         raise RuntimeError(f"the run in {workdir} stopped before its last step (a "
                            "preemption signal); its checkpoint is saved: rerun the same "
                            "command to resume it and finish the study")
-    return json.loads(final_path.read_text())
+    return read_final_metrics(workdir)
 
 
 def summary(values: Sequence[float]) -> tuple[float, float | None]:

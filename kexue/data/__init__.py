@@ -9,7 +9,8 @@
 * `sources`: `make_builder`, `prepare`, `load_catalog` (any TFDS catalog dataset),
   `default_cluener_dir`.
 * `text_files`: the `TextFiles` builder (a glob of local files; default the stdlib).
-* `cluener`: the `Cluener` builder and its checked line parser.
+* `cluener`: the `Cluener` builder (`cluener_config`: keyed on the manual files) and its
+  checked line parser.
 * `tokenizers`: `ByteTokenizer`, `CharTokenizer`.
 * `wordpiece`: `WordPieceTokenizer` (BERT `vocab.txt`, character offsets),
   `char_to_token_spans`, `token_to_char_spans`.
@@ -22,6 +23,8 @@ from kexue.data.cluener import (
     CLUENER_URL,
     Cluener,
     MalformedRecordError,
+    cluener_config,
+    cluener_files,
     parse_cluener_line,
     read_cluener_file,
 )
@@ -62,6 +65,8 @@ __all__ = [
     "Tokenizer",
     "WordPieceTokenizer",
     "char_to_token_spans",
+    "cluener_config",
+    "cluener_files",
     "default_cluener_dir",
     "default_text_glob",
     "list_text_files",

@@ -9,7 +9,9 @@ returns the text and its spans `(type_index, start, end)`; `read_cluener_file` a
 the file name and line number to every problem. The builder `Cluener` writes
 `array_record` files readable with `builder.as_data_source()` (no TensorFlow). It
 reads `{train,dev}.jsonl` (or `.json`) from the download config's `manual_dir`, and
-only when none is given downloads the official archive `CLUENER_URL`.
+only when none is given downloads the official archive `CLUENER_URL`. Built from a
+manual directory, the config (`cluener_config`) is named after a SHA-256 of the two
+files' contents, so other or edited files are never served from an older build.
 
 Malformed records stop the build with a `MalformedRecordError` (a `ValueError`)
 naming the file, the line and the problem; with `skip_bad_records=True` they are
@@ -19,6 +21,7 @@ skipped, logged and counted in `builder.info.metadata["skipped_records"]`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -35,6 +38,8 @@ __all__ = [
     "Cluener",
     "CluenerConfig",
     "MalformedRecordError",
+    "cluener_config",
+    "cluener_files",
     "parse_cluener_line",
     "read_cluener_file",
 ]
@@ -188,14 +193,64 @@ def _find_split_file(directory: str, stem: str) -> str:
         for suffix in (".jsonl", ".json"):
             if stem + suffix in files:
                 return os.path.join(root, stem + suffix)
-    raise FileNotFoundError(f"no {stem}.jsonl or {stem}.json under {directory}")
+    raise FileNotFoundError(
+        f"data.manual_dir={directory}: no {stem}.jsonl or {stem}.json in it. CLUENER needs "
+        "the official train and dev files (train.jsonl and dev.jsonl, or train.json and "
+        "dev.json from cluener_public.zip): put them there, or point data.manual_dir at "
+        "the directory that holds them")
+
+
+def cluener_files(manual_dir: str | os.PathLike) -> dict[str, str]:
+    """`{"train": path, "validation": path}` of the JSON-lines files in `manual_dir`.
+
+    Raises:
+      FileNotFoundError: `manual_dir` is not a directory or lacks one of the files.
+    """
+    directory = os.fspath(manual_dir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"data.manual_dir={directory} is not a directory: pass the "
+                                "directory holding CLUENER's train.jsonl and dev.jsonl")
+    return {split: _find_split_file(directory, stem) for split, stem in _SPLIT_FILES.items()}
 
 
 @dataclasses.dataclass(eq=False)
 class CluenerConfig(tfds.core.BuilderConfig):
-    """`skip_bad_records`: skip and count malformed records instead of failing."""
+    """`skip_bad_records`: skip and count malformed records instead of failing;
+    `fingerprint`: SHA-256 of the manual files' contents ("" for the download)."""
 
     skip_bad_records: bool = False
+    fingerprint: str = ""
+
+
+def _files_digest(files: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for split in sorted(files):
+        digest.update(split.encode("utf-8") + b"\0")
+        with open(files[split], "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def cluener_config(manual_dir: str | os.PathLike | None = None, *,
+                   skip_bad_records: bool = False) -> CluenerConfig:
+    """The builder config for CLUENER from `manual_dir` (None: the official download).
+
+    With a `manual_dir`, the config's name carries the first 12 hex digits of a SHA-256
+    of the train and dev files, so a build is reused only for the same files.
+
+    Raises:
+      FileNotFoundError: `manual_dir` lacks the train or dev file (the message says
+        which and what to put there).
+    """
+    base = "skip_bad_records" if skip_bad_records else "strict"
+    if manual_dir is None:
+        return Cluener.builder_configs[base]
+    digest = _files_digest(cluener_files(manual_dir))
+    return CluenerConfig(name=f"{base}_{digest[:12]}", skip_bad_records=skip_bad_records,
+                         fingerprint=digest,
+                         description=f"From the files in {os.fspath(manual_dir)}.")
 
 
 class Cluener(tfds.core.GeneratorBasedBuilder):
@@ -210,8 +265,11 @@ class Cluener(tfds.core.GeneratorBasedBuilder):
     # Set here because TFDS 4.9.10 otherwise infers it with `importlib_resources`, a
     # package it imports but does not require (tensorflow/datasets#11212).
     code_path = epath.Path(__file__)
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Text and spans from the official JSON lines."}  # noqa: RUF012
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {  # noqa: RUF012
+        "1.0.0": "Text and spans from the official JSON lines.",
+        "1.1.0": "Configs keyed on the manual files; most spans per record in metadata.",
+    }
     BUILDER_CONFIGS = [  # noqa: RUF012 (TFDS reads this class attribute)
         CluenerConfig(name="strict", description="Malformed records stop the build."),
         CluenerConfig(name="skip_bad_records", skip_bad_records=True,
@@ -245,16 +303,25 @@ class Cluener(tfds.core.GeneratorBasedBuilder):
             directory = os.fspath(dl_manager.manual_dir)
         except AssertionError:
             directory = os.fspath(dl_manager.download_and_extract(CLUENER_URL))
+        files = cluener_files(directory)
+        fingerprint = self.builder_config.fingerprint
+        if fingerprint and _files_digest(files) != fingerprint:
+            raise ValueError(f"the CLUENER files in {directory} are not those this builder "
+                             "was made for (changed since, or another data.manual_dir): "
+                             "make the builder again")
         self.info.metadata["types"] = list(CLUENER_TYPES)
         self.info.metadata["skipped_records"] = {}
-        return {split: self._generate_examples(_find_split_file(directory, stem), split)
-                for split, stem in _SPLIT_FILES.items()}
+        self.info.metadata["max_spans"] = {}
+        return {split: self._generate_examples(path, split) for split, path in files.items()}
 
     def _generate_examples(self, path: str, split: str) -> Iterator[tuple[str, dict]]:
         skipped = SkippedRecords()
         name = os.path.basename(path)
+        self.info.metadata["max_spans"][split] = 0
         for number, text, spans in read_cluener_file(
                 path, skip_bad_records=self.builder_config.skip_bad_records, skipped=skipped):
+            self.info.metadata["max_spans"][split] = max(
+                self.info.metadata["max_spans"][split], len(spans))
             columns = np.asarray(spans, dtype=np.int32).reshape(-1, 3)
             yield f"{name}:{number}", {
                 "text": text, "line": number, "span_type": columns[:, 0],

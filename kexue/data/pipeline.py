@@ -17,7 +17,11 @@ position in the stream, so a pipeline restored from `get_state` continues exactl
 Batches by `task` (B = `batch_size // process_count`, n = `seq_len`):
 
 * "lm": documents tokenized, each followed by `<eos>`, concatenated and cut into
-  windows of n + 1 tokens that overlap by one (window k starts at token k * n):
+  windows of n + 1 tokens that overlap by one (window k starts at token k * n). A
+  document stored in parts (`text_files` cuts files longer than `data.chunk_bytes`)
+  is read part by part in order and gets one `<eos>`, so host memory is bounded by
+  `data.prefetch` parts, not by the longest document; the windows are the same as
+  from the whole document. Shuffling moves whole documents:
   `tokens` int32 [B, n + 1] (inputs `tokens[:, :-1]`, targets `tokens[:, 1:]`),
   `weights` float32 [B, n] (1 where the target is a real token, 0 on padding).
 * "mlm": windows of n tokens (no overlap); BERT masking: each non-special token is
@@ -60,6 +64,8 @@ import json
 import math
 import os
 import re
+import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -134,6 +140,10 @@ class DataConfig:
       num_threads: Grain reader threads per process (0: read in the caller).
       prefetch: Grain prefetch buffer (elements).
       download: build (or download) the dataset when it is missing.
+      rebuild: build the dataset again even if a prepared copy of the same sources
+        exists (once per command).
+      chunk_bytes: text_files: files longer than this are stored in parts of at most
+        this many bytes (bounds host memory per element).
     """
 
     name: str = "text_files"
@@ -167,6 +177,8 @@ class DataConfig:
     num_threads: int = 2
     prefetch: int = 16
     download: bool = True
+    rebuild: bool = False
+    chunk_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -222,7 +234,7 @@ def _problems(s: DataConfig) -> list[str]:
         if isinstance(s.seq_len, int) and s.seq_len < 3:
             problems.append(f"`seq_len`: tokenizer 'wordpiece' needs at least 3 ([CLS], a "
                             f"piece, [SEP]); got {s.seq_len!r}")
-    for key in ("seq_len", "batch_size", "char_min_count", "max_spans"):
+    for key in ("seq_len", "batch_size", "char_min_count", "max_spans", "chunk_bytes"):
         if not _is_int(getattr(s, key)) or getattr(s, key) < 1:
             problems.append(f"`{key}`: expected a positive int; got {getattr(s, key)!r}")
     for key in ("max_examples", "eval_batches", "num_threads", "prefetch",
@@ -232,6 +244,14 @@ def _problems(s: DataConfig) -> list[str]:
     problems += _imbalance_problems(s)
     if not _is_int(s.seed) or not 0 <= s.seed < 2**32:
         problems.append(f"`seed`: expected an int in [0, 2**32); got {s.seed!r}")
+    for key in ("eval_fraction", "type_keep_fraction", "mlm_probability", "mlm_mask_fraction",
+                "mlm_random_fraction"):
+        value = getattr(s, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            problems.append(f"`{key}`: expected a finite number; got {value!r}")
+    if _is_int(s.chunk_bytes) and s.chunk_bytes < 16:
+        problems.append(f"`chunk_bytes`: expected at least 16; got {s.chunk_bytes}")
     if not 0.0 < s.mlm_probability <= 1.0:
         problems.append(f"`mlm_probability`: expected a number in (0, 1]; "
                         f"got {s.mlm_probability!r}")
@@ -342,7 +362,7 @@ def _text(value: Any) -> str:
 
 
 def _split_texts(source: Any, key: str) -> Iterator[str]:
-    chunk = 1024
+    chunk = 32  # records in memory at once (text_files parts are up to chunk_bytes each)
     for start in range(0, len(source), chunk):
         for example in source.__getitems__(list(range(start, min(start + chunk, len(source))))):
             yield _text(example[key])
@@ -379,6 +399,64 @@ def make_tokenizer(
 
 
 # ----------------------------------------------------------------------------- LM windows
+
+
+def _document_units(source: Any) -> list[list[int]]:
+    """Per document, the indices of its records in part order; documents ordered by the
+    index of their part 0 (whose key, the file's path, puts the documents in the order
+    they have when stored whole). Reads every record's `path` and `part` once."""
+    parts: dict[bytes, list[tuple[int, int]]] = {}
+    chunk = 32  # records in memory at once
+    for start in range(0, len(source), chunk):
+        indices = list(range(start, min(start + chunk, len(source))))
+        for index, example in zip(indices, source.__getitems__(indices), strict=True):
+            parts.setdefault(bytes(example["path"]), []).append((int(example["part"]), index))
+    units = [[index for _, index in sorted(entries)] for entries in parts.values()]
+    return sorted(units, key=lambda unit: unit[0])
+
+
+class _DocumentParts(grain.MapDataset):
+    """The records of the documents of `parent` (a dataset of record-index lists, maybe
+    shuffled and repeated), part after part: element p is a record of `source`.
+
+    Every epoch of `parent` (`documents` documents, in the order it gives them) covers
+    `parts` positions; an epoch's offsets are computed when first needed (two are kept).
+    """
+
+    def __init__(self, parent: grain.MapDataset, source: Any, *, documents: int, parts: int,
+                 finite: bool):
+        super().__init__(parent)
+        self._source = source
+        self._documents = documents
+        self._parts = parts
+        self._finite = finite
+        self._lock = threading.Lock()
+        self._epochs: dict[int, tuple[list[list[int]], np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return self._parts if self._finite else sys.maxsize
+
+    def __str__(self) -> str:
+        return f"DocumentParts(parts={self._parts})"
+
+    def _epoch(self, epoch: int) -> tuple[list[list[int]], np.ndarray]:
+        with self._lock:
+            if epoch not in self._epochs:
+                count = self._documents
+                documents = [self._parent[epoch * count + k] for k in range(count)]
+                ends = np.cumsum([len(document) for document in documents])
+                self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}
+                self._epochs[epoch] = (documents, ends)
+            return self._epochs[epoch]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(index, self._parts)
+        documents, ends = self._epoch(epoch)
+        k = int(np.searchsorted(ends, position, side="right"))
+        part = position - (int(ends[k - 1]) if k else 0)
+        return self._source[documents[k][part]]
 
 
 class _TokenWindows(grain.IterDataset):
@@ -588,6 +666,33 @@ def ner_example(
             "example_weights": np.float32(1.0)}
 
 
+def _check_span_capacity(source: Any, count: int, s: DataConfig, split: str,
+                         most_in_split: int | None) -> None:
+    """Fails before training if an example has more spans than `data.max_spans` once
+    cut to `data.seq_len` characters (skipped when the build recorded a maximum that
+    fits: `most_in_split`, the most spans of any record)."""
+    if most_in_split is not None and most_in_split <= s.max_spans:
+        return
+    worst, first = 0, None
+    for start in range(0, count, 256):
+        for example in source.__getitems__(list(range(start, min(start + 256, count)))):
+            end = np.asarray(example["span_end"], np.int64)
+            length = min(len(_text(example["text"])), s.seq_len)
+            keep = end < length
+            spans = len(set(zip(np.asarray(example["span_type"])[keep].tolist(),
+                                np.asarray(example["span_start"])[keep].tolist(),
+                                end[keep].tolist(), strict=True)))
+            if spans > s.max_spans and first is None:
+                first = (int(example["line"]), spans)
+            worst = max(worst, spans)
+    if first is not None:
+        raise ValueError(
+            f"{s.name}/{split}: the record on line {first[0]} of its source file has "
+            f"{first[1]} entity spans within the first data.seq_len={s.seq_len} characters, "
+            f"more than data.max_spans={s.max_spans}: set --config.data.max_spans={worst} "
+            "(the most in this split) or more")
+
+
 def _padding_row(example: Mapping[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
     fill = {"tokens": pad_id, "spans": -1}
     return {key: np.full_like(value, fill.get(key, 0)) for key, value in example.items()}
@@ -711,8 +816,9 @@ def make_dataset(
     split_name = s.train_split if training else s.eval_split
 
     builder = make_builder(s.name, s.data_dir, pattern=s.pattern, exclude=s.exclude,
-                           eval_fraction=s.eval_fraction, skip_bad_records=s.skip_bad_records)
-    prepare(builder, manual_dir=s.manual_dir, download=s.download)
+                           eval_fraction=s.eval_fraction, skip_bad_records=s.skip_bad_records,
+                           manual_dir=s.manual_dir, chunk_bytes=s.chunk_bytes)
+    prepare(builder, manual_dir=s.manual_dir, download=s.download, rebuild=s.rebuild)
     source = builder.as_data_source(split=split_name)
     text_key = s.text_key or ("content" if s.name == "text_files" else "text")
     tokenizer = make_tokenizer(
@@ -732,10 +838,20 @@ def make_dataset(
         # max_examples and before the process split.
         source = _Subset(source, _imbalanced_indices(
             source, _split_size(source, s.max_examples), s, type_names))
-    examples = grain.MapDataset.source(source)
-    if s.max_examples:
-        examples = examples[:s.max_examples]
-    examples = examples[process_index::process_count]
+    units = None
+    if s.task in ("lm", "mlm") and metadata_dict.get("multipart_documents", {}).get(
+            split_name.split("[")[0]):
+        units = _document_units(source)[:s.max_examples or None]
+        units = units[process_index::process_count]
+        examples = grain.MapDataset.source(units)
+    else:
+        examples = grain.MapDataset.source(source)
+        if s.max_examples:
+            examples = examples[:s.max_examples]
+        examples = examples[process_index::process_count]
+    if s.task in ("ner", "multilabel"):
+        _check_span_capacity(source, _split_size(source, s.max_examples), s, split_name,
+                             metadata_dict.get("max_spans", {}).get(split_name.split("[")[0]))
     num_examples = len(examples)
     if num_examples == 0:
         raise ValueError(f"process {process_index} of {process_count} has no examples of "
@@ -751,8 +867,13 @@ def make_dataset(
 
         def tokenize(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
             ids = tokenizer.encode(example[text_key])
+            if int(example.get("part", 0)) + 1 < int(example.get("parts", 1)):
+                return {"tokens": ids}  # not the document's last part: no <eos> yet
             return {"tokens": np.concatenate([ids, np.array([eos], np.int32)])}
 
+        if units is not None:
+            examples = _DocumentParts(examples, source, documents=len(units),
+                                      parts=sum(map(len, units)), finite=not training)
         length = s.seq_len + 1 if s.task == "lm" else s.seq_len
         windows = _TokenWindows(examples.map(tokenize).to_iter_dataset(read), length=length,
                                 stride=s.seq_len, pad_id=tokenizer.pad_id, finite=not training)

@@ -1,11 +1,20 @@
 """A TFDS builder over any glob of local text files (default: the Python standard library).
 
-Each file becomes one example `{"path": relative path, "content": raw bytes}`. Files
-are split into `train` and `validation` by a hash of their path relative to the
-glob's root, so the held-out files are the same on every machine that has them and
-do not move when other files are added. The builder config's name is derived from
-the glob, the exclusions and the eval fraction, so different corpora never share a
-cache directory.
+Each file becomes one example `{"path": relative path, "content": raw bytes, "part": 0,
+"parts": 1}`; a file longer than `chunk_bytes` (default 1 MiB) becomes `parts` examples
+of at most `chunk_bytes` bytes each, cut at UTF-8 character boundaries, so no record,
+and no element of an input pipeline, grows with the size of one file (the pipeline
+puts the parts back together in order, `kexue.data.pipeline`). Files are split into
+`train` and `validation` by a hash of their path relative to the glob's root, so the
+held-out files are the same on every machine that has them and do not move when other
+files are added.
+
+The builder config's name is a hash of the glob, the exclusions, the eval fraction,
+`chunk_bytes` and the files it matches (relative path, size and modification time of
+each), so a prepared dataset is used only for the files that made it: adding,
+removing or rewriting a file gives a new name and a new build (an old one stays under
+its own name until deleted). `prepare(..., rebuild=True)` rebuilds even when nothing
+changed (a file rewritten with its size and modification time restored).
 """
 
 from __future__ import annotations
@@ -14,15 +23,18 @@ import dataclasses
 import fnmatch
 import glob as globlib
 import hashlib
+import itertools
 import json
 import os
 import sysconfig
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
     "DEFAULT_EXCLUDE",
     "TextFiles",
     "TextFilesConfig",
@@ -32,6 +44,7 @@ __all__ = [
 ]
 
 DEFAULT_EXCLUDE: tuple[str, ...] = ("site-packages", "dist-packages")
+DEFAULT_CHUNK_BYTES = 1 << 20
 
 
 def default_text_glob() -> str:
@@ -95,13 +108,26 @@ def list_text_files(
             for split, entries in splits.items()}
 
 
+def files_fingerprint(splits: dict[str, list[tuple[str, str]]]) -> str:
+    """SHA-256 (hex) of every listed file's split, relative path, size and mtime (ns)."""
+    rows = []
+    for split in sorted(splits):
+        for relative, path in splits[split]:
+            stat = os.stat(path)
+            rows.append([split, relative, stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(rows).encode("utf-8", "surrogateescape")).hexdigest()
+
+
 @dataclasses.dataclass(eq=False)
 class TextFilesConfig(tfds.core.BuilderConfig):
-    """Which files: `pattern` (glob), `exclude` (fnmatch on path parts), `eval_fraction`."""
+    """Which files: `pattern` (glob), `exclude` (fnmatch on path parts), `eval_fraction`;
+    `chunk_bytes` (longest record); `fingerprint` (`files_fingerprint` of the files)."""
 
     pattern: str = ""
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     eval_fraction: float = 0.05
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    fingerprint: str = ""
 
 
 def text_files_config(
@@ -109,17 +135,42 @@ def text_files_config(
     *,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     eval_fraction: float = 0.05,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> TextFilesConfig:
-    """A `TextFilesConfig` named after a hash of its fields (`pattern` None: stdlib)."""
+    """A `TextFilesConfig` named after a hash of its fields and of the files it matches
+    (`pattern` None: the stdlib).
+
+    Raises:
+      ValueError: no file matches, or `eval_fraction` / `chunk_bytes` is out of range.
+    """
     pattern = os.path.abspath(os.path.expanduser(pattern or default_text_glob()))
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction}")
-    key = json.dumps([pattern, list(exclude), float(eval_fraction)])
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 16:
+        raise ValueError(f"`chunk_bytes` must be an int >= 16, got {chunk_bytes!r}")
+    fingerprint = files_fingerprint(list_text_files(pattern, exclude=exclude,
+                                                    eval_fraction=eval_fraction))
+    key = json.dumps([pattern, list(exclude), float(eval_fraction), chunk_bytes, fingerprint])
     name = "files_" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
     return TextFilesConfig(
         name=name, pattern=pattern, exclude=tuple(exclude), eval_fraction=float(eval_fraction),
+        chunk_bytes=chunk_bytes, fingerprint=fingerprint,
         description=f"{pattern} (excluding {list(exclude)}), {eval_fraction:.0%} held out",
     )
+
+
+def _cuts(path: str, size: int, chunk_bytes: int) -> list[int]:
+    """Offsets `0 = c_0 < c_1 < ... < c_k = size` with parts of at most `chunk_bytes`
+    bytes, each cut moved back (at most 3 bytes) to the start of a UTF-8 character."""
+    cuts = [0]
+    with open(path, "rb") as file:
+        while size - cuts[-1] > chunk_bytes:
+            cut = cuts[-1] + chunk_bytes
+            file.seek(cut - 3)
+            window = file.read(4)  # bytes cut-3 .. cut
+            back = 0
+            while back < 3 and (window[3 - back] & 0xC0) == 0x80:  # a continuation byte
+                back += 1
+            cuts.append(cut - back)
+    return [*cuts, size]
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder):
@@ -133,10 +184,13 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     # Set here because TFDS 4.9.10 otherwise infers it with `importlib_resources`, a
     # package it imports but does not require (tensorflow/datasets#11212).
     code_path = epath.Path(__file__)
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Raw bytes per file, train/validation split by path hash."}  # noqa: RUF012
-    # The default: the standard library of the interpreter that imported this module.
-    BUILDER_CONFIGS = [text_files_config()]  # noqa: RUF012 (TFDS reads this class attribute)
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {  # noqa: RUF012
+        "1.0.0": "Raw bytes per file, train/validation split by path hash.",
+        "1.1.0": "Files longer than chunk_bytes stored in parts; names keyed on the files.",
+    }
+    # No registered configs: every config names the files it was made from
+    # (`text_files_config`), which are only known when it is made.
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -145,6 +199,8 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict({
                 "path": tfds.features.Text(),
                 "content": tfds.features.Text(),
+                "part": tfds.features.Scalar(dtype=np.int32),
+                "parts": tfds.features.Scalar(dtype=np.int32),
             }),
             metadata=tfds.core.MetadataDict(),
         )
@@ -154,8 +210,14 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         splits = list_text_files(config.pattern, exclude=config.exclude,
                                  eval_fraction=config.eval_fraction)
+        if files_fingerprint(splits) != config.fingerprint:
+            raise ValueError(f"the files matching {config.pattern!r} changed between making "
+                             "the builder and building it: make the builder again")
         self.info.metadata["pattern"] = config.pattern
+        self.info.metadata["fingerprint"] = config.fingerprint
+        self.info.metadata["chunk_bytes"] = config.chunk_bytes
         self.info.metadata["empty_files"] = {}
+        self.info.metadata["multipart_documents"] = {}
         # TFDS cannot write a split without examples, and empty files yield none: a
         # split whose files are all empty is left out (reading it then names it as
         # missing); without training text there is nothing to build.
@@ -168,12 +230,22 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
                 f"with eval_fraction={config.eval_fraction})")
         for split, files in splits.items():
             self.info.metadata["empty_files"][split] = len(files) - len(nonempty[split])
+            self.info.metadata["multipart_documents"][split] = sum(
+                os.path.getsize(path) > config.chunk_bytes for _, path in nonempty[split])
         return {split: self._generate_examples(files)
                 for split, files in nonempty.items() if files}
 
     def _generate_examples(self, files: list[tuple[str, str]]) -> Iterator[tuple[str, dict]]:
+        # Part 0's key is the relative path (the record order TFDS derives from the
+        # keys does not change for files that fit in one part); later parts append
+        # NUL and the part number, which no path contains.
         for relative, path in files:
-            with open(path, "rb") as f:
-                content = f.read()
             name = os.fsencode(relative)
-            yield name.decode("utf-8", "backslashreplace"), {"path": name, "content": content}
+            key = name.decode("utf-8", "backslashreplace")
+            cuts = _cuts(path, os.path.getsize(path), self.builder_config.chunk_bytes)
+            with open(path, "rb") as f:
+                for part, (start, end) in enumerate(itertools.pairwise(cuts)):
+                    f.seek(start)
+                    yield (key if part == 0 else f"{key}\0{part}"), {
+                        "path": name, "content": f.read(end - start), "part": part,
+                        "parts": len(cuts) - 1}

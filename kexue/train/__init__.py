@@ -8,22 +8,31 @@
 Model- and data-agnostic: a model is any `nnx.Module` built by a no-argument
 factory, a loss is `(model, batch, rng) -> (loss, aux metrics)`, data is an iterator
 with `get_state` / `set_state`.
+
+A run directory has one writer (`WorkdirLock`, held by `train_loop`) and any number of
+readers (`Checkpointer(..., read_only=True)`), which never change it.
 """
 
 from kexue.train.checkpoint import (
+    CheckpointCorruptError,
     Checkpointer,
     CheckpointMismatchError,
     CheckpointSaveError,
     Restored,
+    state_checksums,
 )
 from kexue.train.loop import (
+    FINAL_METRICS,
+    OPERATOR_ERRORS,
     CheckpointableIterator,
     LoopConfig,
     NonFiniteError,
     TrainResult,
+    check_resume,
     count_tokens,
     evaluate,
     finalize_mean,
+    read_final_metrics,
     train_loop,
 )
 from kexue.train.measure import interleaved_median_times, machine_description, today
@@ -50,8 +59,24 @@ from kexue.train.steps import (
     make_eval_step,
     make_train_step,
 )
+from kexue.train.workdir import (
+    ERROR_LOG,
+    LOCK_FILE,
+    WorkdirError,
+    WorkdirLock,
+    WorkdirLockedError,
+    check_workdir,
+    read_json,
+    report_failure,
+    write_json_atomic,
+)
 
 __all__ = [
+    "ERROR_LOG",
+    "FINAL_METRICS",
+    "LOCK_FILE",
+    "OPERATOR_ERRORS",
+    "CheckpointCorruptError",
     "CheckpointMismatchError",
     "CheckpointSaveError",
     "CheckpointableIterator",
@@ -68,7 +93,12 @@ __all__ = [
     "TensorBoardWriter",
     "TrainResult",
     "TrainState",
+    "WorkdirError",
+    "WorkdirLock",
+    "WorkdirLockedError",
     "abstract_train_state",
+    "check_resume",
+    "check_workdir",
     "count_tokens",
     "cpu_compiler_options",
     "create_train_state",
@@ -80,8 +110,13 @@ __all__ = [
     "machine_description",
     "make_eval_step",
     "make_train_step",
+    "read_final_metrics",
+    "read_json",
+    "report_failure",
     "scalars",
+    "state_checksums",
     "today",
     "train_loop",
     "train_state_shardings",
+    "write_json_atomic",
 ]

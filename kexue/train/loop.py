@@ -14,7 +14,17 @@ parameters equal those of an uninterrupted run bit for bit on CPU. `init_params`
 run takes every parameter from its checkpoint.
 
 `workdir` receives `checkpoints/`, `metrics.jsonl`, `tensorboard/` and, when the
-last step is reached, `final_metrics.json`.
+last step is reached, `final_metrics.json` (written atomically: the step, the last
+train metrics, the final evaluation, the skipped-step count). A run that finds its
+last step already trained (the command rerun after a preemption or a kill at the
+very end) keeps a complete `final_metrics.json` and otherwise writes it again,
+evaluating the newest checkpoint; `read_final_metrics` refuses an incomplete one.
+
+One writer per workdir: `train_loop` holds the workdir's `WorkdirLock` for its whole
+life (a caller may take it earlier, e.g. before writing its config), and before it
+changes anything it checks the workdir's layout (`check_workdir`) and that the newest
+checkpoint fits the model (`check_resume`), so a refused resume leaves the workdir as
+it was.
 """
 
 from __future__ import annotations
@@ -35,14 +45,29 @@ from jax.sharding import Mesh
 
 from kexue.ops._checks import check_int
 from kexue.parallel import DEFAULT_RULES, LogicalRules, host_local_to_global
-from kexue.train.checkpoint import Checkpointer
+from kexue.train.checkpoint import (
+    CheckpointCorruptError,
+    Checkpointer,
+    CheckpointMismatchError,
+    CheckpointSaveError,
+)
 from kexue.train.metrics import MetricWriter, ProgressBar, scalars
 from kexue.train.preemption import PreemptionGuard
 from kexue.train.state import TrainState, abstract_train_state, create_train_state
 from kexue.train.steps import LossFn, StatsFn, loss_stats, make_eval_step, make_train_step
+from kexue.train.workdir import (
+    WorkdirError,
+    WorkdirLock,
+    check_workdir,
+    read_json,
+    write_json_atomic,
+)
 
-__all__ = ["CheckpointableIterator", "LoopConfig", "NonFiniteError", "TrainResult",
-           "count_tokens", "evaluate", "finalize_mean", "train_loop"]
+__all__ = ["FINAL_METRICS", "OPERATOR_ERRORS", "CheckpointableIterator", "LoopConfig",
+           "NonFiniteError", "TrainResult", "check_resume", "count_tokens", "evaluate",
+           "finalize_mean", "read_final_metrics", "train_loop"]
+
+FINAL_METRICS = "final_metrics.json"
 
 
 class CheckpointableIterator(Protocol):
@@ -56,7 +81,15 @@ class CheckpointableIterator(Protocol):
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Too many consecutive steps had a non-finite loss, gradient or updated state."""
+
+
+#: Failures whose message tells an operator what is wrong and what to do (bad config
+#: or input, unusable workdir, I/O errors, a diverging run); command-line tools print
+#: them in one line (`report_failure`). Anything else is a bug: show its traceback.
+OPERATOR_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, OSError, WorkdirError, CheckpointSaveError, CheckpointCorruptError,
+    NonFiniteError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,14 +233,93 @@ def _log(message: str) -> None:
         print(f"[kexue.train] {message}", flush=True)
 
 
-def _write_json(path: str, payload: Mapping[str, Any]) -> None:
-    if jax.process_index() != 0:
-        return
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(payload, file, indent=2, sort_keys=True, default=str)
-        file.write("\n")
-    os.replace(temporary, path)
+def read_final_metrics(workdir: str | os.PathLike, *, require_eval: bool = True
+                       ) -> dict[str, Any]:
+    """`<workdir>/final_metrics.json`, checked complete.
+
+    Args:
+      workdir: the run directory.
+      require_eval: the run evaluates, so `eval` must hold metrics.
+
+    Raises:
+      FileNotFoundError: the run has not finished (no file).
+      WorkdirError: the file is damaged or incomplete (no `step`, `train` or `eval`
+        section, or an empty `eval`); the message says to rerun the training command,
+        which evaluates the newest checkpoint and writes it again.
+    """
+    path = os.path.join(os.fspath(workdir), FINAL_METRICS)
+    record = read_json(path, what="the final metrics of a finished run")
+    problems = []
+    if isinstance(record.get("step"), bool) or not isinstance(record.get("step"), int):
+        problems.append("no `step`")
+    for section in ("train", "eval"):
+        if not isinstance(record.get(section), dict):
+            problems.append(f"no `{section}` section")
+    if require_eval and isinstance(record.get("eval"), dict) and not record["eval"]:
+        problems.append("an empty `eval` section")
+    if problems:
+        raise WorkdirError(f"{path} is incomplete ({', '.join(problems)}): rerun the training "
+                           "command on this workdir; it evaluates the newest checkpoint and "
+                           "writes the file again")
+    return record
+
+
+def _last_train_record(workdir: str, step: int) -> dict[str, float]:
+    """The train metrics of the newest `metrics.jsonl` record at or before `step`."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    best: dict[str, Any] = {}
+    try:
+        with open(path, "rb") as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        try:
+            record = json.loads(line.decode("utf-8"))
+            at = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(record, dict) and record.get("split") == "train" and at <= step \
+                and at >= int(best.get("step", -1)):
+            best = record
+    return {name: value for name, value in best.items()
+            if name not in ("step", "time", "split")}
+
+
+def check_resume(workdir: str | os.PathLike, abstract_state: TrainState) -> int | None:
+    """The step a trainer would resume from, checked to fit `abstract_state`; reads only.
+
+    Call it before writing anything into an existing workdir (a config record, say):
+    it opens the checkpoints read-only. None: no checkpoint with readable metadata.
+
+    Raises:
+      CheckpointMismatchError: the newest checkpoint holds another model or optimizer.
+    """
+    directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+    reader = Checkpointer(directory, read_only=True)
+    try:
+        return reader.check_latest_compatible(abstract_state)
+    finally:
+        reader.close()
+
+
+def _close_all(closers: Iterable[Callable[[], None]], log: Callable[[str], None],
+               failing: bool) -> None:
+    """Runs every closer; while an error propagates (`failing`) their errors are only
+    logged, so they never hide it (e.g. a TensorBoard flush failing on the full disk
+    that failed the checkpoint). Otherwise the first one is raised after the rest ran."""
+    first: BaseException | None = None
+    for close in closers:
+        try:
+            close()
+        except Exception as error:
+            if failing:
+                log(f"while stopping on an error, also: {type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}")
+            elif first is None:
+                first = error
+    if first is not None:
+        raise first
 
 
 class _TrainMetrics:
@@ -233,7 +345,8 @@ class _TrainMetrics:
             if limit and values["consecutive_nonfinite"] >= limit:
                 self.write(step, self.summary())  # the failing steps reach metrics.jsonl
                 raise NonFiniteError(
-                    f"step {step}: loss or gradients were non-finite in "
+                    f"step {step}: the loss, the gradients or the updated state were "
+                    f"non-finite in "
                     f"{values['consecutive_nonfinite']} consecutive steps (limit "
                     f"max_consecutive_nonfinite={limit}; {values['nonfinite_steps']} skipped in "
                     f"total; last loss {values['loss']}). Parameters were left unchanged by "
@@ -292,22 +405,42 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
 
     Returns:
       A `TrainResult`; `preempted` is True if SIGTERM/SIGINT stopped the run after
-      saving (callers then exit with status 0).
+      saving and before its last step (callers then exit with status 0).
 
     Raises:
+      WorkdirError: the workdir is a file, not writable, or `checkpoints` is a file.
+      WorkdirLockedError: another process trains in `workdir`.
       NonFiniteError: `max_consecutive_nonfinite` steps in a row were skipped.
-      CheckpointMismatchError: `workdir` holds a checkpoint of another model.
+      CheckpointMismatchError: `workdir` holds a checkpoint of another model
+        (nothing in the workdir is changed).
       CheckpointSaveError: a checkpoint could not be written.
     """
     config = LoopConfig.from_settings(config)
-    workdir = os.path.abspath(os.fspath(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    workdir = check_workdir(workdir, writable=True)
+    abstract = abstract_train_state(model_factory, tx, mesh, rules, seed=config.seed)
+    with WorkdirLock(workdir):
+        check_resume(workdir, abstract)
+        return _train(model_factory=model_factory, loss_fn=loss_fn, tx=tx,
+                      train_data=train_data, mesh=mesh, config=config, workdir=workdir,
+                      eval_data=eval_data, eval_stats=eval_stats, finalize=finalize,
+                      rules=rules, tokens_in=tokens_in, log=log,
+                      compiler_options=compiler_options, init_params=init_params,
+                      abstract=abstract)
+
+
+def _train(*, model_factory, loss_fn, tx, train_data, mesh, config: LoopConfig, workdir: str,
+           eval_data, eval_stats, finalize, rules, tokens_in, log, compiler_options,
+           init_params, abstract) -> TrainResult:
+    """`train_loop` once the workdir is locked and checked."""
     checkpoints = Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
         best_metric=config.best_metric, best_mode=config.best_mode,
         async_save=config.async_checkpointing, log=log)
-    abstract = abstract_train_state(model_factory, tx, mesh, rules, seed=config.seed)
-    restored = checkpoints.restore_latest(abstract)
+    try:
+        restored = checkpoints.restore_latest(abstract)
+    except CheckpointMismatchError:
+        checkpoints.close()
+        raise
     if restored is None:
         state = create_train_state(model_factory, tx, mesh, rules, seed=config.seed,
                                    init_params=init_params)
@@ -316,7 +449,8 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
         if restored.data_state is not None:
             train_data.set_state(restored.data_state)
     start = int(jax.device_get(state.step))
-    writer = MetricWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
+    writer = MetricWriter(workdir, resume_step=start, tensorboard=config.tensorboard,
+                          log=log)
     train_step = make_train_step(loss_fn, tx, abstract, mesh, rules=rules,
                                  grad_accum_steps=config.grad_accum_steps,
                                  compiler_options=compiler_options)
@@ -368,8 +502,10 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
                     writer.write(step, eval_metrics, prefix="eval")
                     report(f"step {step} eval " + " ".join(
                         f"{name} {value:.4g}" for name, value in eval_metrics.items()))
-                preempted = guard.should_stop(step)
-                if preempted or last or step % config.checkpoint_every == 0:
+                stop = guard.should_stop(step)
+                # A notice at the last step finishes the run normally (final metrics).
+                preempted = stop and not last
+                if stop or last or step % config.checkpoint_every == 0:
                     tracker.fetch(keep_last=False)
                     checkpoints.save(state, data_state=train_data.get_state(),
                                      metrics=evaluated)
@@ -380,19 +516,37 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
                     report(f"received {guard.received}: finishing at step {step}")
                     break
             tracker.fetch(keep_last=False)
-    finally:
-        bar.close()
-        writer.close()
-        checkpoints.close()  # pending saves are finalized even when stopping on an error
+    except BaseException:
+        # Pending saves are finalized even when stopping on an error; errors while
+        # closing are logged and never replace the one that stopped the run.
+        _close_all([bar.close, writer.close, checkpoints.close], log, failing=True)
+        raise
+    _close_all([bar.close, writer.close, checkpoints.close], log, failing=False)
+    skipped = int(jax.device_get(state.nonfinite_steps))
     if preempted:
         log(f"preempted at step {step}; checkpoint saved, exiting cleanly")
-    elif step > start or not os.path.exists(os.path.join(workdir, "final_metrics.json")):
-        _write_json(os.path.join(workdir, "final_metrics.json"), {
-            "step": step, "train": train_metrics, "eval": eval_metrics,
-            "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
-            "wall_time_s": round(time.perf_counter() - started, 3),
-            "saved_steps": checkpoints.saved_steps,
-        })
+    else:
+        final_path = os.path.join(workdir, FINAL_METRICS)
+        if step == start:  # nothing trained now: keep a complete record, else redo it
+            try:
+                read_final_metrics(workdir, require_eval=eval_data is not None)
+                final_path = None
+            except (OSError, WorkdirError) as problem:
+                log(f"{FINAL_METRICS}: {str(problem).split(': rerun')[0]}; evaluating "
+                    f"checkpoint step {step} to write it")
+                train_metrics = _last_train_record(workdir, step)
+                if eval_data is not None:
+                    eval_metrics = evaluate(eval_step, state, eval_data(), mesh, finalize)
+        if final_path is not None:
+            write_json_atomic(final_path, {
+                "step": step, "train": train_metrics, "eval": eval_metrics,
+                "nonfinite_steps": skipped,
+                "wall_time_s": round(time.perf_counter() - started, 3),
+                "saved_steps": checkpoints.saved_steps,
+            })
+        if skipped:
+            log(f"{skipped} of {step} steps were skipped as non-finite (see `nonfinite` in "
+                "metrics.jsonl)")
     return TrainResult(state=state, step=step, preempted=preempted,
                        train_metrics=train_metrics, eval_metrics=eval_metrics,
                        saved_steps=list(checkpoints.saved_steps))

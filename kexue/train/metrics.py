@@ -9,7 +9,9 @@
 `metrics.jsonl` holds one JSON object per line: `{"step": s, "time": t, "split":
 "train", "loss": ...}`. On resume, records after the restored step (written by the
 interrupted run after its last checkpoint) are dropped, and TensorBoard purges them
-too (`purge_step`), so the curves of a resumed run equal an uninterrupted one.
+too (`purge_step`), so the curves of a resumed run equal an uninterrupted one. Lines
+that are not a JSON object with an integer `step` (a line cut by a kill, a damaged
+file) are moved to `metrics.jsonl.unreadable` and reported, never a reason to fail.
 TensorBoard event files are written by `tensorboardX` into `<workdir>/tensorboard`.
 """
 
@@ -20,7 +22,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 import jax
@@ -44,28 +46,45 @@ class JsonlWriter:
 
     Args:
       path: the file (directories are created).
-      resume_step: if given, existing records with `step > resume_step` are dropped.
+      resume_step: if given, existing records with `step > resume_step` are dropped,
+        and unreadable lines are moved to `<path>.unreadable`.
+      log: receives a line naming the unreadable lines, if any.
     """
 
-    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None,
+                 log: Callable[[str], None] | None = None):
         self.path = os.fspath(path)
+        self.log = log
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         if resume_step is not None and os.path.exists(self.path):
             self._truncate_after(resume_step)
         self._file: TextIO = open(self.path, "a", encoding="utf-8")
 
     def _truncate_after(self, step: int) -> None:
-        kept = []
-        with open(self.path, encoding="utf-8") as file:
-            for line in file:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill: drop it
-                    continue
-                if int(record.get("step", -1)) <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
+        kept, unreadable, numbers = [], [], []
+        with open(self.path, "rb") as file:
+            lines = file.read().splitlines()
+        for number, raw in enumerate(lines, start=1):
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                at = int(record["step"]) if isinstance(record, dict) else None
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+                at = None
+            if at is None:
+                if raw.strip():
+                    unreadable.append(raw + b"\n")
+                    numbers.append(number)
+            elif at <= step:
+                kept.append(raw + b"\n")
+        if unreadable:
+            with open(self.path + ".unreadable", "ab") as file:
+                file.writelines(unreadable)
+            shown = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+            message = (f"{self.path}: {len(numbers)} unreadable line(s) (line {shown}: not a "
+                       f"JSON object with a step) moved to {self.path}.unreadable")
+            (self.log or (lambda text: print(f"[kexue.train] {text}", flush=True)))(message)
         temporary = self.path + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as file:
+        with open(temporary, "wb") as file:
             file.writelines(kept)
         os.replace(temporary, self.path)
 
@@ -110,12 +129,12 @@ class MetricWriter:
     """`metrics.jsonl` and TensorBoard events under `workdir`, written by process 0 only."""
 
     def __init__(self, workdir: str | os.PathLike, *, resume_step: int | None = None,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, log: Callable[[str], None] | None = None):
         self._writers: list[Any] = []
         if jax.process_index() != 0:
             return
         self._writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl"),
-                                         resume_step=resume_step))
+                                         resume_step=resume_step, log=log))
         if tensorboard:
             self._writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard"),
                                                    resume_step=resume_step))
@@ -125,8 +144,15 @@ class MetricWriter:
             writer.write(step, metrics, prefix=prefix)
 
     def close(self) -> None:
+        """Closes every writer (all are tried); the first error is raised after."""
+        errors = []
         for writer in self._writers:
-            writer.close()
+            try:
+                writer.close()
+            except Exception as error:
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
 
 def format_duration(seconds: float) -> str:

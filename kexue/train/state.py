@@ -54,7 +54,8 @@ class TrainState:
       model_state: pure `nnx.State` of the model's other variables.
       opt_state: the optax state of `params`.
       rng: PRNG key `[]` (typed); step `s` draws from `fold_in(rng, s)`.
-      nonfinite_steps: int32 `[]`, steps skipped because loss or gradients were not finite.
+      nonfinite_steps: int32 `[]`, steps skipped because the loss, a gradient or the
+        updated state was not finite.
       consecutive_nonfinite: int32 `[]`, the length of the current run of skipped steps.
       graphdef: the model's `nnx.GraphDef` (static).
     """

@@ -18,10 +18,14 @@ micro-batches of rows `i, i+k, i+2k, …` (each device keeps its rows), the grad
 are averaged with `lax.scan`, and the update equals that of the whole batch when the
 loss is a mean over equal-sized micro-batches.
 
-Non-finite guard: when the loss or any gradient is NaN/Inf, parameters, optimizer
-state and model state are left exactly as they were, `step` still advances, and
-`nonfinite_steps` / `consecutive_nonfinite` count the skip (metrics report both and
-`nonfinite` = 1 for this step).
+Non-finite guard: when the loss or any gradient is NaN/Inf, or the update would turn
+a finite entry of the parameters, optimizer state or model state into NaN/Inf (a
+finite step can overflow, e.g. with a far too large learning rate), parameters,
+optimizer state and model state are left exactly as they were, `step` still
+advances, and `nonfinite_steps` / `consecutive_nonfinite` count the skip (metrics
+report both and `nonfinite` = 1 for this step). Entries that were already NaN/Inf
+before the step (an optimizer may keep an `inf` on purpose) do not count. A step that
+is not skipped computes exactly what it would without the guard.
 
 `compiler_options` go to `jax.jit` as given; `cpu_compiler_options` gives the
 XLA:CPU settings kexue uses (donated optimizer slots updated in place, and with
@@ -90,6 +94,14 @@ def _all_finite(tree: Any) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
               if jnp.issubdtype(leaf.dtype, jnp.inexact)]
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def _stays_finite(new: Any, old: Any) -> jax.Array:
+    """True unless some entry finite in `old` is NaN/Inf in `new` (inexact leaves)."""
+    checks = [jnp.all(jnp.isfinite(n) | ~jnp.isfinite(o))
+              for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True)
+              if jnp.issubdtype(n.dtype, jnp.inexact)]
+    return jnp.stack(checks).all() if checks else jnp.array(True)
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
@@ -175,17 +187,25 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
-        def keep_if_finite(new: Any, old: Any) -> Any:
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype), new, old)
+        def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o).astype(o.dtype), new, old)
 
+        old = (state.params, state.model_state, state.opt_state)
+        candidate = keep_if(finite, (params, model_state, opt_state), old)
+        # Checked after a barrier: the fusions computing the new state stay as they are
+        # without the check, so a step that is not skipped rounds exactly the same; a
+        # `cond` (not a second `where` over every array) keeps XLA's compile-time
+        # memory as it was.
+        candidate = jax.lax.optimization_barrier(candidate)
+        stays = _stays_finite(candidate, old)
+        new_params, new_model_state, new_opt_state = jax.lax.cond(
+            stays, lambda: candidate, lambda: old)
+        finite = finite & stays
         skipped = jnp.logical_not(finite).astype(jnp.int32)
         consecutive = jnp.where(finite, 0, state.consecutive_nonfinite + 1).astype(jnp.int32)
         new_state = state.replace(
-            step=state.step + 1,
-            params=keep_if_finite(params, state.params),
-            model_state=keep_if_finite(model_state, state.model_state),
-            opt_state=keep_if_finite(opt_state, state.opt_state),
-            nonfinite_steps=state.nonfinite_steps + skipped,
+            step=state.step + 1, params=new_params, model_state=new_model_state,
+            opt_state=new_opt_state, nonfinite_steps=state.nonfinite_steps + skipped,
             consecutive_nonfinite=consecutive,
         )
         metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),

@@ -133,8 +133,9 @@ def test_real_disk_full_or_read_only_checkpoint_dir(tmp_path, fault, flags):
 
 def test_nonfinite_stop_names_step_and_last_good_checkpoint_restores(tmp_path):
     mesh = _mesh()
-    with pytest.raises(NonFiniteError, match=r"^step 8: loss or gradients were non-finite in "
-                                             r"3 consecutive steps.*the last checkpoint is kept"):
+    with pytest.raises(NonFiniteError, match=r"^step 8: the loss, the gradients or the updated "
+                                             r"state were non-finite in 3 consecutive steps.*"
+                                             r"the last checkpoint is kept"):
         toy.run(str(tmp_path / "nan"), mesh, 20, poison=tuple(range(5, 20)), log_every=10,
                 checkpoint_every=2, max_consecutive_nonfinite=3, tensorboard=False)
     checkpoint_dir = tmp_path / "nan" / "checkpoints"
