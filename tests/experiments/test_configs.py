@@ -10,6 +10,7 @@ import pytest
 
 from experiments import config as experiment_config
 from experiments import run as experiment_run
+from kexue.train import WorkdirError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.py")
@@ -94,7 +95,7 @@ def test_saved_config_reads_back_with_tuples(tmp_path):
 
 def test_damaged_saved_config_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match=re.escape("config.json is not readable JSON")):
+    with pytest.raises(WorkdirError, match=re.escape("config.json:1 is damaged")):
         experiment_config.load_saved(str(tmp_path))
     with pytest.raises(ValueError, match="not found"):
         experiment_config.load_saved(str(tmp_path / "missing"))

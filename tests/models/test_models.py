@@ -285,7 +285,7 @@ def test_multilabel_loss_is_zlpr_mean(rng):
         ({"dtype": "int8"}, "`dtype`: expected one of"),
         ({"rotary_dim": 3}, "`rotary_dim`: expected 0 or a multiple of 2·rope_dims = 2"),
         ({"rotary_dim": 16}, "at most the head dim width / num_heads = 8; got 16"),
-        ({"width": 0}, "`width`: expected a positive int; got 0"),
+        ({"width": 0}, "`width`: expected an int >= 1; got 0"),
         ({"num_head": 4}, "`num_head`: not a setting of model 'roformer_mlm'"),
         ({"dropout_rate": 1.0}, "`dropout_rate`: expected a number in [0, 1)"),
     ],
