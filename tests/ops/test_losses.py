@@ -91,9 +91,49 @@ def test_zlpr_soft_labels(rng):
                                rtol=1e-6)
     np.testing.assert_allclose(zlpr(s, hard.astype(np.int32)), zlpr_ref(s, hard),
                                rtol=1e-5)
-    # Gradient with respect to soft labels (distillation) is finite, also at 0 and 1.
-    grad_t = grad_of(lambda t: jnp.sum(zlpr(s, t)))(jnp.asarray(soft))
-    assert np.all(np.isfinite(grad_t))
+
+
+def zlpr_label_grad_ref(s: np.ndarray, t: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """d loss / d t for one row, from the closed form (0 where `keep` is False).
+
+    `∂/∂t_i [log(1 + Σ (1−t) e^s) + log(1 + Σ t e^{−s})]
+     = −e^{s_i} / (1 + Σ (1−t) e^s) + e^{−s_i} / (1 + Σ t e^{−s})`, sums over `keep`.
+    """
+    s, t = s.astype(np.float64), t.astype(np.float64)
+    neg = 1 + np.sum(np.where(keep, (1 - t) * np.exp(s), 0))
+    pos = 1 + np.sum(np.where(keep, t * np.exp(-s), 0))
+    return np.where(keep, -np.exp(s) / neg + np.exp(-s) / pos, 0)
+
+
+def test_zlpr_label_gradient_matches_closed_form_and_one_sided_differences(rng):
+    """d/dt at t = 0 and t = 1 (where an entry leaves one of the two sums) and inside."""
+    s = rng.normal(scale=1.5, size=(5, 9))
+    t = rng.random(s.shape)
+    t[rng.random(s.shape) < 0.3] = 0.0
+    t[rng.random(s.shape) < 0.3] = 1.0
+    t[4] = rng.random(9) < 0.4  # a row of hard labels
+    s[0, :4], t[0, :4] = [0.3, -1.2, 2.0, 0.5], [1.0, 0.0, 0.4, 0.7]
+    keep = rng.random(s.shape) < 0.8
+    keep[0] = np.arange(9) < 4  # row 0 is the 4-entry example
+    want = np.stack([zlpr_label_grad_ref(s[b], t[b], keep[b]) for b in range(5)])
+    np.testing.assert_allclose(want[0, :4], [0.117076, 1.447517, -1.125213, 0.008596],
+                               atol=1e-6)
+    with jax.enable_x64(True):
+        def loss(labels):
+            return jnp.sum(zlpr_loss(jnp.asarray(s), labels, where=keep))
+
+        got = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(t)))
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        # One-sided differences of the loss itself, stepping into [0, 1].
+        h = 1e-6
+        step = np.where(t < 0.5, h, -h)
+        base = float(loss(jnp.asarray(t)))
+        diffs = np.zeros_like(t)
+        for b, i in np.ndindex(*t.shape):
+            moved = t.copy()
+            moved[b, i] += step[b, i]
+            diffs[b, i] = (float(loss(jnp.asarray(moved))) - base) / step[b, i]
+    np.testing.assert_allclose(got, diffs, rtol=1e-4, atol=1e-5)
 
 
 def test_zlpr_axis_tuple_is_flattening(rng):
