@@ -68,10 +68,12 @@ def _mask_spans(logits: jax.Array, valid, out_dtype) -> jax.Array:
     return jnp.where(exists, logits, fill).astype(out_dtype)
 
 
-def _rotate(x: jax.Array, rope: bool, base: float, layout: str) -> jax.Array:
-    """RoPE with positions `0 … n−1` on `x [..., n, h, d]`, in at least float32."""
+def _rotate(x: jax.Array, rope: bool, base: float, layout: str,
+            seq_axis: int = -3) -> jax.Array:
+    """RoPE with positions `0 … n−1` on `x` (`[..., n, h, d]`, or `[..., n, d]` with
+    `seq_axis=-2`), in at least float32."""
     x = x.astype(_checks.compute_dtype(x.dtype))
-    return apply_rope(x, base=base, layout=layout) if rope else x
+    return apply_rope(x, base=base, layout=layout, seq_axis=seq_axis) if rope else x
 
 
 def _check_rope_dim(rope: bool, name: str, d: int) -> None:
@@ -164,8 +166,8 @@ def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, valid=None,
     _check_rope_dim(rope, "q", d)
     if valid is not None:
         _check_valid(valid, tuple(q.shape[:-1]), "q.shape[:-1]")
-    qr = _rotate(q[..., None, :], rope, base, layout)[..., 0, :]
-    kr = _rotate(k[..., None, :], rope, base, layout)[..., 0, :]
+    qr = _rotate(q, rope, base, layout, seq_axis=-2)
+    kr = _rotate(k, rope, base, layout, seq_axis=-2)
     dot = jnp.einsum("...id,...jd->...ij", qr, kr) / math.sqrt(d)
     compute = jnp.result_type(dot, _checks.compute_dtype(jnp.result_type(bias_start)))
     start = jnp.swapaxes(jnp.asarray(bias_start).astype(compute), -1, -2)  # [..., types, n]

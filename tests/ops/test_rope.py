@@ -111,6 +111,34 @@ def test_apply_rope_default_positions_and_shared_positions(rng):
 
 
 @pytest.mark.parametrize("layout", ["interleaved", "half"])
+def test_seq_axis_rotates_heads_first_and_headless_inputs_by_position(rng, layout):
+    """`[b, h, n, d]` and `[n, d]` with `seq_axis=-2`: every head rotates by the position."""
+    b, h, n, d = 2, 3, 5, 8
+    x = randn(rng, b, h, n, d)
+    positions = rng.integers(0, 60, size=(b, n)).astype(np.int32)
+    # The reference works on [b, n, h, d]: move the heads behind the sequence and back.
+    expected = np.swapaxes(rope_reference(np.swapaxes(x, 1, 2), positions, layout=layout),
+                           1, 2)
+    got = apply_rope(x, positions[:, None, :], layout=layout, seq_axis=-2)
+    np.testing.assert_allclose(got, expected, **TOL)
+    np.testing.assert_array_equal(
+        apply_rope(x, positions[:, None, :], layout=layout, seq_axis=2), got)
+    default = np.swapaxes(rope_reference(np.swapaxes(x, 1, 2), np.arange(n), layout=layout),
+                          1, 2)
+    np.testing.assert_allclose(apply_rope(x, layout=layout, seq_axis=-2), default, **TOL)
+    cached = rope_sin_cos(positions[:, None, :], d)
+    np.testing.assert_allclose(apply_rope(x, sin_cos=cached, layout=layout, seq_axis=-2),
+                               expected, **TOL)
+    headless = apply_rope(x[0, 0], positions[0], layout=layout, seq_axis=-2)
+    np.testing.assert_allclose(headless, expected[0, 0], **TOL)
+    grid = rng.integers(0, 9, size=(b, 1, n, 2)).astype(np.int32)
+    expected_nd = np.swapaxes(rope_reference(np.swapaxes(x, 1, 2), grid[:, 0], layout=layout,
+                                             nd=True), 1, 2)
+    np.testing.assert_allclose(apply_rope_nd(x, grid, layout=layout, seq_axis=-2),
+                               expected_nd, **TOL)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
 def test_sin_cos_cache_equals_positions_path(rng, layout):
     x = randn(rng, 3, 7, 2, 12)
     positions = rng.uniform(0, 100, size=(3, 7)).astype(np.float32)
@@ -270,6 +298,13 @@ def test_rope_errors_name_the_argument():
         apply_rope(x, sin_cos=rope_sin_cos(np.arange(5), 6))
     with pytest.raises(ValueError, match=r"`base` must be a finite number greater than 1; got 1.0"):
         apply_rope(x, base=1.0)
+    for bad in (-1, 3, -5, 1.0, True):
+        with pytest.raises(ValueError, match=r"`seq_axis` must"):
+            apply_rope(x, seq_axis=bad)
+    with pytest.raises(ValueError, match=r"`seq_axis` must name an axis .* got -1"):
+        apply_rope_nd(x, np.zeros((5, 2), np.int32), seq_axis=-1)
+    with pytest.raises(ValueError, match=r"`positions` .* does not broadcast .*x.shape\[:seq_axis"):
+        apply_rope(x, np.arange(5), seq_axis=-2)  # [b, n, h, d] read as [b, n, h] + d: n = 3
     with pytest.raises(ValueError, match=r"`positions` must have at least 2 axes"):
         apply_rope_nd(x, np.arange(5))
     with pytest.raises(ValueError, match=r"divisible by 2k = 6"):
