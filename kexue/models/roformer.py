@@ -308,9 +308,14 @@ class GlobalPointerNER(nnx.Module):
         return zlpr + 0.25 * alpha * divergence, {"zlpr": zlpr, "gp_kl": divergence}
 
     @staticmethod
-    def decode(logits, *, threshold: float = 0.0) -> np.ndarray:
-        """Spans `(batch, type, start, end)` with `logit > threshold` (`ops.decode_spans`)."""
-        return ops.decode_spans(logits, threshold=threshold)
+    def decode(logits: jax.Array, *, max_spans: int, threshold: float = 0.0,
+               valid=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The `max_spans` best spans with `logit > threshold`, per example.
+
+        `ops.decode_spans`: `(spans int32 [b, max_spans, 3] of (type, start, end)
+        padded with −1, scores [b, max_spans], count int32 [b])`; jit-safe.
+        """
+        return ops.decode_spans(logits, max_spans=max_spans, threshold=threshold, valid=valid)
 
 
 def bio_num_tags(num_types: int) -> int:
@@ -420,9 +425,11 @@ class BIOTagger(nnx.Module):
         """`bio_span_scores` of the arg-max tags: `[b, types, n, n]` of ±1."""
         return bio_span_scores(jnp.argmax(logits, axis=-1), self.num_types, valid=valid)
 
-    def decode(self, logits, *, valid=None) -> np.ndarray:
-        """Spans `(batch, type, start, end)` of the arg-max tags (`ops.decode_spans`)."""
-        return ops.decode_spans(self.span_scores(logits, valid=valid))
+    def decode(self, logits: jax.Array, *, max_spans: int,
+               valid=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The spans of the arg-max tags, as `GlobalPointerNER.decode` returns them
+        (`ops.decode_spans` of `span_scores`; every score is 1); jit-safe."""
+        return ops.decode_spans(self.span_scores(logits, valid=valid), max_spans=max_spans)
 
 
 class MultiLabelClassifier(nnx.Module):

@@ -130,8 +130,15 @@ def loop_decode(tags, num_types, length):
     return sorted(spans)
 
 
+def decoded_rows(spans, count):
+    """`[(example, type, start, end)]` of `decode`'s padded rows."""
+    return [(b, *row) for b in range(spans.shape[0])
+            for row in np.asarray(spans[b, :count[b]]).tolist()]
+
+
 def decoded(scores):
-    return sorted((int(t), int(i), int(j)) for _, t, i, j in models.GlobalPointerNER.decode(scores))
+    spans, _, count = models.GlobalPointerNER.decode(scores, max_spans=64)
+    return sorted((t, i, j) for _, t, i, j in decoded_rows(spans, count))
 
 
 def test_bio_decoding_matches_the_hand_written_example():
@@ -154,7 +161,8 @@ def test_bio_decoding_matches_a_loop_reference_on_random_tags(rng):
     valid = np.arange(n)[None, :] < lengths[:, None]
     scores = jax.jit(models.bio_span_scores, static_argnums=1)(jnp.asarray(tags), types,
                                                                 valid=jnp.asarray(valid))
-    rows = models.GlobalPointerNER.decode(scores)
+    spans, _, count = models.GlobalPointerNER.decode(scores, max_spans=n)  # ≤ n BIO spans
+    rows = decoded_rows(spans, count)
     for example in range(b):
         got = sorted((int(t), int(i), int(j)) for e, t, i, j in rows if e == example)
         assert got == loop_decode(tags[example], types, int(lengths[example])), example
@@ -165,9 +173,12 @@ def test_bio_tagger_decode_reads_the_argmax_tags():
     tags = np.array([[1, 2, 0, 5, 6, 6, 0], [3, 3, 4, 0, 0, 0, 0]])
     logits = jnp.asarray(np.eye(7)[tags] * 5.0, jnp.float32)
     valid = jnp.asarray([[True] * 7, [True] * 3 + [False] * 4])
-    rows = model.decode(logits, valid=valid)
-    assert sorted(map(tuple, rows.tolist())) == [(0, 0, 0, 1), (0, 2, 3, 5), (1, 1, 0, 0),
-                                                 (1, 1, 1, 2)]
+    spans, scores, count = jax.jit(lambda x, v: model.decode(x, max_spans=4, valid=v))(
+        logits, valid)
+    assert sorted(decoded_rows(spans, count)) == [(0, 0, 0, 1), (0, 2, 3, 5), (1, 1, 0, 0),
+                                                  (1, 1, 1, 2)]
+    np.testing.assert_array_equal(count, [2, 2])
+    np.testing.assert_array_equal(scores[:, :2], 1.0)
 
 
 def spans_array(rows, width=4):

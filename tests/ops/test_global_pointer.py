@@ -190,6 +190,40 @@ def test_efficient_global_pointer_bf16_jit_grad(rng):
                                np.broadcast_to((np.arange(4) + 1)[:, None] / 2, (4, 2)))
 
 
+def decode_ref(logits, max_spans, threshold, valid=None):
+    """Loop reference of `decode_spans` for one example `[types, n, n]`: the spans with
+    `start ≤ end` (both ends valid) and logit > threshold, sorted by score, best first,
+    ties by (type, start, end); padded to `max_spans`."""
+    types, n, _ = logits.shape
+    found = [(-float(logits[t, i, j]), t, i, j) for t in range(types) for i in range(n)
+             for j in range(i, n) if float(logits[t, i, j]) > threshold
+             and (valid is None or (valid[i] and valid[j]))]
+    found.sort()
+    rows = np.full((max_spans, 3), -1, np.int64)
+    scores = np.full(max_spans, -np.inf)
+    for r, (negative, t, i, j) in enumerate(found[:max_spans]):
+        rows[r], scores[r] = (t, i, j), -negative
+    return rows, scores, len(found)
+
+
+def check_decoded(logits, max_spans, threshold=0.0, valid=None, fn=None):
+    fn = fn or jax.jit(decode_spans, static_argnames="max_spans")
+    spans, scores, count = fn(logits, max_spans=max_spans, threshold=threshold, valid=valid)
+    lead = logits.shape[:-3]
+    assert spans.shape == (*lead, max_spans, 3) and spans.dtype == jnp.int32
+    assert scores.shape == (*lead, max_spans) and count.shape == lead
+    assert count.dtype == jnp.int32
+    for idx in np.ndindex(*lead):
+        ok = None if valid is None else np.broadcast_to(valid, (*lead, logits.shape[-1]))[idx]
+        rows, want, total = decode_ref(np.asarray(logits[idx], np.float64), max_spans,
+                                       threshold, ok)
+        np.testing.assert_array_equal(np.asarray(spans[idx]), rows, err_msg=str(idx))
+        np.testing.assert_array_equal(np.asarray(scores[idx], np.float64),
+                                      np.asarray(want, np.float32).astype(np.float64))
+        assert int(count[idx]) == total
+    return spans, scores, count
+
+
 def test_decode_spans_hand_built():
     logits = np.full((2, 2, 4, 4), -3.0, dtype=np.float32)
     logits[0, 1, 0, 2] = 1.0
@@ -197,23 +231,53 @@ def test_decode_spans_hand_built():
     logits[1, 0, 1, 2] = 2.0
     logits[1, 1, 0, 0] = 0.2
     logits[1, 1, 2, 3] = 0.0  # not above the threshold
-    spans = decode_spans(logits)
-    assert spans.dtype == np.int64
-    np.testing.assert_array_equal(spans, [[0, 0, 3, 3], [0, 1, 0, 2], [1, 0, 1, 2],
-                                          [1, 1, 0, 0]])
-    np.testing.assert_array_equal(decode_spans(logits, threshold=0.6),
-                                  [[0, 1, 0, 2], [1, 0, 1, 2]])
-    # Unbatched logits have batch index 0; extra leading axes are flattened row-major.
-    np.testing.assert_array_equal(decode_spans(jnp.asarray(logits[1])),
-                                  [[0, 0, 1, 2], [0, 1, 0, 0]])
-    stacked = np.stack([logits, logits])  # [2, 2, types, n, n] -> batch 0..3
-    assert decode_spans(stacked)[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    empty = decode_spans(np.full((2, 3, 3), -1.0))
-    assert empty.shape == (0, 4) and empty.dtype == np.int64
+    logits[1, 0, 2, 1] = 5.0  # end < start: never a span
+    spans, scores, count = decode_spans(logits, max_spans=3)
+    np.testing.assert_array_equal(spans, [[[1, 0, 2], [0, 3, 3], [-1, -1, -1]],
+                                          [[0, 1, 2], [1, 0, 0], [-1, -1, -1]]])
+    np.testing.assert_array_equal(scores, np.float32([[1.0, 0.5, -np.inf], [2.0, 0.2, -np.inf]]))
+    np.testing.assert_array_equal(count, [2, 2])
+    spans, _, count = decode_spans(logits, max_spans=1, threshold=0.3)
+    np.testing.assert_array_equal(spans, [[[1, 0, 2]], [[0, 1, 2]]])
+    np.testing.assert_array_equal(count, [2, 1])  # example 0 has one more than fits
     # Masked spans of real GlobalPointer logits never decode.
     q = np.ones((3, 1, 2), np.float32)
-    spans = decode_spans(global_pointer_logits(q, q, rope=False, valid=np.array([1, 1, 0])))
-    np.testing.assert_array_equal(spans, [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 1]])
+    spans, _, count = decode_spans(global_pointer_logits(q, q, rope=False,
+                                                         valid=np.array([1, 1, 0])),
+                                   max_spans=4)
+    assert int(count) == 3
+    assert sorted(map(tuple, np.asarray(spans[:3]).tolist())) == [(0, 0, 0), (0, 0, 1),
+                                                                   (0, 1, 1)]
+
+
+@pytest.mark.parametrize("lead,max_spans", [((), 4), ((3,), 7), ((2, 3), 2), ((2,), 200)])
+def test_decode_spans_matches_reference(rng, lead, max_spans):
+    """Random scores, more candidates than rows, ties, empty examples, `valid`."""
+    types, n = 3, 6
+    logits = rng.normal(size=(*lead, types, n, n)).astype(np.float32)
+    # Ties: a handful of values repeated across types and positions.
+    logits = np.where(rng.random(logits.shape) < 0.5, np.round(logits, 1), logits)
+    if lead:
+        logits.reshape(-1, types, n, n)[0] = -1.0  # an example with nothing above 0
+    check_decoded(logits, max_spans)
+    check_decoded(logits, max_spans, threshold=0.7)
+    valid = random_valid(rng, int(np.prod(lead)), n).reshape(*lead, n)
+    check_decoded(logits, max_spans, threshold=-0.5, valid=valid)
+    # An unjitted call and a vmapped one agree with the jitted one.
+    check_decoded(logits, max_spans, fn=decode_spans)
+    if lead:
+        mapped = jax.vmap(lambda x: decode_spans(x, max_spans=max_spans))
+        check_decoded(logits, max_spans, fn=lambda x, **_: mapped(x))
+
+
+def test_decode_spans_threshold_may_be_traced(rng):
+    logits = rng.normal(size=(2, 2, 5, 5)).astype(np.float32)
+    fn = jax.jit(lambda x, t: decode_spans(x, max_spans=6, threshold=t))
+    for threshold in (-0.3, 0.0, 1.2):
+        want = decode_spans(logits, max_spans=6, threshold=threshold)
+        got = fn(logits, threshold)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def random_span_rows(rng, lead, max_spans, types, n):
@@ -290,10 +354,12 @@ def test_span_encodings_round_trip(rng):
     rows = random_span_rows(rng, (batch,), 8, types, n)
     rows[0] = -1  # an example without spans
     dense = np.asarray(spans_to_dense(rows, types, n))
-    back = decode_spans(dense.astype(np.float32), threshold=0.5)
+    spans, _, count = decode_spans(dense.astype(np.float32), max_spans=8, threshold=0.5)
+    back = np.asarray([(b, *row) for b in range(batch)
+                       for row in np.asarray(spans[b, :count[b]]).tolist()]).reshape(-1, 4)
     want = sorted({(b, *(int(x) for x in row)) for b in range(batch) for row in rows[b]
                    if is_span_ref(row, types, n)})
-    assert [tuple(r) for r in back.tolist()] == want
+    assert sorted(tuple(r) for r in back.tolist()) == want
     flat = np.asarray(spans_to_flat(rows, types, n))
     for b in range(batch):
         real = flat[b][flat[b] >= 0]
@@ -400,6 +466,11 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"`bias_start` and `bias_end` must have the same"):
         efficient_global_pointer_logits(shared, shared, q[:, :, 0, :2], q[:, :, 0, :3])
     with pytest.raises(ValueError, match=r"`logits` must be square"):
-        decode_spans(np.zeros((2, 3, 4)))
+        decode_spans(np.zeros((2, 3, 4)), max_spans=2)
+    for bad in (0, -1, 2.0, True, None):
+        with pytest.raises(ValueError, match=r"`max_spans` must be a positive Python int"):
+            decode_spans(np.zeros((2, 3, 3)), max_spans=bad)
+    with pytest.raises(ValueError, match=r"`valid`"):
+        decode_spans(np.zeros((2, 3, 3)), max_spans=2, valid=np.ones(4, bool))
     with pytest.raises(ValueError, match=r"`logits` and `labels` must have the same"):
         span_f1(np.zeros((2, 3, 3)), np.zeros((2, 3, 4)))
