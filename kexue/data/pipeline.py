@@ -100,7 +100,9 @@ class DataConfig:
       shuffle: shuffle the training split.
       train_split: TFDS split read for split="train".
       eval_split: TFDS split read for split="eval".
-      max_examples: use only the first k examples of a split (0: all).
+      max_examples: use only the first k examples of the training split (0: all); the
+        evaluation split is never trimmed by it, so a small training subset is scored
+        on the whole dev set (shorten an evaluation with `eval_batches`).
       rare_types: cluener train split: comma-separated entity types made rare by
         `type_keep_fraction` (empty: off).
       type_keep_fraction: cluener train split: share of the sentences holding any of
@@ -661,7 +663,7 @@ def make_dataset(
         source = _Subset(source, _imbalanced_indices(
             source, _split_size(source, s.max_examples), s, type_names))
     examples = grain.MapDataset.source(source)
-    if s.max_examples:
+    if training and s.max_examples:
         examples = examples[:s.max_examples]
     examples = examples[process_index::process_count]
     num_examples = len(examples)
@@ -722,7 +724,7 @@ def make_dataset(
         if training:
             num_batches = None
         else:
-            largest_shard = math.ceil(_split_size(source, s.max_examples) / process_count)
+            largest_shard = math.ceil(len(source) / process_count)
             num_batches = s.eval_batches or math.ceil(largest_shard / local_batch)
 
         def finish(batch: dict, step: int) -> dict:
