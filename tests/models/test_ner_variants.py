@@ -1,4 +1,5 @@
-"""NER variants: GlobalPointer without RoPE, the BIO tagging baseline, R-Drop's loss."""
+"""NER variants: the GlobalPointer heads against float64 oracles (with and without RoPE,
+Efficient GlobalPointer), the BIO tagging baseline, R-Drop's loss."""
 
 from __future__ import annotations
 
@@ -98,6 +99,81 @@ def test_gp_without_rope_equals_plain_inner_products_of_the_projections(rng):
     exists = np.broadcast_to(
         np.triu(np.ones((n, n), bool))[None, None]
         & np.asarray(valid)[:, None, :, None] & np.asarray(valid)[:, None, None, :], logits.shape)
+    np.testing.assert_allclose(logits[exists], expected[exists], rtol=1e-4, atol=1e-5)
+    assert np.all(logits[~exists] < -1e3)
+
+
+# ------------------------------------------------------------------ heads with RoPE
+
+
+def rope64(x: np.ndarray, layout: str, base: float) -> np.ndarray:
+    """Rotate `x [n, d]` at positions 0 … n−1, pair by pair, in float64: pair `i` is
+    `(x[2i], x[2i+1])` (interleaved) or `(x[i], x[i + d/2])` (half), angle `m·base^(−2i/d)`."""
+    n, d = x.shape
+    out = np.array(x, np.float64)
+    for m in range(n):
+        for i in range(d // 2):
+            a, b = (2 * i, 2 * i + 1) if layout == "interleaved" else (i, i + d // 2)
+            c, s = np.cos(m * base ** (-2.0 * i / d)), np.sin(m * base ** (-2.0 * i / d))
+            out[m, a], out[m, b] = x[m, a] * c - x[m, b] * s, x[m, a] * s + x[m, b] * c
+    return out
+
+
+def head_inputs(model, rng, b=2, n=7):
+    """Tokens, validity, the model's logits and its encoder's hidden states (float64)."""
+    tokens = jnp.asarray(rng.integers(0, 64, (b, n)), jnp.int32)
+    valid = jnp.asarray(np.arange(n)[None, :] < np.array([[n], [n - 2]]))
+    logits = np.asarray(forward(model, tokens, valid=valid), np.float64)
+    h = np.asarray(forward(model.encoder, tokens, valid=valid), np.float64)
+    exists = (np.triu(np.ones((n, n), bool))[None, None]
+              & np.asarray(valid)[:, None, :, None] & np.asarray(valid)[:, None, None, :])
+    return logits, h, np.broadcast_to(exists, logits.shape)
+
+
+def dense64(layer, x):
+    """`x W + b` of a kexue `Dense` in float64 (contracting `x`'s last axis)."""
+    kernel = np.asarray(layer.kernel[...], np.float64)
+    return np.tensordot(x, kernel, axes=([-1], [0])) + np.asarray(layer.bias[...], np.float64)
+
+
+ROPE_SETTINGS = [("interleaved", 10000.0), ("half", 500.0)]
+
+
+@pytest.mark.parametrize(("layout", "base"), ROPE_SETTINGS)
+def test_gp_head_with_rope_matches_a_float64_oracle(rng, layout, base):
+    """`s_α(i, j) = (R_i q_{i,α})ᵀ (R_j k_{j,α}) / √d` with the encoder's RoPE settings."""
+    model = build(model_config("global_pointer_ner", rope_layout=layout, rope_base=base))
+    logits, h, exists = head_inputs(model, rng)
+    q, k = dense64(model.query, h), dense64(model.key, h)          # [b, n, types, d]
+    batch, _, types, d = q.shape
+    expected = np.zeros(logits.shape)
+    for e in range(batch):
+        for t in range(types):
+            qr, kr = rope64(q[e, :, t], layout, base), rope64(k[e, :, t], layout, base)
+            expected[e, t] = qr @ kr.T / np.sqrt(d)
+    np.testing.assert_allclose(logits[exists], expected[exists], rtol=1e-4, atol=1e-5)
+    assert np.all(logits[~exists] < -1e3)
+
+
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize(("layout", "base"), ROPE_SETTINGS)
+def test_efficient_gp_head_matches_a_float64_oracle(rng, rope, layout, base):
+    """Archive 8877 through the model: one shared `(q, k)`; per-type biases from the
+    unrotated `[q; k]`, halved: `s_α(i, j) = (R_i q_i)ᵀ (R_j k_j) / √d
+    + (w_s,αᵀ [q_i; k_i] + w_e,αᵀ [q_j; k_j]) / 2`."""
+    model = build(model_config("global_pointer_ner", efficient=True, gp_rope=rope,
+                               rope_layout=layout, rope_base=base))
+    logits, h, exists = head_inputs(model, rng)
+    q, k = dense64(model.query, h), dense64(model.key, h)          # [b, n, d]
+    qk = np.concatenate([q, k], axis=-1)                           # before RoPE
+    start, end = dense64(model.bias_start, qk), dense64(model.bias_end, qk)  # [b, n, types]
+    batch, _, d = q.shape
+    expected = np.zeros(logits.shape)
+    for e in range(batch):
+        qr = rope64(q[e], layout, base) if rope else q[e]
+        kr = rope64(k[e], layout, base) if rope else k[e]
+        expected[e] = (qr @ kr.T / np.sqrt(d))[None] + (
+            start[e].T[:, :, None] + end[e].T[:, None, :]) / 2
     np.testing.assert_allclose(logits[exists], expected[exists], rtol=1e-4, atol=1e-5)
     assert np.all(logits[~exists] < -1e3)
 
