@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,8 +174,7 @@ def test_multisteps_accumulates_like_one_step_on_the_mean_gradient(rng):
             mean = jax.tree.map(lambda a, b: (a + b) / 2, grads[i - 1], g)
             u, s2 = direct.update(mean, s2, p2)
             p2 = optax.apply_updates(p2, u)
-            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                         p1, p2)
+            chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-7)
     assert int(s1.inner_opt_state.count) == 2
 
 
@@ -236,8 +236,7 @@ def test_nnx_state_gives_the_same_steps_as_a_plain_dict(rng):
         state, opt_state = step(state, opt_state)
         updates, plain_state = plain_tx.update(grads, plain_state, plain)
         plain = optax.apply_updates(plain, updates)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 nnx.to_pure_dict(state), plain)
+    chex.assert_trees_all_close(nnx.to_pure_dict(state), plain, rtol=1e-5, atol=1e-7)
 
 
 def test_sharded_state_follows_params_and_matches_unsharded(rng):
@@ -331,5 +330,4 @@ def test_cpu_compiler_options_update_slots_in_place_with_identical_results():
             p, s = jitted(p, s)
         results.append((p, s))
     assert copies[0] > 0 and copies[1] == 0, copies
-    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(results[0], results[1])

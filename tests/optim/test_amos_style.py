@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,7 +101,7 @@ def test_weight_decay_alone_shrinks_by_rho_t(rng):
         u, state = tx.update(zero, state, p)
         expected = jax.tree.map(lambda x, t=t: x * (1 - alpha0**2 / (2 * q) * decay(t)), p)
         p = optax.apply_updates(p, u)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p, expected)
+        chex.assert_trees_all_close(p, expected, rtol=1e-6)
 
 
 def test_weight_decay_mask_and_constant_rate(rng):
@@ -139,7 +140,7 @@ def test_amos_style_works_in_multisteps_and_apply_if_finite(rng):
     assert int(s1.total_notfinite) == 1 and int(s1.notfinite_count) == 0
     assert int(s1.inner_state.gradient_step) == int(s2.gradient_step) == 2
     # The guarded steps run under a `where`: compare at float32 resolution.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p1, p2)
+    chex.assert_trees_all_close(p1, p2, rtol=1e-6, atol=1e-7)
     moved = {k: float(jnp.linalg.norm(p1[k] - params[k])) for k in p1}
     assert all(value > 0 for value in moved.values()), moved
 
