@@ -5,6 +5,8 @@
 
 Switches: `model.efficient` (Efficient GlobalPointer, archive 8877), `model.gp_loss`
 ("dense" ZLPR over all spans or "sparse" ZLPR over the gold spans, archive 7359).
+The head kernels start at the reference `lecun_normal` (std 1/√fan_in);
+`--config.model.gp_head_init_std=0.02` draws them like the encoder instead.
 Reports span precision / recall / F1 over the whole dev set (`eval/f1`, from tp/fp/fn
 summed over the set). Data: the official JSON lines in `data.manual_dir` (default
 `kexue.data.default_cluener_dir()`, i.e. `../shared/data/cluener` when present; None

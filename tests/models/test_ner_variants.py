@@ -103,6 +103,46 @@ def test_gp_without_rope_equals_plain_inner_products_of_the_projections(rng):
     assert np.all(logits[~exists] < -1e3)
 
 
+# ------------------------------------------------------------------ head initialisation
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_gp_head_kernels_start_at_lecun_normal_and_the_encoder_at_init_std(efficient):
+    """bert4keras's GlobalPointer / EfficientGlobalPointer kernels are `lecun_normal`:
+    a normal truncated at ±2σ and rescaled to std `1/√fan_in` (fan_in = D for query and
+    key, 2·d_gp for the biases). The encoder keeps N(0, init_std²)."""
+    names = ("query", "key", "bias_start", "bias_end") if efficient else ("query", "key")
+    heads = {name: [] for name in names}
+    encoder = []
+    for seed in range(4):  # 4 draws: ≥ 2560 entries per kernel, std known to ~1.4%
+        model = build(model_config("global_pointer_ner", width=64, num_types=10,
+                                   gp_head_dim=32, efficient=efficient), seed)
+        for name in names:
+            heads[name].append(np.asarray(getattr(model, name).kernel[...], np.float64))
+        attention = model.encoder.transformer.blocks[0].attention
+        encoder.append(np.asarray(attention.query.kernel[...], np.float64))
+    for name, kernels in heads.items():
+        fan_in = kernels[0].shape[0]
+        assert fan_in == (2 * 32 if name.startswith("bias") else 64), name
+        w = np.concatenate([k.ravel() for k in kernels])
+        assert abs(w.std() * np.sqrt(fan_in) - 1) < 0.06, (name, w.std(), 1 / np.sqrt(fan_in))
+        assert abs(w.mean()) * np.sqrt(fan_in) < 0.1, name
+        # Truncated at 2σ of the underlying normal: σ = 1/(0.8796 √fan_in).
+        assert np.abs(w).max() * np.sqrt(fan_in) <= 2 / 0.87962566 + 1e-5, name
+    w = np.concatenate([k.ravel() for k in encoder])
+    assert abs(w.std() / 0.02 - 1) < 0.05, w.std()
+
+
+def test_gp_head_init_std_draws_the_head_like_the_encoder():
+    model = build(model_config("global_pointer_ner", width=64, num_types=10, gp_head_dim=32,
+                               efficient=True, gp_head_init_std=0.05))
+    for name in ("query", "key", "bias_start", "bias_end"):
+        w = np.asarray(getattr(model, name).kernel[...], np.float64)
+        assert abs(w.std() / 0.05 - 1) < 0.15, (name, w.std())
+    with pytest.raises(ValueError, match="head_init_std"):
+        build(model_config("global_pointer_ner", gp_head_init_std=-1.0))
+
+
 # ------------------------------------------------------------------ heads with RoPE
 
 
