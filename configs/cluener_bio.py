@@ -32,6 +32,7 @@ PRESETS = {
     "smoke": {
         "model.width": 32, "model.num_layers": 1, "model.num_heads": 2, "model.mlp_dim": 64,
         "data.batch_size": 8, "data.max_examples": 32,
+        "data.eval_batches": 4,  # the first 32 dev sentences
         "train.num_steps": 4, "train.log_every": 2, "train.eval_every": 4,
         "train.checkpoint_every": 4,
     },

@@ -5,6 +5,8 @@
 
 Switches: `model.efficient` (Efficient GlobalPointer, archive 8877), `model.gp_loss`
 ("dense" ZLPR over all spans or "sparse" ZLPR over the gold spans, archive 7359).
+The head kernels start at the reference `lecun_normal` (std 1/√fan_in);
+`--config.model.gp_head_init_std=0.02` draws them like the encoder instead.
 Reports span precision / recall / F1 over the whole dev set (`eval/f1`, from tp/fp/fn
 summed over the set). Data: the official JSON lines in `data.manual_dir` (default
 `kexue.data.default_cluener_dir()`, i.e. the repository's `.data/cluener` or
@@ -41,6 +43,7 @@ PRESETS = {
     "smoke": {
         "model.width": 32, "model.num_layers": 1, "model.num_heads": 2, "model.mlp_dim": 64,
         "model.gp_head_dim": 16, "data.batch_size": 8, "data.max_examples": 32,
+        "data.eval_batches": 4,  # the first 32 dev sentences
         "train.num_steps": 4, "train.log_every": 2, "train.eval_every": 4,
         "train.checkpoint_every": 4,
     },

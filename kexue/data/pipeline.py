@@ -125,7 +125,9 @@ class DataConfig:
       shuffle: shuffle the training split.
       train_split: TFDS split read for split="train".
       eval_split: TFDS split read for split="eval".
-      max_examples: use only the first k examples of a split (0: all).
+      max_examples: use only the first k examples of the training split (0: all); the
+        evaluation split is never trimmed by it, so a small training subset is scored
+        on the whole dev set (shorten an evaluation with `eval_batches`).
       rare_types: cluener train split: comma-separated entity types made rare by
         `type_keep_fraction` (empty: off).
       type_keep_fraction: cluener train split: share of the sentences holding any of
@@ -838,19 +840,20 @@ def make_dataset(
         # max_examples and before the process split.
         source = _Subset(source, _imbalanced_indices(
             source, _split_size(source, s.max_examples), s, type_names))
+    limit = s.max_examples if training else 0  # max_examples trims the training split only
     units = None
     if s.task in ("lm", "mlm") and metadata_dict.get("multipart_documents", {}).get(
             split_name.split("[")[0]):
-        units = _document_units(source)[:s.max_examples or None]
+        units = _document_units(source)[:limit or None]
         units = units[process_index::process_count]
         examples = grain.MapDataset.source(units)
     else:
         examples = grain.MapDataset.source(source)
-        if s.max_examples:
-            examples = examples[:s.max_examples]
+        if limit:
+            examples = examples[:limit]
         examples = examples[process_index::process_count]
     if s.task in ("ner", "multilabel"):
-        _check_span_capacity(source, _split_size(source, s.max_examples), s, split_name,
+        _check_span_capacity(source, _split_size(source, limit), s, split_name,
                              metadata_dict.get("max_spans", {}).get(split_name.split("[")[0]))
     num_examples = len(examples)
     if num_examples == 0:
@@ -915,7 +918,7 @@ def make_dataset(
         if training:
             num_batches = None
         else:
-            largest_shard = math.ceil(_split_size(source, s.max_examples) / process_count)
+            largest_shard = math.ceil(len(source) / process_count)
             num_batches = s.eval_batches or math.ceil(largest_shard / local_batch)
 
         def finish(batch: dict, step: int) -> dict:

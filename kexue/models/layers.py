@@ -67,17 +67,18 @@ class Dense(nnx.Module):
     """`y = x · W + b`, contracting the last `len(in_shape)` axes of `x`.
 
     `W` has shape `in_shape + out_shape` and logical axes `in_axes + out_axes`; the
-    bias has `out_shape` and `out_axes`. Inputs and weights are cast to `dtype`.
+    bias has `out_shape` and `out_axes`. Inputs and weights are cast to `dtype`. `W`
+    is drawn from N(0, init_std²), or by `kernel_init(key, shape, dtype)` when given.
     """
 
     def __init__(self, in_shape: int | Sequence[int], out_shape: int | Sequence[int], *,
                  in_axes: Axes, out_axes: Axes, use_bias: bool = True,
                  dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
-                 rngs: nnx.Rngs):
+                 kernel_init: Callable | None = None, rngs: nnx.Rngs):
         self.in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
         self.out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
         self.dtype = dtype
-        init = nnx.initializers.normal(init_std)
+        init = nnx.initializers.normal(init_std) if kernel_init is None else kernel_init
         self.kernel = make_param(rngs, init, self.in_shape + self.out_shape,
                                  tuple(in_axes) + tuple(out_axes), param_dtype)
         self.bias = (make_param(rngs, nnx.initializers.zeros, self.out_shape,

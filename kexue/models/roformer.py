@@ -35,6 +35,7 @@ from kexue.models.layers import (
     cross_entropy,
     make_param,
 )
+from kexue.ops._checks import check_number
 
 GP_LOSSES = ("dense", "sparse")
 POOLINGS = ("cls", "mean")
@@ -180,13 +181,24 @@ class GlobalPointerNER(nnx.Module):
     RoPE with the encoder's `rope_base` and `rope_layout` (`rope=False`, config key
     `model.gp_rope`, leaves them unrotated: the span score then cannot see `j − i`
     except through the encoder's hidden states, the ablation of archive 8373).
+
+    Initialisation: the encoder draws its kernels from N(0, `init_std`²); the head
+    kernels (`query`, `key` and, for Efficient GlobalPointer, `bias_start`,
+    `bias_end`) follow the reference layers (bert4keras `GlobalPointer` and
+    `EfficientGlobalPointer`, whose kernel initializer is `lecun_normal`): a normal
+    truncated at two standard deviations, rescaled to std `1/√fan_in`, with `fan_in`
+    the contracted size (`D` for `query` and `key`, `2 d_gp` for the biases).
+    `head_init_std` replaces that by N(0, `head_init_std`²) (e.g. `init_std`).
+    Biases start at 0.
     """
 
     def __init__(self, config: TransformerConfig, *, num_types: int, head_dim: int = 64,
                  efficient: bool = False, loss: str = "dense", rope: bool = True,
-                 rngs: nnx.Rngs):
+                 head_init_std: float | None = None, rngs: nnx.Rngs):
         if not isinstance(rope, bool | np.bool_):
             raise argument_error("rope", "a bool", rope)
+        if head_init_std is not None:
+            check_number("head_init_std", head_init_std)
         check_positive_int("num_types", num_types)
         check_positive_int("head_dim", head_dim)
         if head_dim % 2:
@@ -197,8 +209,8 @@ class GlobalPointerNER(nnx.Module):
         self.config, self.num_types, self.efficient, self.loss_kind = c, num_types, efficient, loss
         self.rope = bool(rope)
         self.encoder = RoFormerEncoder(c, rngs=rngs)
-        dense = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype, init_std=c.init_std,
-                     rngs=rngs)
+        dense = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype, rngs=rngs,
+                     **_head_init(head_init_std))
         if efficient:
             self.query = Dense(c.width, head_dim, in_axes=("embed",), out_axes=("head_dim",),
                                **dense)
@@ -310,9 +322,29 @@ class GlobalPointerNER(nnx.Module):
         return zlpr + 0.25 * alpha * divergence, {"zlpr": zlpr, "gp_kl": divergence}
 
     @staticmethod
-    def decode(logits, *, threshold: float = 0.0) -> np.ndarray:
-        """Spans `(batch, type, start, end)` with `logit > threshold` (`ops.decode_spans`)."""
-        return ops.decode_spans(logits, threshold=threshold)
+    def decode(logits: jax.Array, *, max_spans: int, threshold: float = 0.0,
+               valid=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The `max_spans` best spans with `logit > threshold`, per example.
+
+        `ops.decode_spans`: `(spans int32 [b, max_spans, 3] of (type, start, end)
+        padded with −1, scores [b, max_spans], count int32 [b])`; jit-safe.
+        """
+        return ops.decode_spans(logits, max_spans=max_spans, threshold=threshold, valid=valid)
+
+
+def _head_init(head_init_std: float | None) -> dict:
+    """`Dense` arguments for a GlobalPointer head kernel (see `GlobalPointerNER`)."""
+    if head_init_std is not None:
+        return {"init_std": float(head_init_std)}
+    return {"kernel_init": _lecun_normal_over_inputs}
+
+
+def _lecun_normal_over_inputs(key: jax.Array, shape, dtype) -> jax.Array:
+    """`lecun_normal` of a `Dense` kernel: `fan_in` is the first axis (the contracted
+    input; the head kernels have one input axis), every other axis an output."""
+    init = jax.nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=tuple(range(1, len(shape))))
+    return init(key, shape, dtype)
 
 
 def bio_num_tags(num_types: int) -> int:
@@ -422,9 +454,11 @@ class BIOTagger(nnx.Module):
         """`bio_span_scores` of the arg-max tags: `[b, types, n, n]` of ±1."""
         return bio_span_scores(jnp.argmax(logits, axis=-1), self.num_types, valid=valid)
 
-    def decode(self, logits, *, valid=None) -> np.ndarray:
-        """Spans `(batch, type, start, end)` of the arg-max tags (`ops.decode_spans`)."""
-        return ops.decode_spans(self.span_scores(logits, valid=valid))
+    def decode(self, logits: jax.Array, *, max_spans: int,
+               valid=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The spans of the arg-max tags, as `GlobalPointerNER.decode` returns them
+        (`ops.decode_spans` of `span_scores`; every score is 1); jit-safe."""
+        return ops.decode_spans(self.span_scores(logits, valid=valid), max_spans=max_spans)
 
 
 class MultiLabelClassifier(nnx.Module):

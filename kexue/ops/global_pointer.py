@@ -19,7 +19,8 @@ Gold spans are rows `(type, start, end)` (end inclusive), int `[..., P, 3]`, pad
 rows of −1. `spans_to_dense` turns them into the 0/1 labels `[..., types, n, n]` of
 `zlpr_loss` and `span_f1`; `spans_to_flat` into the class indices
 `type·n² + start·n + end` of `sparse_zlpr_loss` over logits flattened to
-`[..., types·n²]`; `decode_spans` reads rows back from logits or dense labels.
+`[..., types·n²]`; `decode_spans` reads the best-scoring rows back from logits
+(or dense labels), with their scores and count, in a fixed-size (jit-safe) output.
 """
 
 from __future__ import annotations
@@ -68,10 +69,12 @@ def _mask_spans(logits: jax.Array, valid, out_dtype) -> jax.Array:
     return jnp.where(exists, logits, fill).astype(out_dtype)
 
 
-def _rotate(x: jax.Array, rope: bool, base: float, layout: str) -> jax.Array:
-    """RoPE with positions `0 … n−1` on `x [..., n, h, d]`, in at least float32."""
+def _rotate(x: jax.Array, rope: bool, base: float, layout: str,
+            seq_axis: int = -3) -> jax.Array:
+    """RoPE with positions `0 … n−1` on `x` (`[..., n, h, d]`, or `[..., n, d]` with
+    `seq_axis=-2`), in at least float32."""
     x = x.astype(_checks.compute_dtype(x.dtype))
-    return apply_rope(x, base=base, layout=layout) if rope else x
+    return apply_rope(x, base=base, layout=layout, seq_axis=seq_axis) if rope else x
 
 
 def _check_rope_dim(rope: bool, name: str, d: int) -> None:
@@ -164,8 +167,8 @@ def efficient_global_pointer_logits(q, k, bias_start, bias_end, *, valid=None,
     _check_rope_dim(rope, "q", d)
     if valid is not None:
         _check_valid(valid, tuple(q.shape[:-1]), "q.shape[:-1]")
-    qr = _rotate(q[..., None, :], rope, base, layout)[..., 0, :]
-    kr = _rotate(k[..., None, :], rope, base, layout)[..., 0, :]
+    qr = _rotate(q, rope, base, layout, seq_axis=-2)
+    kr = _rotate(k, rope, base, layout, seq_axis=-2)
     dot = jnp.einsum("...id,...jd->...ij", qr, kr) / math.sqrt(d)
     compute = jnp.result_type(dot, _checks.compute_dtype(jnp.result_type(bias_start)))
     start = jnp.swapaxes(jnp.asarray(bias_start).astype(compute), -1, -2)  # [..., types, n]
@@ -237,20 +240,33 @@ def spans_to_dense(spans, num_types: int, seq_len: int) -> jax.Array:
     return dense.reshape(*flat.shape[:-1], num_types, seq_len, seq_len)
 
 
-def decode_spans(logits, *, threshold: float = 0.0) -> np.ndarray:
-    """Every `(batch, type, start, end)` with `logit > threshold` (kexue.fm/archives/8373).
+def decode_spans(logits, *, max_spans: int, threshold: float = 0.0,
+                 valid=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The highest-scoring spans with `logit > threshold`, as padded rows with scores.
 
-    Runs on the host (NumPy), not under `jax.jit`: the number of spans is data
-    dependent. Masked spans carry a large negative logit and never decode.
+    kexue.fm/archives/8373: span `(type, start, end)` is an entity iff its logit is
+    above the threshold (0 for ZLPR-trained logits). Candidates are the spans with
+    `start ≤ end` (and, with `valid`, both ends real tokens); of those above the
+    threshold, the `max_spans` highest are returned, best first, ties in the order of
+    the flat index `type·n² + start·n + end` (`jax.lax.top_k`). Fixed-size output, so
+    `jax.jit`- and `vmap`-safe; masked spans of GlobalPointer logits carry a large
+    negative logit and do not decode at any threshold above it.
 
     Args:
-      logits: `[..., types, n, n]` GlobalPointer logits; all leading axes are flattened
-        (row-major) into one batch index; an unbatched `[types, n, n]` has batch 0.
-      threshold: decision threshold (0 for ZLPR-trained logits).
+      logits: `[..., types, n, n]` float span scores (GlobalPointer logits, or dense
+        labels for reading gold spans back).
+      max_spans: rows per example (positive Python int); when more spans are above
+        the threshold, the lowest-scoring ones are left out (`count` says so).
+      threshold: decision threshold (a number or a scalar array).
+      valid: optional bool or integer `[..., n]` token validity; spans touching a
+        padding token are not candidates.
 
     Returns:
-      NumPy int64 array `[num_spans, 4]` of rows `(batch_index, type, start, end)`,
-      sorted lexicographically.
+      `(spans, scores, count)`: int32 `[..., max_spans, 3]` rows `(type, start, end)`
+      padded with rows of −1; `[..., max_spans]` their logits (float32, float64 for
+      float64 logits), −inf on padding rows; int32 `[...]` the number of spans above
+      the threshold, which exceeds `max_spans` when some were left out (the filled
+      rows are the first `min(count, max_spans)`).
     """
     _checks.check_min_rank("logits", logits, 3, "[..., types, n, n]")
     _checks.check_floating("logits", logits)
@@ -260,9 +276,29 @@ def decode_spans(logits, *, threshold: float = 0.0) -> np.ndarray:
             f"`logits` must be square on its last two axes [..., types, n, n]; got shape "
             f"{shape}."
         )
-    scores = np.asarray(jax.device_get(logits)).astype(np.float32)
-    scores = scores.reshape((-1, *shape[-3:]))
-    return np.argwhere(scores > threshold).astype(np.int64)
+    if isinstance(max_spans, bool) or not isinstance(max_spans, int | np.integer) or (
+            max_spans < 1):
+        raise ValueError(f"`max_spans` must be a positive Python int; got {max_spans!r}.")
+    if valid is not None:
+        _check_valid(valid, shape[:-3] + shape[-1:], "logits.shape[:-3] + (n,)")
+    lead, types, n = shape[:-3], shape[-3], shape[-1]
+    dtype = _checks.compute_dtype(jnp.result_type(logits))
+    scores = jnp.asarray(logits).astype(dtype)
+    above = _span_validity(n, valid) & (scores > jnp.asarray(threshold, dtype))
+    above = jnp.broadcast_to(above, scores.shape).reshape(*lead, types * n * n)
+    flat = jnp.where(above, scores.reshape(*lead, types * n * n), -jnp.inf)
+    k = min(int(max_spans), types * n * n)
+    top, index = jax.lax.top_k(flat, k)
+    count = jnp.sum(above, axis=-1, dtype=jnp.int32)
+    filled = jnp.arange(k) < count[..., None]
+    rows = jnp.stack([index // (n * n), index // n % n, index % n], axis=-1)
+    rows = jnp.where(filled[..., None], rows, -1).astype(jnp.int32)
+    top = jnp.where(filled, top, -jnp.inf)
+    if k < max_spans:
+        pad = [(0, 0)] * len(lead) + [(0, max_spans - k)]
+        rows = jnp.pad(rows, [*pad, (0, 0)], constant_values=-1)
+        top = jnp.pad(top, pad, constant_values=-jnp.inf)
+    return rows, top, count
 
 
 def f1_from_counts(tp, fp, fn) -> dict[str, jax.Array]:

@@ -17,6 +17,7 @@ is selected.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -75,7 +76,10 @@ def zlpr_loss(logits, labels, *, where=None, axis: Axis = -1) -> jax.Array:
     for 0/1 labels is
     `log(1 + Σ_{neg} e^{s}) + log(1 + Σ_{pos} e^{−s})`. Each part is a logsumexp of
     `s + log(1 − t)` (resp. `−s + log t`) with a zero logit appended; entries whose
-    weight `1 − t` (resp. `t`) is 0 are left out instead of taking `log 0`.
+    weight `1 − t` (resp. `t`) is 0 are left out instead of taking `log 0`; their
+    derivative in the labels is still the closed form's,
+    `∂L/∂t_i = −e^{s_i} / (1 + Σ (1 − t) e^{s}) + e^{−s_i} / (1 + Σ t e^{−s})`, at
+    `t_i = 0` and `t_i = 1` too (distillation with soft labels).
 
     Args:
       logits: `[...]` float scores `s` (e.g. GlobalPointer logits `[..., types, n, n]`).
@@ -108,7 +112,53 @@ def zlpr_loss(logits, labels, *, where=None, axis: Axis = -1) -> jax.Array:
         keep_neg, keep_pos = keep_neg & keep, keep_pos & keep
     a_neg = s + jnp.log(jnp.where(keep_neg, w_neg, 1))
     a_pos = -s + jnp.log(jnp.where(keep_pos, w_pos, 1))
-    return _log1p_sum_exp(a_neg, keep_neg, axes) + _log1p_sum_exp(a_pos, keep_pos, axes)
+    neg = _log1p_sum_exp(a_neg, keep_neg, axes)
+    pos = _log1p_sum_exp(a_pos, keep_pos, axes)
+    # An entry of weight 0 (t = 1 in the negative part, t = 0 in the positive part) is
+    # left out of its sum, so autodiff would give it no derivative in t; the loss is
+    # smooth there and its derivative in the weight is e^{±s} / (1 + Σ w e^{±s}).
+    # `_zero_with_weight_tangent` adds that derivative and nothing else: its value is 0
+    # and it has no derivative in `s`.
+    dropped_neg, dropped_pos = ~keep_neg, ~keep_pos
+    if keep is not None:
+        dropped_neg, dropped_pos = dropped_neg & keep, dropped_pos & keep
+    slope_neg = _weight_slope(s, neg, dropped_neg, axes)
+    slope_pos = _weight_slope(-s, pos, dropped_pos, axes)
+    return (neg + pos + _zero_with_weight_tangent(w_neg, slope_neg, axes)
+            + _zero_with_weight_tangent(w_pos, slope_pos, axes))
+
+
+def _weight_slope(a: jax.Array, part: jax.Array, dropped: jax.Array,
+                  axes: tuple[int, ...]) -> jax.Array:
+    """`∂/∂w_i log(1 + Σ w e^{a}) = e^{a_i − part}` on the `dropped` entries, else 0.
+
+    `part` is the value of the log (the `axes` reduced away). Clipped to the largest
+    finite number of the dtype, so the slope of an overflowing entry is finite.
+    """
+    slope = jnp.exp(a - jnp.expand_dims(part, axes))
+    slope = jnp.minimum(slope, jnp.finfo(slope.dtype).max)
+    return jnp.where(dropped, slope, 0)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _zero_with_weight_tangent(weight: jax.Array, slope: jax.Array,
+                              axes: tuple[int, ...]) -> jax.Array:
+    """Zeros of `weight`'s shape with `axes` removed, with derivative `slope` in `weight`.
+
+    The tangent is `Σ_axes slope · dweight`; `slope` itself is treated as a constant.
+    Since the value does not depend on `slope`, XLA drops its computation when only
+    the value or the derivative in other arguments is used.
+    """
+    shape = tuple(n for i, n in enumerate(weight.shape) if i not in axes)
+    return jnp.zeros(shape, weight.dtype)
+
+
+@_zero_with_weight_tangent.defjvp
+def _zero_with_weight_tangent_jvp(axes, primals, tangents):
+    weight, slope = primals
+    dweight, _ = tangents
+    zero = _zero_with_weight_tangent(weight, slope, axes)
+    return zero, jnp.sum(dweight * jax.lax.stop_gradient(slope), axis=axes)
 
 
 def sparse_zlpr_loss(logits, labels, *, where=None) -> jax.Array:

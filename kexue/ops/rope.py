@@ -12,6 +12,14 @@ Two pairings of the features are in use and both are provided (`layout`):
 * ``"half"`` pairs `(x[i], x[i + r/2])`: GPT-NeoX, LLaMA ("rotate half").
 
 Only the first `rotary_dim` features rotate ("partial rotary"); the rest pass through.
+
+Layout of `x`: by default `[..., n, h, d]` (sequence, heads, features: the layout of
+`dot_product_attention`); `seq_axis` names the sequence axis otherwise, e.g.
+`seq_axis=-2` for `[..., n, d]` or a heads-first `[b, h, n, d]`. Every axis between the
+sequence axis and the features shares the angle of its position. A `[b, h, n, d]`
+input with the default `seq_axis=-3` would be rotated by head index, and the shape
+cannot tell the two apart: pass `seq_axis` for any layout other than `[..., n, h, d]`.
+
 Positions may be integers or floats (equal-mean random positions, archive 9444).
 Angles, sines and cosines are always computed in at least float32; the output has the
 dtype of `x`. Everything is elementwise (no gathers), so under `jax.jit` XLA fuses the
@@ -214,11 +222,11 @@ def _rotate_pairs(x: jax.Array, sin: jax.Array, cos: jax.Array, layout: str) -> 
 
 def _rotate_features(x: jax.Array, sin: jax.Array, cos: jax.Array, layout: str,
                      rotary_dim: int, parts: int) -> jax.Array:
-    """Rotate the first `rotary_dim` features of `x [..., n, h, d]`; the rest pass through.
+    """Rotate the first `rotary_dim` features of `x [..., d]`; the rest pass through.
 
     The rotary features are viewed as `parts` contiguous blocks of size
     `rotary_dim / parts`, each paired within itself according to `layout`; `sin`/`cos`
-    broadcast against `[..., n, h, parts, rotary_dim / (2 parts)]`.
+    broadcast against `x.shape[:-1] + (parts, rotary_dim / (2 parts))`.
     """
     compute = _checks.compute_dtype(x.dtype)
     x_rot = x[..., :rotary_dim].astype(compute)
@@ -228,6 +236,28 @@ def _rotate_features(x: jax.Array, sin: jax.Array, cos: jax.Array, layout: str,
     if rotary_dim == x.shape[-1]:
         return rotated
     return jnp.concatenate([rotated, x[..., rotary_dim:]], axis=-1)
+
+
+def _check_seq_axis(x, seq_axis) -> int:
+    """`seq_axis` as a negative index of `x`'s sequence axis (not the feature axis)."""
+    rank = len(_checks.shape_of(x))
+    if isinstance(seq_axis, bool) or not isinstance(seq_axis, int | np.integer):
+        raise ValueError(f"`seq_axis` must be a Python int; got {seq_axis!r}.")
+    if not (-rank <= seq_axis < rank and seq_axis % rank != rank - 1):
+        raise ValueError(
+            f"`seq_axis` must name an axis of `x` before its last (feature) axis, i.e. be in "
+            f"[{-rank}, {rank - 2}] but not -1, for x with shape {_checks.shape_of(x)}; "
+            f"got {seq_axis}."
+        )
+    return int(seq_axis) % rank - rank
+
+
+def _per_position(table: jax.Array, seq_axis: int, trailing: int) -> jax.Array:
+    """Insert the axes that share one angle: the `-seq_axis − 2` axes between the
+    sequence and feature axes of `x`, before the `trailing` last axes of `table`."""
+    inner = -seq_axis - 2
+    split = table.ndim - trailing
+    return table.reshape(table.shape[:split] + (1,) * inner + table.shape[split:])
 
 
 def _resolve_rotary_dim(x, rotary_dim, multiple: int) -> int:
@@ -245,7 +275,7 @@ def _resolve_rotary_dim(x, rotary_dim, multiple: int) -> int:
 
 def apply_rope(x, positions=None, *, sin_cos: tuple[jax.Array, jax.Array] | None = None,
                base: float = 10000.0, layout: str = "interleaved",
-               rotary_dim: int | None = None) -> jax.Array:
+               rotary_dim: int | None = None, seq_axis: int = -3) -> jax.Array:
     """Rotate queries or keys by their positions: `x_m ↦ R_m x_m` (kexue.fm/archives/8265).
 
     For pair `i` with frequency `θ_i = base^(-2i/r)` and features `(a, b)` of the pair:
@@ -254,27 +284,37 @@ def apply_rope(x, positions=None, *, sin_cos: tuple[jax.Array, jax.Array] | None
     for ``layout="half"`` (GPT-NeoX / LLaMA). Features from `rotary_dim` on pass through.
 
     Args:
-      x: `[..., n, h, d]` queries or keys, any float dtype.
-      positions: `[..., n]` integer or float positions, broadcastable to `x.shape[:-2]`
-        (so `[n]` serves any batch). Defaults to `arange(n)` when `sin_cos` is None too.
+      x: queries or keys, any float dtype: `[..., n, h, d]` by default, else with the
+        sequence axis at `seq_axis` (e.g. `[b, h, n, d]` with `seq_axis=-2`).
+      positions: `[..., n]` integer or float positions, broadcastable to
+        `x.shape[:seq_axis + 1]` (`x.shape[:-2]` by default, so `[n]` serves any
+        batch; for `[b, h, n, d]` pass `[n]` or `[b, 1, n]`). Defaults to `arange(n)`,
+        `n = x.shape[seq_axis]`, when `sin_cos` is None too.
       sin_cos: optional `(sin, cos)` from `rope_sin_cos`, each `[..., n, rotary_dim/2]`
-        with leading axes broadcastable to `x.shape[:-2]`; replaces `positions` and
-        `base`.
+        with leading axes broadcastable to `x.shape[:seq_axis + 1]`; replaces
+        `positions` and `base`.
       base: frequency base, used when the angles come from `positions`.
       layout: ``"interleaved"`` or ``"half"``.
       rotary_dim: number of rotating features `r` (even, at most `d`); None means `d`.
+      seq_axis: the sequence axis of `x` (any axis but the last; default −3 for
+        `[..., n, h, d]`). The axes between it and the features (the heads) share
+        the angle of their position. Nothing in a shape says which axis is the
+        sequence: a `[b, h, n, d]` input needs `seq_axis=-2`.
 
     Returns:
       Array with the shape and dtype of `x`. Angles, sines and cosines are float32 (or
       wider) whatever the dtype of `x`; the rotation itself is computed in at least
       float32 and rounded once to `x.dtype`.
     """
-    _checks.check_min_rank("x", x, 3, "[..., n, h, d]")
+    _checks.check_min_rank("x", x, 3 if seq_axis == -3 else 2,
+                           "[..., n, h, d]" if seq_axis == -3 else "[..., n, d]")
+    seq_axis = _check_seq_axis(x, seq_axis)
     _checks.check_floating("x", x)
     _checks.check_one_of("layout", layout, LAYOUTS)
     x = jnp.asarray(x)
     rotary_dim = _resolve_rotary_dim(x, rotary_dim, 2)
-    leading = tuple(x.shape[:-2])
+    leading = tuple(x.shape[:x.ndim + seq_axis + 1])
+    leading_name = "x.shape[:-2]" if seq_axis == -3 else "x.shape[:seq_axis + 1]"
     if sin_cos is not None:
         if positions is not None:
             raise ValueError("Pass either `positions` or `sin_cos` to `apply_rope`, not both.")
@@ -288,20 +328,20 @@ def apply_rope(x, positions=None, *, sin_cos: tuple[jax.Array, jax.Array] | None
         _checks.check_min_rank("sin_cos[0]", sin, 2, "[..., n, rotary_dim // 2]")
         _checks.check_dim("sin_cos[0]", sin, -1, rotary_dim // 2, "rotary_dim // 2")
         _checks.check_broadcasts_to("sin_cos[0].shape[:-1]", sin.shape[:-1],
-                                    "x.shape[:-2]", leading)
+                                    leading_name, leading)
     else:
         if positions is None:
-            positions = np.arange(x.shape[-3], dtype=np.int32)
+            positions = np.arange(x.shape[seq_axis], dtype=np.int32)
         _checks.check_broadcasts_to("positions", _checks.shape_of(positions),
-                                    "x.shape[:-2]", leading)
+                                    leading_name, leading)
         sin, cos = rope_sin_cos(positions, rotary_dim, base=base)
-    # [..., n, r/2] -> [..., n, 1 (heads), 1 (parts), r/2]
-    sin, cos = sin[..., None, None, :], cos[..., None, None, :]
+    # [..., n, r/2] -> [..., n, 1 (each axis up to the features), 1 (parts), r/2]
+    sin, cos = (_per_position(t[..., None, :], seq_axis, 2) for t in (sin, cos))
     return _rotate_features(x, sin, cos, layout, rotary_dim, parts=1)
 
 
 def apply_rope_nd(x, positions, *, base: float = 10000.0, layout: str = "interleaved",
-                  rotary_dim: int | None = None) -> jax.Array:
+                  rotary_dim: int | None = None, seq_axis: int = -3) -> jax.Array:
     """N-dimensional RoPE: block-diagonal rotation, one block per position axis.
 
     With `k` position axes (e.g. `(row, col)` of image patches, k = 2), the `r` rotary
@@ -312,18 +352,22 @@ def apply_rope_nd(x, positions, *, base: float = 10000.0, layout: str = "interle
     `k = 1` this is `apply_rope`.
 
     Args:
-      x: `[..., n, h, d]` queries or keys, any float dtype.
+      x: queries or keys, any float dtype: `[..., n, h, d]` by default, else with the
+        sequence axis at `seq_axis` (as in `apply_rope`).
       positions: `[..., n, k]` integer or float positions; `positions.shape[:-1]` must
-        broadcast to `x.shape[:-2]`.
+        broadcast to `x.shape[:seq_axis + 1]` (`x.shape[:-2]` by default).
       base: frequency base.
       layout: ``"interleaved"`` or ``"half"`` (pairing inside each part).
       rotary_dim: number of rotating features (divisible by `2k`, at most `d`); None
         means `d`. Features from `rotary_dim` on pass through.
+      seq_axis: the sequence axis of `x`, as in `apply_rope` (default −3).
 
     Returns:
       Array with the shape and dtype of `x` (angles and rotation in at least float32).
     """
-    _checks.check_min_rank("x", x, 3, "[..., n, h, d]")
+    _checks.check_min_rank("x", x, 3 if seq_axis == -3 else 2,
+                           "[..., n, h, d]" if seq_axis == -3 else "[..., n, d]")
+    seq_axis = _check_seq_axis(x, seq_axis)
     _checks.check_floating("x", x)
     _checks.check_one_of("layout", layout, LAYOUTS)
     _checks.check_min_rank("positions", positions, 2, "[..., n, k]")
@@ -343,8 +387,9 @@ def apply_rope_nd(x, positions, *, base: float = 10000.0, layout: str = "interle
         )
     rotary_dim = _resolve_rotary_dim(x, rotary_dim, 2 * k)
     _checks.check_broadcasts_to("positions.shape[:-1]", positions_shape[:-1],
-                                "x.shape[:-2]", tuple(x.shape[:-2]))
+                                "x.shape[:-2]" if seq_axis == -3 else "x.shape[:seq_axis + 1]",
+                                tuple(x.shape[:x.ndim + seq_axis + 1]))
     sin, cos = _sin_cos_from_angles(positions, _frequencies64(rotary_dim // k, base))
-    # [..., n, k, part/2] -> [..., n, 1 (heads), k, part/2]
-    sin, cos = sin[..., None, :, :], cos[..., None, :, :]
+    # [..., n, k, part/2] -> [..., n, 1 (each axis up to the features), k, part/2]
+    sin, cos = (_per_position(t, seq_axis, 2) for t in (sin, cos))
     return _rotate_features(x, sin, cos, layout, rotary_dim, parts=k)

@@ -5,19 +5,24 @@ towards Model-Oriented Scale", arXiv 2210.11693; reference code
 google-research/jestimator) needs one hyper-parameter per tensor, the scale `η` its
 trained entries are expected to have (see `kexue.optim.rules`), plus a global rate
 `ξ` of about `1/√(number of batches)`. Per tensor, at step `t = 1, 2, ...`, with
-gradient `g`, slots `v` (second moment, possibly averaged over some axes) and `b`
-(decay accumulator, initially 0 or `init_b`), and finetune rate `f` (1 by default):
+gradient `g` and slots `v` (second moment, possibly averaged over some axes) and `b`
+(decay accumulator, initially 0), the update of the paper's Algorithm 1 (as in
+jestimator's `amos.py`, whose `c_coef` and `d_coef` are both `ζ` here):
 
     g2 = mean(g²) over the slot's reduced axes
     v ← β v + (1 − β) g2
     r = (1 − βᵗ) / max(v, ε)                              (bias-corrected 1/v̂)
-    γ = √f · ξ² · r · g2 / √(1 + ζ √ξ b)
+    γ = ξ² · r · g2 / √(1 + ζ √ξ b)
     α = ξ η
-    Δθ = f / (1 + ζ √α b) · (−α √r g − ½ γ θ)
-    b ← b + γ (f + b)
+    Δθ = −(α √r g + ½ γ θ) / (1 + ζ √α b)
+    b ← b + γ (1 + b)
 
 `γ` is the adaptive weight decay; the two factors in `b` make both the decay and the
 effective learning rate fall as training goes on, without a hand-made schedule.
+`init_b_fn` may start `b` above 0 (the same equations, resumed as if the tensor had
+already been trained for a while): not part of the paper, whose `b` starts at 0, but
+of jestimator's code before its first release, which offered it for weights restored
+from a pre-trained checkpoint, to keep them from moving far.
 
 On XLA:CPU, jit the train step with `compiler_options=CPU_COMPILER_OPTIONS` when the
 optimizer state is donated: the parameter update and the `b` update both read the old
@@ -131,7 +136,6 @@ def scale_by_amos(
     *,
     beta: float = 0.999,
     zeta: float = 0.25,
-    finetune_rate: ScalarOrSchedule = 1.0,
     init_b_fn: ParamRule | None = None,
     epsilon: float = AMOS_EPSILON,
 ) -> optax.GradientTransformation:
@@ -151,12 +155,9 @@ def scale_by_amos(
         keeps full slots.
       beta: decay of the second-moment average, in (0, 1).
       zeta: how fast `b` slows the updates down, >= 0.
-      finetune_rate: `f > 0`, a number or a schedule; below 1 it shrinks the step
-        and slows the growth of `b` (jestimator's use: when the remaining error is
-        known to be smaller than `η`, e.g. when fine-tuning).
-      init_b_fn: `rule(path, shape) -> b_0 >= 0`; a large value (growing with the
-        number of pre-training epochs) for restored weights keeps them from moving
-        far. None starts every `b` at 0.
+      init_b_fn: `rule(path, shape) -> b_0 >= 0` (see the module docstring); a large
+        value (growing with the number of pre-training epochs) for restored weights
+        keeps them from moving far. None starts every `b` at 0, as the paper does.
       epsilon: floor of `v` before taking its reciprocal.
 
     Returns:
@@ -170,7 +171,6 @@ def scale_by_amos(
         shape, or `init_b_fn` a negative value; at `update` without params.
     """
     _check_rate("learning_rate", learning_rate)
-    _check_rate("finetune_rate", finetune_rate)
     beta = _check_open_unit("beta", beta)
     check_number("zeta", zeta, strict=False)
     check_number("epsilon", epsilon)
@@ -214,7 +214,6 @@ def scale_by_amos(
         vs = treedef.flatten_up_to(state.v)
         bs = treedef.flatten_up_to(state.b)
         xi = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        rate = finetune_rate(state.count) if callable(finetune_rate) else finetune_rate
         t = optax.safe_int32_increment(state.count)
 
         new_updates, new_v, new_b = [], [], []
@@ -222,7 +221,7 @@ def scale_by_amos(
             dtype = _compute_dtype(jnp.result_type(theta, g))
             g_c, theta_c = jnp.asarray(g, dtype), jnp.asarray(theta, dtype)
             v_c, b_c = jnp.asarray(v, dtype), jnp.asarray(b, dtype)
-            xi_c, f_c = jnp.asarray(xi, dtype), jnp.asarray(rate, dtype)
+            xi_c = jnp.asarray(xi, dtype)
             square = g_c * g_c
             if leaf.reduced_axes is None:
                 g2 = jnp.mean(square)
@@ -235,17 +234,17 @@ def scale_by_amos(
             bias_correction = 1.0 - jnp.asarray(beta, dtype) ** t.astype(dtype)
             alpha = xi_c * leaf.eta
             kappa_c, kappa_d = zeta * jnp.sqrt(xi_c), zeta * jnp.sqrt(alpha)
-            gamma_scale = jnp.sqrt(f_c) * xi_c * xi_c * bias_correction
-            # γ = √f ξ² r g2 c(b), with r = (1 − βᵗ)/max(v, ε) and c(b) = (1 + ζ√ξ b)^(−1/2).
+            gamma_scale = xi_c * xi_c * bias_correction
+            # γ = ξ² r g2 c(b), with r = (1 − βᵗ)/max(v, ε) and c(b) = (1 + ζ√ξ b)^(−1/2).
             gamma = gamma_scale * g2 / (v_floor * jnp.sqrt(1.0 + kappa_c * b_c))
-            # Δθ = f d(b) (−α √r g − ½ γ θ), over the common denominator
+            # Δθ = d(b) (−α √r g − ½ γ θ), over the common denominator
             # √v · s · (1 + ζ√α b) with s = √(v (1 + ζ√ξ b)): sqrt and divide only, and
             # nothing shared with γ above, so XLA fuses each output into one loop.
             s_c = jnp.sqrt(v_floor + kappa_c * (b_c * v_floor))
-            step = f_c * (-alpha * jnp.sqrt(bias_correction) * g_c * s_c
-                          - 0.5 * gamma_scale * g2 * theta_c) / (
+            step = (-alpha * jnp.sqrt(bias_correction) * g_c * s_c
+                    - 0.5 * gamma_scale * g2 * theta_c) / (
                 jnp.sqrt(v_floor) * s_c * (1.0 + kappa_d * b_c))
-            b_c = b_c + gamma * (f_c + b_c)
+            b_c = b_c + gamma * (1.0 + b_c)
             new_updates.append(step.astype(jnp.result_type(g)))
             new_v.append(v_c.astype(jnp.result_type(v)))
             new_b.append(b_c.astype(jnp.result_type(b)))
@@ -263,7 +262,6 @@ def amos(
     zeta: float = 0.25,
     momentum: float | None = None,
     clip_value: float | None = None,
-    finetune_rate: ScalarOrSchedule = 1.0,
     init_b_fn: ParamRule | None = None,
     *,
     epsilon: float = AMOS_EPSILON,
@@ -279,7 +277,7 @@ def amos(
         schedule (step 0 on the first update).
       eta_fn: per-tensor scale rule, e.g. `eta_fn_from_init(params)`.
       shape_fn: slot-shape rule, e.g. `reduce_largest_axes()` for factored slots.
-      beta, zeta, finetune_rate, init_b_fn, epsilon: see `scale_by_amos`.
+      beta, zeta, init_b_fn, epsilon: see `scale_by_amos`.
       momentum: decay in [0, 1) of an exponential moving average of the updates
         (no bias correction); None or 0 for none.
       clip_value: clip each gradient entry to `[-clip_value, clip_value]` first;
@@ -297,8 +295,7 @@ def amos(
         check_number("clip_value", clip_value)
         chain.append(optax.clip(clip_value))
     chain.append(scale_by_amos(learning_rate, eta_fn, shape_fn, beta=beta, zeta=zeta,
-                               finetune_rate=finetune_rate, init_b_fn=init_b_fn,
-                               epsilon=epsilon))
+                               init_b_fn=init_b_fn, epsilon=epsilon))
     if momentum is not None:
         momentum = _check_open_unit("momentum", momentum, allow_zero=True)
         if momentum > 0:

@@ -300,6 +300,32 @@ def test_two_processes_split_the_examples(data_dir, cluener_subset):
     assert collections.Counter(first) + collections.Counter(second) == everything
 
 
+def test_max_examples_trims_the_training_split_only(data_dir, cluener_subset):
+    """A small training subset is scored on the whole dev set; `eval_batches` shortens it."""
+    config = _ner_config(data_dir, cluener_subset, max_examples=24, batch_size=16,
+                         shuffle=False)
+    train = make_dataset(config, "train", process_index=0, process_count=1)
+    assert train.metadata.num_examples == 24
+    seen = np.concatenate([b["tokens"] for b in _take(train, 3)])[:48]
+    np.testing.assert_array_equal(seen[24:], seen[:24])  # the 24 sentences, repeated
+    untrimmed = make_dataset(dict(config, max_examples=0), "train", process_index=0,
+                             process_count=1)
+    assert untrimmed.metadata.num_examples == 400
+    np.testing.assert_array_equal(seen[:24], np.concatenate(
+        [b["tokens"] for b in _take(untrimmed, 2)])[:24])  # the split's first 24
+
+    full_pass = list(make_dataset(_ner_config(data_dir, cluener_subset, batch_size=16),
+                                  "eval", process_index=0, process_count=1))
+    dev = make_dataset(config, "eval", process_index=0, process_count=1)
+    assert dev.metadata.num_examples == 90
+    trimmed_config = list(dev)
+    assert int(sum(b["example_weights"].sum() for b in trimmed_config)) == 90
+    _assert_same(trimmed_config, full_pass)
+    short = list(make_dataset(dict(config, eval_batches=2), "eval", process_index=0,
+                              process_count=1))
+    _assert_same(short, full_pass[:2])
+
+
 def test_eval_shards_yield_equal_batch_counts(data_dir, cluener_subset):
     counts = []
     real = 0

@@ -1,4 +1,5 @@
-"""NER variants: GlobalPointer without RoPE, the BIO tagging baseline, R-Drop's loss."""
+"""NER variants: the GlobalPointer heads against float64 oracles (with and without RoPE,
+Efficient GlobalPointer), the BIO tagging baseline, R-Drop's loss."""
 
 from __future__ import annotations
 
@@ -102,6 +103,121 @@ def test_gp_without_rope_equals_plain_inner_products_of_the_projections(rng):
     assert np.all(logits[~exists] < -1e3)
 
 
+# ------------------------------------------------------------------ head initialisation
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_gp_head_kernels_start_at_lecun_normal_and_the_encoder_at_init_std(efficient):
+    """bert4keras's GlobalPointer / EfficientGlobalPointer kernels are `lecun_normal`:
+    a normal truncated at ±2σ and rescaled to std `1/√fan_in` (fan_in = D for query and
+    key, 2·d_gp for the biases). The encoder keeps N(0, init_std²)."""
+    names = ("query", "key", "bias_start", "bias_end") if efficient else ("query", "key")
+    heads = {name: [] for name in names}
+    encoder = []
+    for seed in range(4):  # 4 draws: ≥ 2560 entries per kernel, std known to ~1.4%
+        model = build(model_config("global_pointer_ner", width=64, num_types=10,
+                                   gp_head_dim=32, efficient=efficient), seed)
+        for name in names:
+            heads[name].append(np.asarray(getattr(model, name).kernel[...], np.float64))
+        attention = model.encoder.transformer.blocks[0].attention
+        encoder.append(np.asarray(attention.query.kernel[...], np.float64))
+    for name, kernels in heads.items():
+        fan_in = kernels[0].shape[0]
+        assert fan_in == (2 * 32 if name.startswith("bias") else 64), name
+        w = np.concatenate([k.ravel() for k in kernels])
+        assert abs(w.std() * np.sqrt(fan_in) - 1) < 0.06, (name, w.std(), 1 / np.sqrt(fan_in))
+        assert abs(w.mean()) * np.sqrt(fan_in) < 0.1, name
+        # Truncated at 2σ of the underlying normal: σ = 1/(0.8796 √fan_in).
+        assert np.abs(w).max() * np.sqrt(fan_in) <= 2 / 0.87962566 + 1e-5, name
+    w = np.concatenate([k.ravel() for k in encoder])
+    assert abs(w.std() / 0.02 - 1) < 0.05, w.std()
+
+
+def test_gp_head_init_std_draws_the_head_like_the_encoder():
+    model = build(model_config("global_pointer_ner", width=64, num_types=10, gp_head_dim=32,
+                               efficient=True, gp_head_init_std=0.05))
+    for name in ("query", "key", "bias_start", "bias_end"):
+        w = np.asarray(getattr(model, name).kernel[...], np.float64)
+        assert abs(w.std() / 0.05 - 1) < 0.15, (name, w.std())
+    with pytest.raises(ValueError, match="head_init_std"):
+        build(model_config("global_pointer_ner", gp_head_init_std=-1.0))
+
+
+# ------------------------------------------------------------------ heads with RoPE
+
+
+def rope64(x: np.ndarray, layout: str, base: float) -> np.ndarray:
+    """Rotate `x [n, d]` at positions 0 … n−1, pair by pair, in float64: pair `i` is
+    `(x[2i], x[2i+1])` (interleaved) or `(x[i], x[i + d/2])` (half), angle `m·base^(−2i/d)`."""
+    n, d = x.shape
+    out = np.array(x, np.float64)
+    for m in range(n):
+        for i in range(d // 2):
+            a, b = (2 * i, 2 * i + 1) if layout == "interleaved" else (i, i + d // 2)
+            c, s = np.cos(m * base ** (-2.0 * i / d)), np.sin(m * base ** (-2.0 * i / d))
+            out[m, a], out[m, b] = x[m, a] * c - x[m, b] * s, x[m, a] * s + x[m, b] * c
+    return out
+
+
+def head_inputs(model, rng, b=2, n=7):
+    """Tokens, validity, the model's logits and its encoder's hidden states (float64)."""
+    tokens = jnp.asarray(rng.integers(0, 64, (b, n)), jnp.int32)
+    valid = jnp.asarray(np.arange(n)[None, :] < np.array([[n], [n - 2]]))
+    logits = np.asarray(forward(model, tokens, valid=valid), np.float64)
+    h = np.asarray(forward(model.encoder, tokens, valid=valid), np.float64)
+    exists = (np.triu(np.ones((n, n), bool))[None, None]
+              & np.asarray(valid)[:, None, :, None] & np.asarray(valid)[:, None, None, :])
+    return logits, h, np.broadcast_to(exists, logits.shape)
+
+
+def dense64(layer, x):
+    """`x W + b` of a kexue `Dense` in float64 (contracting `x`'s last axis)."""
+    kernel = np.asarray(layer.kernel[...], np.float64)
+    return np.tensordot(x, kernel, axes=([-1], [0])) + np.asarray(layer.bias[...], np.float64)
+
+
+ROPE_SETTINGS = [("interleaved", 10000.0), ("half", 500.0)]
+
+
+@pytest.mark.parametrize(("layout", "base"), ROPE_SETTINGS)
+def test_gp_head_with_rope_matches_a_float64_oracle(rng, layout, base):
+    """`s_α(i, j) = (R_i q_{i,α})ᵀ (R_j k_{j,α}) / √d` with the encoder's RoPE settings."""
+    model = build(model_config("global_pointer_ner", rope_layout=layout, rope_base=base))
+    logits, h, exists = head_inputs(model, rng)
+    q, k = dense64(model.query, h), dense64(model.key, h)          # [b, n, types, d]
+    batch, _, types, d = q.shape
+    expected = np.zeros(logits.shape)
+    for e in range(batch):
+        for t in range(types):
+            qr, kr = rope64(q[e, :, t], layout, base), rope64(k[e, :, t], layout, base)
+            expected[e, t] = qr @ kr.T / np.sqrt(d)
+    np.testing.assert_allclose(logits[exists], expected[exists], rtol=1e-4, atol=1e-5)
+    assert np.all(logits[~exists] < -1e3)
+
+
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize(("layout", "base"), ROPE_SETTINGS)
+def test_efficient_gp_head_matches_a_float64_oracle(rng, rope, layout, base):
+    """Archive 8877 through the model: one shared `(q, k)`; per-type biases from the
+    unrotated `[q; k]`, halved: `s_α(i, j) = (R_i q_i)ᵀ (R_j k_j) / √d
+    + (w_s,αᵀ [q_i; k_i] + w_e,αᵀ [q_j; k_j]) / 2`."""
+    model = build(model_config("global_pointer_ner", efficient=True, gp_rope=rope,
+                               rope_layout=layout, rope_base=base))
+    logits, h, exists = head_inputs(model, rng)
+    q, k = dense64(model.query, h), dense64(model.key, h)          # [b, n, d]
+    qk = np.concatenate([q, k], axis=-1)                           # before RoPE
+    start, end = dense64(model.bias_start, qk), dense64(model.bias_end, qk)  # [b, n, types]
+    batch, _, d = q.shape
+    expected = np.zeros(logits.shape)
+    for e in range(batch):
+        qr = rope64(q[e], layout, base) if rope else q[e]
+        kr = rope64(k[e], layout, base) if rope else k[e]
+        expected[e] = (qr @ kr.T / np.sqrt(d))[None] + (
+            start[e].T[:, :, None] + end[e].T[:, None, :]) / 2
+    np.testing.assert_allclose(logits[exists], expected[exists], rtol=1e-4, atol=1e-5)
+    assert np.all(logits[~exists] < -1e3)
+
+
 # ------------------------------------------------------------------ BIO tags and decoding
 
 # types = 2: O = 0, B-0 = 1, I-0 = 2, B-1 = 3, I-1 = 4.
@@ -130,8 +246,15 @@ def loop_decode(tags, num_types, length):
     return sorted(spans)
 
 
+def decoded_rows(spans, count):
+    """`[(example, type, start, end)]` of `decode`'s padded rows."""
+    return [(b, *row) for b in range(spans.shape[0])
+            for row in np.asarray(spans[b, :count[b]]).tolist()]
+
+
 def decoded(scores):
-    return sorted((int(t), int(i), int(j)) for _, t, i, j in models.GlobalPointerNER.decode(scores))
+    spans, _, count = models.GlobalPointerNER.decode(scores, max_spans=64)
+    return sorted((t, i, j) for _, t, i, j in decoded_rows(spans, count))
 
 
 def test_bio_decoding_matches_the_hand_written_example():
@@ -154,7 +277,8 @@ def test_bio_decoding_matches_a_loop_reference_on_random_tags(rng):
     valid = np.arange(n)[None, :] < lengths[:, None]
     scores = jax.jit(models.bio_span_scores, static_argnums=1)(jnp.asarray(tags), types,
                                                                 valid=jnp.asarray(valid))
-    rows = models.GlobalPointerNER.decode(scores)
+    spans, _, count = models.GlobalPointerNER.decode(scores, max_spans=n)  # ≤ n BIO spans
+    rows = decoded_rows(spans, count)
     for example in range(b):
         got = sorted((int(t), int(i), int(j)) for e, t, i, j in rows if e == example)
         assert got == loop_decode(tags[example], types, int(lengths[example])), example
@@ -165,9 +289,12 @@ def test_bio_tagger_decode_reads_the_argmax_tags():
     tags = np.array([[1, 2, 0, 5, 6, 6, 0], [3, 3, 4, 0, 0, 0, 0]])
     logits = jnp.asarray(np.eye(7)[tags] * 5.0, jnp.float32)
     valid = jnp.asarray([[True] * 7, [True] * 3 + [False] * 4])
-    rows = model.decode(logits, valid=valid)
-    assert sorted(map(tuple, rows.tolist())) == [(0, 0, 0, 1), (0, 2, 3, 5), (1, 1, 0, 0),
-                                                 (1, 1, 1, 2)]
+    spans, scores, count = jax.jit(lambda x, v: model.decode(x, max_spans=4, valid=v))(
+        logits, valid)
+    assert sorted(decoded_rows(spans, count)) == [(0, 0, 0, 1), (0, 2, 3, 5), (1, 1, 0, 0),
+                                                  (1, 1, 1, 2)]
+    np.testing.assert_array_equal(count, [2, 2])
+    np.testing.assert_array_equal(scores[:, :2], 1.0)
 
 
 def spans_array(rows, width=4):

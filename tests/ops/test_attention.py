@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from kexue.ops.attention import dot_product_attention, entropy_invariant_scale
 from kexue.ops.masks import causal_mask, combine_masks, padding_mask, prefix_lm_mask
+from tests.ops._variants import OpsTestCase
 
 TOL = {"rtol": 2e-5, "atol": 2e-5}
+
+
+def variant_ops(variant) -> SimpleNamespace:
+    """The ops through a chex variant (`self.variant`: under `jax.jit`, or eagerly)."""
+    return SimpleNamespace(
+        attention=variant(dot_product_attention, static_argnames=("scale", "entropy_base")),
+        entropy_invariant_scale=variant(entropy_invariant_scale,
+                                        static_argnames="entropy_base"),
+    )
 
 
 def full_mask(mask, batch, h, n_q, n_k):
@@ -90,88 +103,12 @@ def make_mask(kind, rng, batch, h, n_q, n_k):
 # ------------------------------------------------------------------------ reference
 
 
-@pytest.mark.parametrize("scale", ["standard", "entropy_invariant", 0.37])
-@pytest.mark.parametrize(
-    "kind", ["none", "padding", "key_padding", "causal", "prefix_and_padding", "per_head"])
-def test_matches_softmax_loop(rng, scale, kind):
-    q, k, v = qkv(rng)
-    mask = make_mask(kind, rng, (2,), 4, 6, 6)
-    got = dot_product_attention(q, k, v, mask=mask, scale=scale, entropy_base=64.0)
-    assert got.shape == q.shape and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, attention_reference(q, k, v, mask, scale, 64.0), **TOL)
-
-
-@pytest.mark.parametrize(("h", "h_kv"), [(6, 6), (6, 3), (6, 1)])
-def test_grouped_query_heads(rng, h, h_kv):
-    # Query head j reads key/value head j // (h / h_kv); extra batch axes, n_q != n_k.
-    q, k, v = qkv(rng, batch=(2, 2), n_q=3, n_k=7, h=h, h_kv=h_kv, d=4)
-    mask = causal_mask(3, 7)  # decoding: the 3 queries are the last 3 positions
-    got = dot_product_attention(q, k, v, mask=mask, scale="entropy_invariant")
-    np.testing.assert_allclose(
-        got, attention_reference(q, k, v, mask, "entropy_invariant"), **TOL)
-    # Same as repeating each key/value head for its group of query heads.
-    rep = h // h_kv
-    expanded = dot_product_attention(q, np.repeat(k, rep, axis=-2), np.repeat(v, rep, axis=-2),
-                                     mask=mask, scale="entropy_invariant")
-    np.testing.assert_allclose(got, expanded, rtol=1e-6, atol=1e-6)
-
-
-def test_unbatched_inputs(rng):
-    q, k, v = qkv(rng, batch=(), n_q=5, n_k=4, h=2, h_kv=1, d=8)
-    mask = np.asarray(rng.random((5, 4)) < 0.6)
-    got = dot_product_attention(q, k, v, mask=mask, scale="entropy_invariant")
-    assert got.shape == (5, 2, 8)
-    np.testing.assert_allclose(
-        got, attention_reference(q, k, v, mask, "entropy_invariant"), **TOL)
-
-
 # ---------------------------------------------------------------- entropy invariance
 
 
-def test_entropy_invariant_scale_formula():
-    n = np.array([0, 1, 2, 7, 64, 512, 4096])
-    got = entropy_invariant_scale(jnp.asarray(n, jnp.int32))
-    assert got.dtype == jnp.float32 and got.shape == n.shape
-    np.testing.assert_allclose(got, np.log(np.maximum(n, 1)) / np.log(512.0), rtol=1e-6)
-    assert float(entropy_invariant_scale(512)) == pytest.approx(1.0, abs=1e-7)
-    np.testing.assert_allclose(entropy_invariant_scale(np.float32(100.0), entropy_base=10),
-                               2.0, rtol=1e-6)
-
-
-def test_entropy_invariant_equals_standard_at_the_base_length(rng):
-    q, k, v = qkv(rng, batch=(1,), n_q=4, n_k=512, h=2, h_kv=2, d=8)
-    standard = dot_product_attention(q, k, v)
-    np.testing.assert_array_equal(
-        dot_product_attention(q, k, v, scale="entropy_invariant"), standard)
-    # With a mask the factor is per query: rows that see exactly 512 keys are standard.
-    mask = np.ones((4, 512), bool)
-    mask[1, 300:] = False
-    mask[3, :] = False
-    got = np.asarray(dot_product_attention(q, k, v, mask=mask, scale="entropy_invariant"))
-    masked_standard = np.asarray(dot_product_attention(q, k, v, mask=mask))
-    np.testing.assert_allclose(got[:, [0, 2]], masked_standard[:, [0, 2]], rtol=1e-5, atol=1e-6)
-    assert not np.allclose(got[:, 1], masked_standard[:, 1], atol=1e-3)
-    np.testing.assert_array_equal(got[:, 3], 0.0)
-
-
-def test_entropy_invariant_is_standard_times_log_ratio(rng):
-    n_k, d = 40, 8
-    q, k, v = qkv(rng, batch=(2,), n_q=n_k, n_k=n_k, h=2, h_kv=1, d=d)
-    ratio = math.log(n_k) / math.log(512.0)
-    np.testing.assert_allclose(
-        dot_product_attention(q, k, v, scale="entropy_invariant"),
-        dot_product_attention(q, k, v, scale=ratio / math.sqrt(d)), rtol=1e-5, atol=1e-6)
-    # Causal: query i sees i + 1 keys, so row i uses log(i + 1) / log(512) / sqrt(d).
-    mask = causal_mask(n_k)
-    got = np.asarray(dot_product_attention(q, k, v, mask=mask, scale="entropy_invariant"))
-    for i in (0, 1, 9, n_k - 1):
-        row = dot_product_attention(q, k, v, mask=mask,
-                                    scale=math.log(i + 1) / math.log(512.0) / math.sqrt(d))
-        np.testing.assert_allclose(got[:, i], np.asarray(row)[:, i], rtol=1e-5, atol=1e-6)
-
-
-def attention_entropy(q, keys, scale):
-    """Mean entropy of the attention weights of queries `q [n_q, d]` over `keys [n, d]`.
+def attention_entropy(attention, q, keys, scale):
+    """Mean entropy of the weights of `attention` (a `dot_product_attention`) for queries
+    `q [n_q, d]` over `keys [n, d]`.
 
     The values are the identity matrix, so each output row is the attention distribution
     itself; the features are zero-padded to width `n`, with `q` scaled by `√(n/d)` so that
@@ -183,77 +120,168 @@ def attention_entropy(q, keys, scale):
     q_pad[:, 0, :d] = q * math.sqrt(n / d)
     k_pad[:, 0, :d] = keys
     values = np.eye(n, dtype=np.float32)[:, None, :]
-    weights = np.asarray(dot_product_attention(q_pad, k_pad, values, scale=scale), np.float64)
+    weights = np.asarray(attention(q_pad, k_pad, values, scale=scale), np.float64)
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-4)
     return float(np.mean(-np.sum(weights * np.log(np.maximum(weights, 1e-30)), axis=-1)))
-
-
-def test_entropy_grows_much_less_with_length(rng):
-    """Archive 8823: with log_512(n)/√d the attention entropy hardly grows with n.
-
-    Logits `q·k/√d` of i.i.d. keys are N(0, σ²) with σ = 3 (queries of norm σ√d). Under the
-    standard scale the entropy grows by about 1.6 nats here; entropy-invariant by about 0.35.
-    """
-    d, sigma = 16, 3.0
-    q = randn(rng, 256, d)
-    q *= sigma * math.sqrt(d) / np.linalg.norm(q, axis=-1, keepdims=True)
-    keys = randn(rng, 1024, d)
-    lengths = (64, 1024)
-    standard = [attention_entropy(q, keys[:n], "standard") for n in lengths]
-    invariant = [attention_entropy(q, keys[:n], "entropy_invariant") for n in lengths]
-    growth_standard = standard[1] - standard[0]
-    growth_invariant = invariant[1] - invariant[0]
-    assert growth_standard > 1.2, standard
-    assert abs(growth_invariant) < 0.5 * growth_standard, (standard, invariant)
 
 
 # --------------------------------------------------------------- masked rows, grads
 
 
-def test_fully_masked_rows_are_zero_with_finite_grads(rng):
-    q, k, v = qkv(rng, batch=(2,), n_q=5, n_k=5, h=2, h_kv=2, d=4)
-    valid = np.array([[True, True, True, False, False], [False] * 5])
-    mask = padding_mask(valid)
+class TestAttentionJittedAndEager(OpsTestCase):
+    """Each reference and property check runs under `jax.jit` and eagerly."""
 
-    for scale in ("standard", "entropy_invariant"):
-        out = dot_product_attention(q, k, v, mask=mask, scale=scale)
-        np.testing.assert_array_equal(np.asarray(out)[0, 3:], 0.0)
-        np.testing.assert_array_equal(np.asarray(out)[1], 0.0)
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(scale=["standard", "entropy_invariant", 0.37],
+                           kind=["none", "padding", "key_padding", "causal",
+                                 "prefix_and_padding", "per_head"])
+    def test_matches_softmax_loop(self, scale, kind):
+        fx = variant_ops(self.variant)
+        q, k, v = qkv(self.rng)
+        mask = make_mask(kind, self.rng, (2,), 4, 6, 6)
+        got = fx.attention(q, k, v, mask=mask, scale=scale, entropy_base=64.0)
+        assert got.shape == q.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, attention_reference(q, k, v, mask, scale, 64.0), **TOL)
 
-        def loss(q, k, v, scale=scale):
-            return jnp.sum(dot_product_attention(q, k, v, mask=mask, scale=scale) ** 2)
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((6, 6), (6, 3), (6, 1))
+    def test_grouped_query_heads(self, h, h_kv):
+        fx = variant_ops(self.variant)
+        # Query head j reads key/value head j // (h / h_kv); extra batch axes, n_q != n_k.
+        q, k, v = qkv(self.rng, batch=(2, 2), n_q=3, n_k=7, h=h, h_kv=h_kv, d=4)
+        mask = causal_mask(3, 7)  # decoding: the 3 queries are the last 3 positions
+        got = fx.attention(q, k, v, mask=mask, scale="entropy_invariant")
+        np.testing.assert_allclose(
+            got, attention_reference(q, k, v, mask, "entropy_invariant"), **TOL)
+        # Same as repeating each key/value head for its group of query heads.
+        rep = h // h_kv
+        expanded = fx.attention(q, np.repeat(k, rep, axis=-2), np.repeat(v, rep, axis=-2),
+                                mask=mask, scale="entropy_invariant")
+        np.testing.assert_allclose(got, expanded, rtol=1e-6, atol=1e-6)
 
-        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-        for g in grads:
-            assert np.all(np.isfinite(g))
-        # Masked queries, and keys nobody sees, get no gradient.
-        np.testing.assert_array_equal(np.asarray(grads[0])[0, 3:], 0.0)
-        np.testing.assert_array_equal(np.asarray(grads[1])[0, 3:], 0.0)
-        np.testing.assert_array_equal(np.asarray(grads[2])[1], 0.0)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_unbatched_inputs(self):
+        fx = variant_ops(self.variant)
+        q, k, v = qkv(self.rng, batch=(), n_q=5, n_k=4, h=2, h_kv=1, d=8)
+        mask = np.asarray(self.rng.random((5, 4)) < 0.6)
+        got = fx.attention(q, k, v, mask=mask, scale="entropy_invariant")
+        assert got.shape == (5, 2, 8)
+        np.testing.assert_allclose(
+            got, attention_reference(q, k, v, mask, "entropy_invariant"), **TOL)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_entropy_invariant_scale_formula(self):
+        fx = variant_ops(self.variant)
+        n = np.array([0, 1, 2, 7, 64, 512, 4096])
+        got = fx.entropy_invariant_scale(jnp.asarray(n, jnp.int32))
+        assert got.dtype == jnp.float32 and got.shape == n.shape
+        np.testing.assert_allclose(got, np.log(np.maximum(n, 1)) / np.log(512.0), rtol=1e-6)
+        assert float(fx.entropy_invariant_scale(512)) == pytest.approx(1.0, abs=1e-7)
+        np.testing.assert_allclose(fx.entropy_invariant_scale(np.float32(100.0), entropy_base=10),
+                                   2.0, rtol=1e-6)
 
-@pytest.mark.parametrize("scale", ["standard", "entropy_invariant"])
-def test_grad_matches_reference_directional_derivative(rng, scale):
-    q, k, v = qkv(rng, batch=(1,), n_q=4, n_k=5, h=2, h_kv=1, d=4)
-    mask = combine_masks(causal_mask(4, 5), padding_mask(np.ones(4, bool),
-                                                         np.array([1, 1, 0, 1, 1], bool)))
-    w = randn(rng, *q.shape)
-    directions = [randn(rng, *t.shape) for t in (q, k, v)]
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_entropy_invariant_equals_standard_at_the_base_length(self):
+        fx = variant_ops(self.variant)
+        q, k, v = qkv(self.rng, batch=(1,), n_q=4, n_k=512, h=2, h_kv=2, d=8)
+        standard = fx.attention(q, k, v)
+        np.testing.assert_array_equal(
+            fx.attention(q, k, v, scale="entropy_invariant"), standard)
+        # With a mask the factor is per query: rows that see exactly 512 keys are standard.
+        mask = np.ones((4, 512), bool)
+        mask[1, 300:] = False
+        mask[3, :] = False
+        got = np.asarray(fx.attention(q, k, v, mask=mask, scale="entropy_invariant"))
+        masked_standard = np.asarray(fx.attention(q, k, v, mask=mask))
+        np.testing.assert_allclose(got[:, [0, 2]], masked_standard[:, [0, 2]], rtol=1e-5, atol=1e-6)
+        assert not np.allclose(got[:, 1], masked_standard[:, 1], atol=1e-3)
+        np.testing.assert_array_equal(got[:, 3], 0.0)
 
-    def loss(q, k, v):
-        return jnp.sum(w * dot_product_attention(q, k, v, mask=mask, scale=scale))
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_entropy_invariant_is_standard_times_log_ratio(self):
+        fx = variant_ops(self.variant)
+        n_k, d = 40, 8
+        q, k, v = qkv(self.rng, batch=(2,), n_q=n_k, n_k=n_k, h=2, h_kv=1, d=d)
+        ratio = math.log(n_k) / math.log(512.0)
+        np.testing.assert_allclose(
+            fx.attention(q, k, v, scale="entropy_invariant"),
+            fx.attention(q, k, v, scale=ratio / math.sqrt(d)), rtol=1e-5, atol=1e-6)
+        # Causal: query i sees i + 1 keys, so row i uses log(i + 1) / log(512) / sqrt(d).
+        mask = causal_mask(n_k)
+        got = np.asarray(fx.attention(q, k, v, mask=mask, scale="entropy_invariant"))
+        for i in (0, 1, 9, n_k - 1):
+            row = fx.attention(q, k, v, mask=mask,
+                               scale=math.log(i + 1) / math.log(512.0) / math.sqrt(d))
+            np.testing.assert_allclose(got[:, i], np.asarray(row)[:, i], rtol=1e-5, atol=1e-6)
 
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-    eps = 1e-4
-    for i, (g, u) in enumerate(zip(grads, directions, strict=True)):
-        plus = [np.asarray(t, np.float64) for t in (q, k, v)]
-        minus = [t.copy() for t in plus]
-        plus[i] = plus[i] + eps * u
-        minus[i] = minus[i] - eps * u
-        numeric = np.sum(w * (attention_reference(*plus, mask, scale)
-                              - attention_reference(*minus, mask, scale))) / (2 * eps)
-        np.testing.assert_allclose(np.sum(np.asarray(g, np.float64) * u), numeric,
-                                   rtol=1e-4, atol=1e-4)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_entropy_grows_much_less_with_length(self):
+        """Archive 8823: with log_512(n)/√d the attention entropy hardly grows with n.
+
+        Logits `q·k/√d` of i.i.d. keys are N(0, σ²) with σ = 3 (queries of norm σ√d). Under the
+        standard scale the entropy grows by about 1.6 nats here; entropy-invariant by about 0.35.
+        """
+        fx = variant_ops(self.variant)
+        d, sigma = 16, 3.0
+        q = randn(self.rng, 256, d)
+        q *= sigma * math.sqrt(d) / np.linalg.norm(q, axis=-1, keepdims=True)
+        keys = randn(self.rng, 1024, d)
+        lengths = (64, 1024)
+        standard = [attention_entropy(fx.attention, q, keys[:n], "standard") for n in lengths]
+        invariant = [attention_entropy(fx.attention, q, keys[:n], "entropy_invariant")
+                     for n in lengths]
+        growth_standard = standard[1] - standard[0]
+        growth_invariant = invariant[1] - invariant[0]
+        assert growth_standard > 1.2, standard
+        assert abs(growth_invariant) < 0.5 * growth_standard, (standard, invariant)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_fully_masked_rows_are_zero_with_finite_grads(self):
+        fx = variant_ops(self.variant)
+        q, k, v = qkv(self.rng, batch=(2,), n_q=5, n_k=5, h=2, h_kv=2, d=4)
+        valid = np.array([[True, True, True, False, False], [False] * 5])
+        mask = padding_mask(valid)
+
+        for scale in ("standard", "entropy_invariant"):
+            out = fx.attention(q, k, v, mask=mask, scale=scale)
+            np.testing.assert_array_equal(np.asarray(out)[0, 3:], 0.0)
+            np.testing.assert_array_equal(np.asarray(out)[1], 0.0)
+
+            def loss(q, k, v, scale=scale):
+                return jnp.sum(fx.attention(q, k, v, mask=mask, scale=scale) ** 2)
+
+            grads = self.variant(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+            for g in grads:
+                assert np.all(np.isfinite(g))
+            # Masked queries, and keys nobody sees, get no gradient.
+            np.testing.assert_array_equal(np.asarray(grads[0])[0, 3:], 0.0)
+            np.testing.assert_array_equal(np.asarray(grads[1])[0, 3:], 0.0)
+            np.testing.assert_array_equal(np.asarray(grads[2])[1], 0.0)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters("standard", "entropy_invariant")
+    def test_grad_matches_reference_directional_derivative(self, scale):
+        fx = variant_ops(self.variant)
+        q, k, v = qkv(self.rng, batch=(1,), n_q=4, n_k=5, h=2, h_kv=1, d=4)
+        mask = combine_masks(causal_mask(4, 5), padding_mask(np.ones(4, bool),
+                                                             np.array([1, 1, 0, 1, 1], bool)))
+        w = randn(self.rng, *q.shape)
+        directions = [randn(self.rng, *t.shape) for t in (q, k, v)]
+
+        def loss(q, k, v):
+            return jnp.sum(w * fx.attention(q, k, v, mask=mask, scale=scale))
+
+        grads = self.variant(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        eps = 1e-4
+        for i, (g, u) in enumerate(zip(grads, directions, strict=True)):
+            plus = [np.asarray(t, np.float64) for t in (q, k, v)]
+            minus = [t.copy() for t in plus]
+            plus[i] = plus[i] + eps * u
+            minus[i] = minus[i] - eps * u
+            numeric = np.sum(w * (attention_reference(*plus, mask, scale)
+                                  - attention_reference(*minus, mask, scale))) / (2 * eps)
+            np.testing.assert_allclose(np.sum(np.asarray(g, np.float64) * u), numeric,
+                                       rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------- transforms

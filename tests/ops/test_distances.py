@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+from absl.testing import parameterized
 
 from kexue.ops.distances import bhattacharyya_distance, gaussian_kl, wasserstein2_distance
+from tests.ops._variants import OpsTestCase
 
+# Jitted, for the tests outside the jitted-and-eager variants.
 kl = jax.jit(gaussian_kl)
 bhattacharyya = jax.jit(bhattacharyya_distance)
 w2 = jax.jit(wasserstein2_distance, static_argnames="squared")
+
+
+def variant_ops(variant) -> SimpleNamespace:
+    """The distances through a chex variant (`self.variant`: under `jax.jit`, or eagerly)."""
+    return SimpleNamespace(kl=variant(gaussian_kl), bhattacharyya=variant(bhattacharyya_distance),
+                           w2=variant(wasserstein2_distance, static_argnames="squared"))
 
 
 def random_spd(rng, batch, d):
@@ -53,66 +65,95 @@ def batched_ref(ref, *arrays):
     return np.array([ref(*(a[b] for a in arrays)) for b in range(arrays[0].shape[0])])
 
 
-@pytest.mark.parametrize("fn,ref", [(kl, kl_ref), (bhattacharyya, bhattacharyya_ref),
-                                    (lambda *a: w2(*a, squared=True), w2_sq_ref)])
-def test_matches_reference(rng, fn, ref):
-    args = random_pair(rng)
-    got = fn(*f32(*args))
-    assert got.shape == (3,) and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, batched_ref(ref, *args), rtol=1e-4, atol=1e-5)
+class TestDistancesJittedAndEager(OpsTestCase):
+    """Each reference and property check runs under `jax.jit` and eagerly."""
 
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters("kl", "bhattacharyya", "w2_squared")
+    def test_matches_reference(self, name):
+        fx = variant_ops(self.variant)
+        fn, ref = {"kl": (fx.kl, kl_ref), "bhattacharyya": (fx.bhattacharyya, bhattacharyya_ref),
+                   "w2_squared": (lambda *a: fx.w2(*a, squared=True), w2_sq_ref)}[name]
+        args = random_pair(self.rng)
+        got = fn(*f32(*args))
+        assert got.shape == (3,) and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, batched_ref(ref, *args), rtol=1e-4, atol=1e-5)
 
-def test_float64_is_kept_and_exact(rng):
-    args = random_pair(rng, batch=(2,), d=4)
-    with jax.enable_x64(True):
-        got_kl = gaussian_kl(*args)
-        got_b = bhattacharyya_distance(*args)
-        got_w = wasserstein2_distance(*args, squared=True)
-        assert got_kl.dtype == got_b.dtype == got_w.dtype == jnp.float64
-        np.testing.assert_allclose(got_kl, batched_ref(kl_ref, *args), rtol=1e-10)
-        np.testing.assert_allclose(got_b, batched_ref(bhattacharyya_ref, *args), rtol=1e-10)
-        np.testing.assert_allclose(got_w, batched_ref(w2_sq_ref, *args), rtol=1e-8)
-        # W2 = |μ1 − μ2| when the covariances are equal (no cancellation left in float64).
-        same = wasserstein2_distance(args[0], args[1], args[2], args[1])
-        np.testing.assert_allclose(same, np.linalg.norm(args[0] - args[2], axis=-1), rtol=1e-7)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_float64_is_kept_and_exact(self):
+        fx = variant_ops(self.variant)
+        args = random_pair(self.rng, batch=(2,), d=4)
+        with jax.enable_x64(True):
+            got_kl = fx.kl(*args)
+            got_b = fx.bhattacharyya(*args)
+            got_w = fx.w2(*args, squared=True)
+            assert got_kl.dtype == got_b.dtype == got_w.dtype == jnp.float64
+            np.testing.assert_allclose(got_kl, batched_ref(kl_ref, *args), rtol=1e-10)
+            np.testing.assert_allclose(got_b, batched_ref(bhattacharyya_ref, *args), rtol=1e-10)
+            np.testing.assert_allclose(got_w, batched_ref(w2_sq_ref, *args), rtol=1e-8)
+            # W2 = |μ1 − μ2| when the covariances are equal (no cancellation left in float64).
+            same = fx.w2(args[0], args[1], args[2], args[1])
+            np.testing.assert_allclose(same, np.linalg.norm(args[0] - args[2], axis=-1), rtol=1e-7)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_divergences_are_zero_iff_equal_and_positive_otherwise(self):
+        fx = variant_ops(self.variant)
+        mu1, cov1, mu2, cov2 = f32(*random_pair(self.rng))
+        for fn in (kl, bhattacharyya, w2):
+            assert np.all(np.asarray(fn(mu1, cov1, mu2, cov2)) > 1e-3)
+            assert np.all(np.asarray(fn(mu1, cov1, mu1, cov2)) > 1e-4)  # same mean only
+            assert np.all(np.asarray(fn(mu1, cov1, mu2, cov1)) > 1e-4)  # same covariance only
+        np.testing.assert_allclose(fx.kl(mu1, cov1, mu1, cov1), 0.0, atol=1e-5)
+        np.testing.assert_allclose(fx.bhattacharyya(mu1, cov1, mu1, cov1), 0.0, atol=1e-5)
+        # W2² cancels tr Σ1 + tr Σ2 against 2 tr(…)^½, so float32 leaves ~1e-6 · tr Σ.
+        np.testing.assert_allclose(fx.w2(mu1, cov1, mu1, cov1, squared=True), 0.0, atol=1e-4)
 
-def test_divergences_are_zero_iff_equal_and_positive_otherwise(rng):
-    mu1, cov1, mu2, cov2 = f32(*random_pair(rng))
-    for fn in (kl, bhattacharyya, w2):
-        assert np.all(np.asarray(fn(mu1, cov1, mu2, cov2)) > 1e-3)
-        assert np.all(np.asarray(fn(mu1, cov1, mu1, cov2)) > 1e-4)  # same mean only
-        assert np.all(np.asarray(fn(mu1, cov1, mu2, cov1)) > 1e-4)  # same covariance only
-    np.testing.assert_allclose(kl(mu1, cov1, mu1, cov1), 0.0, atol=1e-5)
-    np.testing.assert_allclose(bhattacharyya(mu1, cov1, mu1, cov1), 0.0, atol=1e-5)
-    # W2² cancels tr Σ1 + tr Σ2 against 2 tr(…)^½, so float32 leaves ~1e-6 · tr Σ.
-    np.testing.assert_allclose(w2(mu1, cov1, mu1, cov1, squared=True), 0.0, atol=1e-4)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_symmetry(self):
+        fx = variant_ops(self.variant)
+        mu1, cov1, mu2, cov2 = f32(*random_pair(self.rng))
+        np.testing.assert_allclose(fx.bhattacharyya(mu1, cov1, mu2, cov2),
+                                   fx.bhattacharyya(mu2, cov2, mu1, cov1), rtol=1e-5)
+        np.testing.assert_allclose(fx.w2(mu1, cov1, mu2, cov2), fx.w2(mu2, cov2, mu1, cov1),
+                                   rtol=1e-4)
+        # KL is not symmetric.
+        assert not np.allclose(fx.kl(mu1, cov1, mu2, cov2), fx.kl(mu2, cov2, mu1, cov1), rtol=1e-3)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_w2_closed_forms(self):
+        fx = variant_ops(self.variant)
+        d = 4
+        basis, _ = np.linalg.qr(self.rng.normal(size=(d, d)))
+        a, b = self.rng.uniform(0.2, 3.0, size=d), self.rng.uniform(0.2, 3.0, size=d)
+        cov1, cov2 = basis @ np.diag(a) @ basis.T, basis @ np.diag(b) @ basis.T  # commuting
+        mu1, mu2 = self.rng.normal(size=d), self.rng.normal(size=d)
+        want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+        np.testing.assert_allclose(fx.w2(*f32(mu1, cov1, mu2, cov2), squared=True), want, rtol=1e-4)
+        np.testing.assert_allclose(fx.w2(*f32(mu1, cov1, mu2, cov2)), np.sqrt(want), rtol=1e-4)
+        # Equal covariances: only the means differ.
+        np.testing.assert_allclose(fx.w2(*f32(mu1, cov1, mu2, cov1)), np.linalg.norm(mu1 - mu2),
+                                   rtol=1e-4, atol=1e-3)
+        # One dimension: W2² = (m1 − m2)² + (σ1 − σ2)².
+        got = fx.w2(*f32([0.5], [[4.0]], [-1.0], [[0.25]]), squared=True)
+        np.testing.assert_allclose(got, 1.5**2 + 1.5**2, rtol=1e-6)
 
-def test_symmetry(rng):
-    mu1, cov1, mu2, cov2 = f32(*random_pair(rng))
-    np.testing.assert_allclose(bhattacharyya(mu1, cov1, mu2, cov2),
-                               bhattacharyya(mu2, cov2, mu1, cov1), rtol=1e-5)
-    np.testing.assert_allclose(w2(mu1, cov1, mu2, cov2), w2(mu2, cov2, mu1, cov1), rtol=1e-4)
-    # KL is not symmetric.
-    assert not np.allclose(kl(mu1, cov1, mu2, cov2), kl(mu2, cov2, mu1, cov1), rtol=1e-3)
-
-
-def test_w2_closed_forms(rng):
-    d = 4
-    basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    a, b = rng.uniform(0.2, 3.0, size=d), rng.uniform(0.2, 3.0, size=d)
-    cov1, cov2 = basis @ np.diag(a) @ basis.T, basis @ np.diag(b) @ basis.T  # commuting
-    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-    want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    np.testing.assert_allclose(w2(*f32(mu1, cov1, mu2, cov2), squared=True), want, rtol=1e-4)
-    np.testing.assert_allclose(w2(*f32(mu1, cov1, mu2, cov2)), np.sqrt(want), rtol=1e-4)
-    # Equal covariances: only the means differ.
-    np.testing.assert_allclose(w2(*f32(mu1, cov1, mu2, cov1)), np.linalg.norm(mu1 - mu2),
-                               rtol=1e-4, atol=1e-3)
-    # One dimension: W2² = (m1 − m2)² + (σ1 − σ2)².
-    got = w2(*f32([0.5], [[4.0]], [-1.0], [[0.25]]), squared=True)
-    np.testing.assert_allclose(got, 1.5**2 + 1.5**2, rtol=1e-6)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_gradients(self):
+        mu1, cov1, mu2, cov2 = f32(*random_pair(self.rng, batch=(2,)))
+        # ∂KL/∂μ1 = Σ2⁻¹(μ1 − μ2);  ∂W2²/∂μ1 = 2(μ1 − μ2).
+        grad_kl = self.variant(jax.grad(
+            lambda m: jnp.sum(gaussian_kl(m, cov1, mu2, cov2))))(mu1)
+        want = np.einsum("bij,bj->bi", np.linalg.inv(cov2.astype(np.float64)), mu1 - mu2)
+        np.testing.assert_allclose(grad_kl, want, rtol=1e-4, atol=1e-5)
+        grad_w = self.variant(jax.grad(lambda m: jnp.sum(wasserstein2_distance(
+            m, cov1, mu2, cov2, squared=True))))(mu1)
+        np.testing.assert_allclose(grad_w, 2 * (mu1 - mu2), rtol=1e-4, atol=1e-5)
+        # Finite gradients at coincident distributions (W2 not squared has a kink there).
+        all_grads = self.variant(jax.grad(lambda *a: jnp.sum(wasserstein2_distance(*a))
+                                          + jnp.sum(bhattacharyya_distance(*a))
+                                          + jnp.sum(gaussian_kl(*a)), argnums=(0, 1, 2, 3)))
+        for grads in (all_grads(mu1, cov1, mu1, cov1), all_grads(mu1, cov1, mu2, cov2)):
+            assert all(np.all(np.isfinite(g)) for g in grads)
 
 
 def test_broadcasting_and_vmap(rng):
@@ -126,23 +167,6 @@ def test_broadcasting_and_vmap(rng):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     vmapped = jax.vmap(jax.vmap(wasserstein2_distance))(mu1, cov1, mu2, cov2)
     np.testing.assert_allclose(vmapped, w2(mu1, cov1, mu2, cov2), rtol=1e-5)
-
-
-def test_gradients(rng):
-    mu1, cov1, mu2, cov2 = f32(*random_pair(rng, batch=(2,)))
-    # ∂KL/∂μ1 = Σ2⁻¹(μ1 − μ2);  ∂W2²/∂μ1 = 2(μ1 − μ2).
-    grad_kl = jax.jit(jax.grad(lambda m: jnp.sum(gaussian_kl(m, cov1, mu2, cov2))))(mu1)
-    want = np.einsum("bij,bj->bi", np.linalg.inv(cov2.astype(np.float64)), mu1 - mu2)
-    np.testing.assert_allclose(grad_kl, want, rtol=1e-4, atol=1e-5)
-    grad_w = jax.jit(jax.grad(lambda m: jnp.sum(wasserstein2_distance(
-        m, cov1, mu2, cov2, squared=True))))(mu1)
-    np.testing.assert_allclose(grad_w, 2 * (mu1 - mu2), rtol=1e-4, atol=1e-5)
-    # Finite gradients at coincident distributions (W2 not squared has a kink there).
-    all_grads = jax.jit(jax.grad(lambda *a: jnp.sum(wasserstein2_distance(*a))
-                                 + jnp.sum(bhattacharyya_distance(*a))
-                                 + jnp.sum(gaussian_kl(*a)), argnums=(0, 1, 2, 3)))
-    for grads in (all_grads(mu1, cov1, mu1, cov1), all_grads(mu1, cov1, mu2, cov2)):
-        assert all(np.all(np.isfinite(g)) for g in grads)
 
 
 def test_bfloat16_inputs(rng):

@@ -5,10 +5,14 @@ References are float64 NumPy loops written here (their own RoPE, not `kexue.ops.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from kexue.ops import _checks
 from kexue.ops.global_pointer import (
@@ -21,8 +25,26 @@ from kexue.ops.global_pointer import (
     spans_to_flat,
 )
 from kexue.ops.losses import sparse_zlpr_loss, zlpr_loss
+from tests.ops._variants import OpsTestCase
 
 NEG32 = np.float32(_checks.large_negative(jnp.float32))
+
+
+def variant_ops(variant) -> SimpleNamespace:
+    """The ops through a chex variant (`self.variant`: under `jax.jit`, or eagerly)."""
+    return SimpleNamespace(
+        global_pointer_logits=variant(global_pointer_logits,
+                                      static_argnames=("rope", "base", "layout")),
+        efficient_global_pointer_logits=variant(efficient_global_pointer_logits,
+                                                static_argnames=("rope", "base", "layout")),
+        decode_spans=variant(decode_spans, static_argnames="max_spans"),
+        spans_to_flat=variant(spans_to_flat, static_argnums=(1, 2)),
+        spans_to_dense=variant(spans_to_dense, static_argnums=(1, 2)),
+        span_f1=variant(span_f1),
+        f1_from_counts=variant(f1_from_counts),
+        sparse_zlpr_loss=variant(sparse_zlpr_loss),
+        zlpr_loss=variant(zlpr_loss, static_argnames="axis"),
+    )
 
 
 def rope_ref(x: np.ndarray, layout: str, base: float = 10000.0) -> np.ndarray:
@@ -60,52 +82,6 @@ def random_valid(rng, batch, n):
     lengths = rng.integers(1, n + 1, size=batch)
     lengths[0] = n
     return np.arange(n)[None, :] < lengths[:, None]
-
-
-@pytest.mark.parametrize("rope,layout", [(True, "interleaved"), (True, "half"),
-                                         (False, "interleaved")])
-def test_global_pointer_matches_reference(rng, rope, layout):
-    batch, n, types, d = 2, 5, 3, 8
-    q = rng.normal(size=(batch, n, types, d)).astype(np.float32)
-    k = rng.normal(size=(batch, n, types, d)).astype(np.float32)
-    valid = random_valid(rng, batch, n)
-    got = np.asarray(global_pointer_logits(q, k, valid=valid, rope=rope, layout=layout))
-    want, exists = gp_ref(q, k, valid, rope, layout)
-    assert got.shape == (batch, types, n, n) and got.dtype == np.float32
-    np.testing.assert_allclose(got[exists], want[exists], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(got[~exists], NEG32)
-
-
-def test_global_pointer_without_valid_masks_lower_triangle(rng):
-    q = rng.normal(size=(4, 2, 6)).astype(np.float32)  # unbatched [n, types, d]
-    k = rng.normal(size=(4, 2, 6)).astype(np.float32)
-    got = np.asarray(global_pointer_logits(q, k))
-    want, exists = gp_ref(q[None], k[None], np.ones((1, 4), bool), True, "interleaved")
-    assert got.shape == (2, 4, 4)
-    np.testing.assert_allclose(got[exists[0]], want[0][exists[0]], rtol=1e-5, atol=1e-5)
-    lower = np.tril(np.ones((4, 4), bool), -1)
-    assert np.all(got[:, lower] == NEG32) and np.all(got[:, ~lower] > NEG32)
-
-
-def test_rope_makes_logits_relative(rng):
-    """Shifting every token by `m` positions (a prefix in front) leaves span logits unchanged."""
-    n, m, types, d = 5, 3, 2, 8
-    q = rng.normal(size=(n, types, d)).astype(np.float32)
-    k = rng.normal(size=(n, types, d)).astype(np.float32)
-    prefix_q = rng.normal(size=(m, types, d)).astype(np.float32)
-    prefix_k = rng.normal(size=(m, types, d)).astype(np.float32)
-    for layout in ("interleaved", "half"):
-        short = global_pointer_logits(q, k, layout=layout)
-        long = global_pointer_logits(np.concatenate([prefix_q, q]), np.concatenate([prefix_k, k]),
-                                     layout=layout)
-        np.testing.assert_allclose(long[:, m:, m:], short, rtol=1e-4, atol=1e-4)
-    # Same vector at every position: the logits depend on j − i only (Toeplitz).
-    const = np.broadcast_to(rng.normal(size=(1, 1, d)), (n, 1, d)).astype(np.float32)
-    logits = np.asarray(global_pointer_logits(const, const))[0]
-    for offset in range(n):
-        diag = np.diagonal(logits, offset)
-        np.testing.assert_allclose(diag, np.full_like(diag, diag[0]), rtol=1e-5, atol=1e-5)
-    assert np.ptp([logits[0, j] for j in range(n)]) > 1e-3  # but RoPE does see j − i
 
 
 def test_global_pointer_bfloat16(rng):
@@ -159,23 +135,6 @@ def egp_ref(q, k, bias_start, bias_end, valid):
     return out, exists
 
 
-def test_efficient_global_pointer_matches_reference(rng):
-    batch, n, d, types = 2, 5, 6, 3
-    q, k = (rng.normal(size=(batch, n, d)).astype(np.float32) for _ in range(2))
-    bias_start, bias_end = (rng.normal(size=(batch, n, types)).astype(np.float32)
-                            for _ in range(2))
-    valid = random_valid(rng, batch, n)
-    got = np.asarray(efficient_global_pointer_logits(q, k, bias_start, bias_end, valid=valid))
-    want, exists = egp_ref(q, k, bias_start, bias_end, valid)
-    assert got.shape == (batch, types, n, n)
-    np.testing.assert_allclose(got[exists], want[exists], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(got[~exists], NEG32)
-    # With zero bias every type sees the same shared score.
-    zero = np.zeros_like(bias_start)
-    shared = np.asarray(efficient_global_pointer_logits(q, k, zero, zero, valid=valid))
-    np.testing.assert_array_equal(shared[:, 0], shared[:, 1])
-
-
 def test_efficient_global_pointer_bf16_jit_grad(rng):
     q, k = (jnp.asarray(rng.normal(size=(4, 4)), jnp.bfloat16) for _ in range(2))
     bs, be = (jnp.asarray(rng.normal(size=(4, 2)), jnp.bfloat16) for _ in range(2))
@@ -190,30 +149,48 @@ def test_efficient_global_pointer_bf16_jit_grad(rng):
                                np.broadcast_to((np.arange(4) + 1)[:, None] / 2, (4, 2)))
 
 
-def test_decode_spans_hand_built():
-    logits = np.full((2, 2, 4, 4), -3.0, dtype=np.float32)
-    logits[0, 1, 0, 2] = 1.0
-    logits[0, 0, 3, 3] = 0.5
-    logits[1, 0, 1, 2] = 2.0
-    logits[1, 1, 0, 0] = 0.2
-    logits[1, 1, 2, 3] = 0.0  # not above the threshold
-    spans = decode_spans(logits)
-    assert spans.dtype == np.int64
-    np.testing.assert_array_equal(spans, [[0, 0, 3, 3], [0, 1, 0, 2], [1, 0, 1, 2],
-                                          [1, 1, 0, 0]])
-    np.testing.assert_array_equal(decode_spans(logits, threshold=0.6),
-                                  [[0, 1, 0, 2], [1, 0, 1, 2]])
-    # Unbatched logits have batch index 0; extra leading axes are flattened row-major.
-    np.testing.assert_array_equal(decode_spans(jnp.asarray(logits[1])),
-                                  [[0, 0, 1, 2], [0, 1, 0, 0]])
-    stacked = np.stack([logits, logits])  # [2, 2, types, n, n] -> batch 0..3
-    assert decode_spans(stacked)[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    empty = decode_spans(np.full((2, 3, 3), -1.0))
-    assert empty.shape == (0, 4) and empty.dtype == np.int64
-    # Masked spans of real GlobalPointer logits never decode.
-    q = np.ones((3, 1, 2), np.float32)
-    spans = decode_spans(global_pointer_logits(q, q, rope=False, valid=np.array([1, 1, 0])))
-    np.testing.assert_array_equal(spans, [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 1]])
+def decode_ref(logits, max_spans, threshold, valid=None):
+    """Loop reference of `decode_spans` for one example `[types, n, n]`: the spans with
+    `start ≤ end` (both ends valid) and logit > threshold, sorted by score, best first,
+    ties by (type, start, end); padded to `max_spans`."""
+    types, n, _ = logits.shape
+    found = [(-float(logits[t, i, j]), t, i, j) for t in range(types) for i in range(n)
+             for j in range(i, n) if float(logits[t, i, j]) > threshold
+             and (valid is None or (valid[i] and valid[j]))]
+    found.sort()
+    rows = np.full((max_spans, 3), -1, np.int64)
+    scores = np.full(max_spans, -np.inf)
+    for r, (negative, t, i, j) in enumerate(found[:max_spans]):
+        rows[r], scores[r] = (t, i, j), -negative
+    return rows, scores, len(found)
+
+
+def check_decoded(fn, logits, max_spans, threshold=0.0, valid=None):
+    """`fn` (a `decode_spans`) against `decode_ref`, example by example."""
+    spans, scores, count = fn(logits, max_spans=max_spans, threshold=threshold, valid=valid)
+    lead = logits.shape[:-3]
+    assert spans.shape == (*lead, max_spans, 3) and spans.dtype == jnp.int32
+    assert scores.shape == (*lead, max_spans) and count.shape == lead
+    assert count.dtype == jnp.int32
+    for idx in np.ndindex(*lead):
+        ok = None if valid is None else np.broadcast_to(valid, (*lead, logits.shape[-1]))[idx]
+        rows, want, total = decode_ref(np.asarray(logits[idx], np.float64), max_spans,
+                                       threshold, ok)
+        np.testing.assert_array_equal(np.asarray(spans[idx]), rows, err_msg=str(idx))
+        np.testing.assert_array_equal(np.asarray(scores[idx], np.float64),
+                                      np.asarray(want, np.float32).astype(np.float64))
+        assert int(count[idx]) == total
+    return spans, scores, count
+
+
+def test_decode_spans_threshold_may_be_traced(rng):
+    logits = rng.normal(size=(2, 2, 5, 5)).astype(np.float32)
+    fn = jax.jit(lambda x, t: decode_spans(x, max_spans=6, threshold=t))
+    for threshold in (-0.3, 0.0, 1.2):
+        want = decode_spans(logits, max_spans=6, threshold=threshold)
+        got = fn(logits, threshold)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def random_span_rows(rng, lead, max_spans, types, n):
@@ -264,57 +241,6 @@ def dense_ref(rows, types, n):
     return out
 
 
-@pytest.mark.parametrize("lead,max_spans", [((), 5), ((4,), 6), ((2, 3), 4), ((3,), 0)])
-def test_span_encodings_match_reference(rng, lead, max_spans):
-    types, n = 3, 5
-    rows = random_span_rows(rng, lead, max_spans, types, n)
-    flat = spans_to_flat(rows, types, n)
-    dense = spans_to_dense(rows, types, n)
-    assert flat.dtype == jnp.int32 and flat.shape == (*lead, max_spans)
-    assert dense.dtype == jnp.int32 and dense.shape == (*lead, types, n, n)
-    np.testing.assert_array_equal(flat, flat_ref(rows, types, n))
-    np.testing.assert_array_equal(dense, dense_ref(rows, types, n))
-    # Traced: the same under jit (static sizes) and vmap over the leading axis.
-    np.testing.assert_array_equal(
-        jax.jit(spans_to_flat, static_argnums=(1, 2))(rows, types, n), flat)
-    np.testing.assert_array_equal(
-        jax.jit(spans_to_dense, static_argnums=(1, 2))(rows, types, n), dense)
-    if lead:
-        np.testing.assert_array_equal(
-            jax.vmap(lambda r: spans_to_dense(r, types, n))(jnp.asarray(rows)), dense)
-
-
-def test_span_encodings_round_trip(rng):
-    """rows → dense → rows (decode_spans) gives the distinct spans; flat indexes dense."""
-    batch, types, n = 6, 4, 7
-    rows = random_span_rows(rng, (batch,), 8, types, n)
-    rows[0] = -1  # an example without spans
-    dense = np.asarray(spans_to_dense(rows, types, n))
-    back = decode_spans(dense.astype(np.float32), threshold=0.5)
-    want = sorted({(b, *(int(x) for x in row)) for b in range(batch) for row in rows[b]
-                   if is_span_ref(row, types, n)})
-    assert [tuple(r) for r in back.tolist()] == want
-    flat = np.asarray(spans_to_flat(rows, types, n))
-    for b in range(batch):
-        real = flat[b][flat[b] >= 0]
-        assert np.all(dense[b].reshape(-1)[real] == 1)
-        assert len(set(real.tolist())) == dense[b].sum()
-        # Decoded rows encode back to the same flat indices.
-        decoded = back[back[:, 0] == b][:, 1:]
-        again = np.asarray(spans_to_flat(decoded.reshape(-1, 3), types, n))
-        assert sorted(again.tolist()) == sorted(set(real.tolist()))
-
-
-def test_span_encodings_give_the_same_zlpr_loss(rng):
-    """The sparse loss on flat indices equals the dense loss on dense labels."""
-    batch, types, n = 3, 2, 6
-    rows = random_span_rows(rng, (batch,), 5, types, n)
-    logits = rng.normal(scale=2.0, size=(batch, types, n, n)).astype(np.float32)
-    sparse = sparse_zlpr_loss(logits.reshape(batch, -1), spans_to_flat(rows, types, n))
-    dense = zlpr_loss(logits, spans_to_dense(rows, types, n), axis=(-3, -2, -1))
-    np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-6)
-
-
 def test_span_encodings_reject_bad_arguments():
     rows = np.zeros((2, 3, 3), np.int32)
     with pytest.raises(ValueError, match=r"`spans` must have a integer dtype"):
@@ -347,35 +273,202 @@ def counts_ref(logits, labels, valid, threshold):
     return tp, fp, fn
 
 
-@pytest.mark.parametrize("with_valid", [False, True])
-def test_span_f1_counts(rng, with_valid):
-    shape = (3, 2, 5, 5)
-    logits = rng.normal(size=shape).astype(np.float32)
-    labels = (rng.random(shape) < 0.3).astype(np.int32)
-    valid = random_valid(rng, 3, 5) if with_valid else None
-    got = jax.jit(span_f1, static_argnames="threshold")(logits, labels, valid=valid,
-                                                        threshold=0.2)
-    tp, fp, fn = counts_ref(logits, labels, valid, 0.2)
-    assert (float(got["tp"]), float(got["fp"]), float(got["fn"])) == (tp, fp, fn)
-    np.testing.assert_allclose(got["precision"], tp / (tp + fp), rtol=1e-6)
-    np.testing.assert_allclose(got["recall"], tp / (tp + fn), rtol=1e-6)
-    np.testing.assert_allclose(got["f1"], 2 * tp / (2 * tp + fp + fn), rtol=1e-6)
+class TestGlobalPointerJittedAndEager(OpsTestCase):
+    """Each reference and property check runs under `jax.jit` and eagerly."""
 
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((True, "interleaved"), (True, "half"), (False, "interleaved"))
+    def test_global_pointer_matches_reference(self, rope, layout):
+        v = variant_ops(self.variant)
+        batch, n, types, d = 2, 5, 3, 8
+        q = self.rng.normal(size=(batch, n, types, d)).astype(np.float32)
+        k = self.rng.normal(size=(batch, n, types, d)).astype(np.float32)
+        valid = random_valid(self.rng, batch, n)
+        got = np.asarray(v.global_pointer_logits(q, k, valid=valid, rope=rope, layout=layout))
+        want, exists = gp_ref(q, k, valid, rope, layout)
+        assert got.shape == (batch, types, n, n) and got.dtype == np.float32
+        np.testing.assert_allclose(got[exists], want[exists], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got[~exists], NEG32)
 
-def test_f1_from_counts_accumulates(rng):
-    shape = (4, 2, 3, 3)
-    logits = rng.normal(size=shape).astype(np.float32)
-    labels = rng.random(shape) < 0.4
-    parts = [span_f1(logits[:2], labels[:2]), span_f1(logits[2:], labels[2:])]
-    summed = f1_from_counts(*(sum(p[key] for p in parts) for key in ("tp", "fp", "fn")))
-    whole = span_f1(logits, labels)
-    for key in whole:
-        np.testing.assert_allclose(summed[key], whole[key], rtol=1e-6)
-    # Perfect prediction gives 1; empty denominators give 0, not NaN.
-    perfect = span_f1(np.where(labels, 1.0, -1.0).astype(np.float32), labels)
-    assert float(perfect["f1"]) == 1.0
-    none = f1_from_counts(0, 0, 0)
-    assert all(float(none[key]) == 0.0 for key in ("precision", "recall", "f1"))
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_global_pointer_without_valid_masks_lower_triangle(self):
+        v = variant_ops(self.variant)
+        q = self.rng.normal(size=(4, 2, 6)).astype(np.float32)  # unbatched [n, types, d]
+        k = self.rng.normal(size=(4, 2, 6)).astype(np.float32)
+        got = np.asarray(v.global_pointer_logits(q, k))
+        want, exists = gp_ref(q[None], k[None], np.ones((1, 4), bool), True, "interleaved")
+        assert got.shape == (2, 4, 4)
+        np.testing.assert_allclose(got[exists[0]], want[0][exists[0]], rtol=1e-5, atol=1e-5)
+        lower = np.tril(np.ones((4, 4), bool), -1)
+        assert np.all(got[:, lower] == NEG32) and np.all(got[:, ~lower] > NEG32)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_rope_makes_logits_relative(self):
+        """Shifting every token by `m` positions (a prefix in front) keeps the span logits."""
+        v = variant_ops(self.variant)
+        n, m, types, d = 5, 3, 2, 8
+        q = self.rng.normal(size=(n, types, d)).astype(np.float32)
+        k = self.rng.normal(size=(n, types, d)).astype(np.float32)
+        prefix_q = self.rng.normal(size=(m, types, d)).astype(np.float32)
+        prefix_k = self.rng.normal(size=(m, types, d)).astype(np.float32)
+        for layout in ("interleaved", "half"):
+            short = v.global_pointer_logits(q, k, layout=layout)
+            long = v.global_pointer_logits(np.concatenate([prefix_q, q]),
+                                           np.concatenate([prefix_k, k]), layout=layout)
+            np.testing.assert_allclose(long[:, m:, m:], short, rtol=1e-4, atol=1e-4)
+        # Same vector at every position: the logits depend on j − i only (Toeplitz).
+        const = np.broadcast_to(self.rng.normal(size=(1, 1, d)), (n, 1, d)).astype(np.float32)
+        logits = np.asarray(v.global_pointer_logits(const, const))[0]
+        for offset in range(n):
+            diag = np.diagonal(logits, offset)
+            np.testing.assert_allclose(diag, np.full_like(diag, diag[0]), rtol=1e-5, atol=1e-5)
+        assert np.ptp([logits[0, j] for j in range(n)]) > 1e-3  # but RoPE does see j − i
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_efficient_global_pointer_matches_reference(self):
+        v = variant_ops(self.variant)
+        batch, n, d, types = 2, 5, 6, 3
+        q, k = (self.rng.normal(size=(batch, n, d)).astype(np.float32) for _ in range(2))
+        bias_start, bias_end = (self.rng.normal(size=(batch, n, types)).astype(np.float32)
+                                for _ in range(2))
+        valid = random_valid(self.rng, batch, n)
+        got = np.asarray(v.efficient_global_pointer_logits(q, k, bias_start, bias_end, valid=valid))
+        want, exists = egp_ref(q, k, bias_start, bias_end, valid)
+        assert got.shape == (batch, types, n, n)
+        np.testing.assert_allclose(got[exists], want[exists], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got[~exists], NEG32)
+        # With zero bias every type sees the same shared score.
+        zero = np.zeros_like(bias_start)
+        shared = np.asarray(v.efficient_global_pointer_logits(q, k, zero, zero, valid=valid))
+        np.testing.assert_array_equal(shared[:, 0], shared[:, 1])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_decode_spans_hand_built(self):
+        v = variant_ops(self.variant)
+        logits = np.full((2, 2, 4, 4), -3.0, dtype=np.float32)
+        logits[0, 1, 0, 2] = 1.0
+        logits[0, 0, 3, 3] = 0.5
+        logits[1, 0, 1, 2] = 2.0
+        logits[1, 1, 0, 0] = 0.2
+        logits[1, 1, 2, 3] = 0.0  # not above the threshold
+        logits[1, 0, 2, 1] = 5.0  # end < start: never a span
+        spans, scores, count = v.decode_spans(logits, max_spans=3)
+        np.testing.assert_array_equal(spans, [[[1, 0, 2], [0, 3, 3], [-1, -1, -1]],
+                                              [[0, 1, 2], [1, 0, 0], [-1, -1, -1]]])
+        np.testing.assert_array_equal(scores, np.float32([[1.0, 0.5, -np.inf],
+                                                          [2.0, 0.2, -np.inf]]))
+        np.testing.assert_array_equal(count, [2, 2])
+        spans, _, count = v.decode_spans(logits, max_spans=1, threshold=0.3)
+        np.testing.assert_array_equal(spans, [[[1, 0, 2]], [[0, 1, 2]]])
+        np.testing.assert_array_equal(count, [2, 1])  # example 0 has one more than fits
+        # Masked spans of real GlobalPointer logits never decode.
+        q = np.ones((3, 1, 2), np.float32)
+        logits = v.global_pointer_logits(q, q, rope=False, valid=np.array([1, 1, 0]))
+        spans, _, count = v.decode_spans(logits, max_spans=4)
+        assert int(count) == 3
+        assert sorted(map(tuple, np.asarray(spans[:3]).tolist())) == [(0, 0, 0), (0, 0, 1),
+                                                                       (0, 1, 1)]
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(((), 4), ((3,), 7), ((2, 3), 2), ((2,), 200))
+    def test_decode_spans_matches_reference(self, lead, max_spans):
+        """Random scores, more candidates than rows, ties, empty examples, `valid`."""
+        v = variant_ops(self.variant)
+        types, n = 3, 6
+        logits = self.rng.normal(size=(*lead, types, n, n)).astype(np.float32)
+        # Ties: a handful of values repeated across types and positions.
+        logits = np.where(self.rng.random(logits.shape) < 0.5, np.round(logits, 1), logits)
+        if lead:
+            logits.reshape(-1, types, n, n)[0] = -1.0  # an example with nothing above 0
+        check_decoded(v.decode_spans, logits, max_spans)
+        check_decoded(v.decode_spans, logits, max_spans, threshold=0.7)
+        valid = random_valid(self.rng, int(np.prod(lead)), n).reshape(*lead, n)
+        check_decoded(v.decode_spans, logits, max_spans, threshold=-0.5, valid=valid)
+        if lead:  # vmapped over the leading axis
+            mapped = jax.vmap(lambda x: v.decode_spans(x, max_spans=max_spans))
+            check_decoded(lambda x, **_: mapped(x), logits, max_spans)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(((), 5), ((4,), 6), ((2, 3), 4), ((3,), 0))
+    def test_span_encodings_match_reference(self, lead, max_spans):
+        v = variant_ops(self.variant)
+        types, n = 3, 5
+        rows = random_span_rows(self.rng, lead, max_spans, types, n)
+        flat = v.spans_to_flat(rows, types, n)
+        dense = v.spans_to_dense(rows, types, n)
+        assert flat.dtype == jnp.int32 and flat.shape == (*lead, max_spans)
+        assert dense.dtype == jnp.int32 and dense.shape == (*lead, types, n, n)
+        np.testing.assert_array_equal(flat, flat_ref(rows, types, n))
+        np.testing.assert_array_equal(dense, dense_ref(rows, types, n))
+        if lead:  # vmapped over the leading axis
+            np.testing.assert_array_equal(
+                jax.vmap(lambda r: v.spans_to_dense(r, types, n))(jnp.asarray(rows)), dense)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_span_encodings_round_trip(self):
+        """rows → dense → rows (decode_spans) gives the distinct spans; flat indexes dense."""
+        v = variant_ops(self.variant)
+        batch, types, n = 6, 4, 7
+        rows = random_span_rows(self.rng, (batch,), 8, types, n)
+        rows[0] = -1  # an example without spans
+        dense = np.asarray(v.spans_to_dense(rows, types, n))
+        spans, _, count = v.decode_spans(dense.astype(np.float32), max_spans=8, threshold=0.5)
+        back = np.asarray([(b, *row) for b in range(batch)
+                           for row in np.asarray(spans[b, :count[b]]).tolist()]).reshape(-1, 4)
+        want = sorted({(b, *(int(x) for x in row)) for b in range(batch) for row in rows[b]
+                       if is_span_ref(row, types, n)})
+        assert sorted(tuple(r) for r in back.tolist()) == want
+        flat = np.asarray(v.spans_to_flat(rows, types, n))
+        for b in range(batch):
+            real = flat[b][flat[b] >= 0]
+            assert np.all(dense[b].reshape(-1)[real] == 1)
+            assert len(set(real.tolist())) == dense[b].sum()
+            # Decoded rows encode back to the same flat indices.
+            decoded = back[back[:, 0] == b][:, 1:]
+            again = np.asarray(v.spans_to_flat(decoded.reshape(-1, 3), types, n))
+            assert sorted(again.tolist()) == sorted(set(real.tolist()))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_span_encodings_give_the_same_zlpr_loss(self):
+        """The sparse loss on flat indices equals the dense loss on dense labels."""
+        v = variant_ops(self.variant)
+        batch, types, n = 3, 2, 6
+        rows = random_span_rows(self.rng, (batch,), 5, types, n)
+        logits = self.rng.normal(scale=2.0, size=(batch, types, n, n)).astype(np.float32)
+        sparse = v.sparse_zlpr_loss(logits.reshape(batch, -1), v.spans_to_flat(rows, types, n))
+        dense = v.zlpr_loss(logits, v.spans_to_dense(rows, types, n), axis=(-3, -2, -1))
+        np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(False, True)
+    def test_span_f1_counts(self, with_valid):
+        v = variant_ops(self.variant)
+        shape = (3, 2, 5, 5)
+        logits = self.rng.normal(size=shape).astype(np.float32)
+        labels = (self.rng.random(shape) < 0.3).astype(np.int32)
+        valid = random_valid(self.rng, 3, 5) if with_valid else None
+        got = v.span_f1(logits, labels, valid=valid, threshold=0.2)
+        tp, fp, fn = counts_ref(logits, labels, valid, 0.2)
+        assert (float(got["tp"]), float(got["fp"]), float(got["fn"])) == (tp, fp, fn)
+        np.testing.assert_allclose(got["precision"], tp / (tp + fp), rtol=1e-6)
+        np.testing.assert_allclose(got["recall"], tp / (tp + fn), rtol=1e-6)
+        np.testing.assert_allclose(got["f1"], 2 * tp / (2 * tp + fp + fn), rtol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_f1_from_counts_accumulates(self):
+        v = variant_ops(self.variant)
+        shape = (4, 2, 3, 3)
+        logits = self.rng.normal(size=shape).astype(np.float32)
+        labels = self.rng.random(shape) < 0.4
+        parts = [v.span_f1(logits[:2], labels[:2]), v.span_f1(logits[2:], labels[2:])]
+        summed = v.f1_from_counts(*(sum(p[key] for p in parts) for key in ("tp", "fp", "fn")))
+        whole = v.span_f1(logits, labels)
+        chex.assert_trees_all_close(summed, whole, rtol=1e-6)
+        # Perfect prediction gives 1; empty denominators give 0, not NaN.
+        perfect = v.span_f1(np.where(labels, 1.0, -1.0).astype(np.float32), labels)
+        assert float(perfect["f1"]) == 1.0
+        none = v.f1_from_counts(0, 0, 0)
+        assert all(float(none[key]) == 0.0 for key in ("precision", "recall", "f1"))
 
 
 def test_errors_name_the_argument():
@@ -400,6 +493,11 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"`bias_start` and `bias_end` must have the same"):
         efficient_global_pointer_logits(shared, shared, q[:, :, 0, :2], q[:, :, 0, :3])
     with pytest.raises(ValueError, match=r"`logits` must be square"):
-        decode_spans(np.zeros((2, 3, 4)))
+        decode_spans(np.zeros((2, 3, 4)), max_spans=2)
+    for bad in (0, -1, 2.0, True, None):
+        with pytest.raises(ValueError, match=r"`max_spans` must be a positive Python int"):
+            decode_spans(np.zeros((2, 3, 3)), max_spans=bad)
+    with pytest.raises(ValueError, match=r"`valid`"):
+        decode_spans(np.zeros((2, 3, 3)), max_spans=2, valid=np.ones(4, bool))
     with pytest.raises(ValueError, match=r"`logits` and `labels` must have the same"):
         span_f1(np.zeros((2, 3, 3)), np.zeros((2, 3, 4)))

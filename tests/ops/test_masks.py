@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from kexue.ops.masks import causal_mask, combine_masks, padding_mask, prefix_lm_mask
+from tests.ops._variants import OpsTestCase
+
+
+def variant_ops(variant) -> SimpleNamespace:
+    """The masks through a chex variant (`self.variant`: under `jax.jit`, or eagerly)."""
+    return SimpleNamespace(
+        padding_mask=variant(padding_mask),
+        causal_mask=variant(causal_mask, static_argnums=(0, 1), static_argnames="offset"),
+        combine_masks=variant(combine_masks),
+        prefix_lm_mask=variant(prefix_lm_mask, static_argnums=1),
+    )
 
 
 def padding_reference(valid, kv_valid):
@@ -41,47 +56,7 @@ def prefix_lm_reference(prefix_lengths, seq_len):
     return out
 
 
-# ------------------------------------------------------------------------- padding
-
-
-def test_padding_mask_matches_loops(rng):
-    valid = rng.random((2, 3, 7)) < 0.6
-    kv_valid = rng.random((1, 3, 5)) < 0.6
-    got = padding_mask(valid, kv_valid)
-    assert got.dtype == jnp.bool_ and got.shape == (2, 3, 7, 5)
-    np.testing.assert_array_equal(got, padding_reference(valid, kv_valid))
-
-
-def test_padding_mask_self_attention_and_integer_input(rng):
-    valid = rng.integers(0, 3, size=(4, 6)).astype(np.int32)  # nonzero = valid
-    valid[0, 2] = 0
-    got = padding_mask(valid)
-    np.testing.assert_array_equal(got, padding_reference(valid, valid))
-    # A padded token is invisible as a key, and as a query sees nothing.
-    assert not np.asarray(got[0, 2]).any() and not np.asarray(got[0, :, 2]).any()
-
-
-def test_padding_mask_from_lengths_is_prefix_block(rng):
-    lengths = rng.integers(1, 9, size=5)
-    valid = np.arange(8)[None, :] < lengths[:, None]
-    got = np.asarray(padding_mask(valid))
-    for b, n in enumerate(lengths):
-        assert got[b].sum() == n * n and got[b, :n, :n].all()
-
-
 # -------------------------------------------------------------------------- causal
-
-
-@pytest.mark.parametrize(
-    ("q_len", "k_len", "offset"),
-    [(5, None, None), (3, 7, None), (4, 4, 1), (4, 6, -2), (6, 3, None), (1, 9, None)],
-)
-def test_causal_mask_matches_loops(q_len, k_len, offset):
-    got = causal_mask(q_len, k_len, offset=offset)
-    k = q_len if k_len is None else k_len
-    expected_offset = k - q_len if offset is None else offset
-    assert got.dtype == jnp.bool_ and got.shape == (q_len, k)
-    np.testing.assert_array_equal(got, causal_reference(q_len, k, expected_offset))
 
 
 def test_causal_mask_decoding_last_query_sees_everything():
@@ -92,14 +67,6 @@ def test_causal_mask_decoding_last_query_sees_everything():
 
 
 # ----------------------------------------------------------------------- prefix LM
-
-
-def test_prefix_lm_mask_matches_loops(rng):
-    seq_len = 7
-    prefix_lengths = rng.integers(0, seq_len + 1, size=(2, 3))
-    got = prefix_lm_mask(jnp.asarray(prefix_lengths, jnp.int32), seq_len)
-    assert got.dtype == jnp.bool_ and got.shape == (2, 3, seq_len, seq_len)
-    np.testing.assert_array_equal(got, prefix_lm_reference(prefix_lengths, seq_len))
 
 
 def test_prefix_lm_mask_limits():
@@ -114,15 +81,6 @@ def test_prefix_lm_mask_limits():
 # ------------------------------------------------------------------------- combine
 
 
-def test_combine_masks_is_broadcast_and(rng):
-    a = rng.random((2, 1, 5, 5)) < 0.5
-    b = rng.random((3, 5, 5)) < 0.5
-    c = np.asarray(causal_mask(5))
-    got = combine_masks(None, a, b, None, c)
-    assert got.shape == (2, 3, 5, 5)
-    np.testing.assert_array_equal(got, a & b & c)
-
-
 def test_combine_masks_all_none_and_single():
     assert combine_masks() is None
     assert combine_masks(None, None) is None
@@ -130,11 +88,77 @@ def test_combine_masks_all_none_and_single():
     np.testing.assert_array_equal(combine_masks(None, m), m)
 
 
-def test_padding_and_causal_combined_matches_loops(rng):
-    valid = rng.random((3, 6)) < 0.7
-    got = combine_masks(padding_mask(valid), causal_mask(6))
-    expected = padding_reference(valid, valid) & causal_reference(6, 6, 0)
-    np.testing.assert_array_equal(got, expected)
+# ----------------------------------------------- references, jitted and eager
+
+
+class TestMasksJittedAndEager(OpsTestCase):
+    """Each reference check runs under `jax.jit` and eagerly."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_padding_mask_matches_loops(self):
+        fx = variant_ops(self.variant)
+        valid = self.rng.random((2, 3, 7)) < 0.6
+        kv_valid = self.rng.random((1, 3, 5)) < 0.6
+        got = fx.padding_mask(valid, kv_valid)
+        assert got.dtype == jnp.bool_ and got.shape == (2, 3, 7, 5)
+        np.testing.assert_array_equal(got, padding_reference(valid, kv_valid))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_padding_mask_self_attention_and_integer_input(self):
+        fx = variant_ops(self.variant)
+        valid = self.rng.integers(0, 3, size=(4, 6)).astype(np.int32)  # nonzero = valid
+        valid[0, 2] = 0
+        got = fx.padding_mask(valid)
+        np.testing.assert_array_equal(got, padding_reference(valid, valid))
+        # A padded token is invisible as a key, and as a query sees nothing.
+        assert not np.asarray(got[0, 2]).any() and not np.asarray(got[0, :, 2]).any()
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_padding_mask_from_lengths_is_prefix_block(self):
+        fx = variant_ops(self.variant)
+        lengths = self.rng.integers(1, 9, size=5)
+        valid = np.arange(8)[None, :] < lengths[:, None]
+        got = np.asarray(fx.padding_mask(valid))
+        for b, n in enumerate(lengths):
+            assert got[b].sum() == n * n and got[b, :n, :n].all()
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((5, None, None), (3, 7, None), (4, 4, 1), (4, 6, -2),
+                              (6, 3, None), (1, 9, None))
+    def test_causal_mask_matches_loops(self, q_len, k_len, offset):
+        fx = variant_ops(self.variant)
+        got = fx.causal_mask(q_len, k_len, offset=offset)
+        k = q_len if k_len is None else k_len
+        expected_offset = k - q_len if offset is None else offset
+        assert got.dtype == jnp.bool_ and got.shape == (q_len, k)
+        np.testing.assert_array_equal(got, causal_reference(q_len, k, expected_offset))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_prefix_lm_mask_matches_loops(self):
+        fx = variant_ops(self.variant)
+        seq_len = 7
+        prefix_lengths = self.rng.integers(0, seq_len + 1, size=(2, 3))
+        got = fx.prefix_lm_mask(jnp.asarray(prefix_lengths, jnp.int32), seq_len)
+        assert got.dtype == jnp.bool_ and got.shape == (2, 3, seq_len, seq_len)
+        np.testing.assert_array_equal(got, prefix_lm_reference(prefix_lengths, seq_len))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_combine_masks_is_broadcast_and(self):
+        fx = variant_ops(self.variant)
+        a = self.rng.random((2, 1, 5, 5)) < 0.5
+        b = self.rng.random((3, 5, 5)) < 0.5
+        c = np.asarray(fx.causal_mask(5))
+        got = fx.combine_masks(None, a, b, None, c)
+        assert got.shape == (2, 3, 5, 5)
+        np.testing.assert_array_equal(got, a & b & c)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_padding_and_causal_combined_matches_loops(self):
+        fx = variant_ops(self.variant)
+        valid = self.rng.random((3, 6)) < 0.7
+        got = fx.combine_masks(fx.padding_mask(valid), fx.causal_mask(6))
+        expected = padding_reference(valid, valid) & causal_reference(6, 6, 0)
+        np.testing.assert_array_equal(got, expected)
 
 
 # --------------------------------------------------------------------- transforms

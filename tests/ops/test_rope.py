@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from absl.testing import parameterized
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kexue.ops.rope import apply_rope, apply_rope_nd, rope_frequencies, rope_sin_cos
+from tests.ops._variants import VARIANT_EXAMPLES, OpsTestCase
 
 TOL = {"rtol": 1e-5, "atol": 2e-5}
 
@@ -75,127 +78,170 @@ def test_rope_frequencies_formula(rotary_dim, base):
     np.testing.assert_allclose(got, expected, rtol=1e-7)
 
 
-def test_rope_sin_cos_formula(rng):
-    positions = rng.uniform(-30, 30, size=(2, 5)).astype(np.float32)
-    sin, cos = rope_sin_cos(positions, 6, base=100.0)
-    angles = positions.astype(np.float64)[..., None] * 100.0 ** (-np.arange(3) * 2.0 / 6)
-    assert sin.shape == cos.shape == (2, 5, 3) and sin.dtype == cos.dtype == jnp.float32
-    np.testing.assert_allclose(sin, np.sin(angles), atol=1e-5)
-    np.testing.assert_allclose(cos, np.cos(angles), atol=1e-5)
+LAYOUTS = ("interleaved", "half")
 
 
-# ------------------------------------------------------------------ 1-D reference
+class TestRopeJittedAndEager(OpsTestCase):
+    """Each check runs under `jax.jit` (positions traced) and eagerly (host positions)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_rope_sin_cos_formula(self):
+        positions = self.rng.uniform(-30, 30, size=(2, 5)).astype(np.float32)
+        sin, cos = self.variant(lambda p: rope_sin_cos(p, 6, base=100.0))(positions)
+        angles = positions.astype(np.float64)[..., None] * 100.0 ** (-np.arange(3) * 2.0 / 6)
+        assert sin.shape == cos.shape == (2, 5, 3) and sin.dtype == cos.dtype == jnp.float32
+        np.testing.assert_allclose(sin, np.sin(angles), atol=1e-5)
+        np.testing.assert_allclose(cos, np.cos(angles), atol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(layout=LAYOUTS, rotary_dim=[None, 4], float_positions=[False, True])
+    def test_apply_rope_matches_rotation_matrices(self, layout, rotary_dim, float_positions):
+        x = randn(self.rng, 2, 5, 3, 10)
+        if float_positions:
+            positions = self.rng.uniform(-40, 40, size=(2, 5)).astype(np.float32)
+        else:
+            positions = self.rng.integers(0, 60, size=(2, 5)).astype(np.int32)
+        got = self.variant(lambda x, p: apply_rope(x, p, layout=layout, rotary_dim=rotary_dim,
+                                                   base=1000.0))(x, positions)
+        assert got.shape == x.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, rope_reference(x, positions, rotary_dim, layout, 1000.0),
+                                   **TOL)
+        if rotary_dim is not None:  # the pass-through features are untouched, bit for bit
+            np.testing.assert_array_equal(np.asarray(got)[..., rotary_dim:],
+                                          x[..., rotary_dim:])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_apply_rope_default_positions_and_shared_positions(self):
+        x = randn(self.rng, 2, 6, 2, 8)
+        expected = rope_reference(x, np.arange(6))
+        np.testing.assert_allclose(self.variant(apply_rope)(x), expected, **TOL)
+        np.testing.assert_allclose(self.variant(apply_rope)(x, np.arange(6)), expected, **TOL)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*LAYOUTS)
+    def test_seq_axis_rotates_heads_first_and_headless_inputs_by_position(self, layout):
+        """`[b, h, n, d]` and `[n, d]` with `seq_axis=-2`: every head rotates by the position."""
+        b, h, n, d = 2, 3, 5, 8
+        x = randn(self.rng, b, h, n, d)
+        positions = self.rng.integers(0, 60, size=(b, n)).astype(np.int32)
+        # The reference works on [b, n, h, d]: move the heads behind the sequence and back.
+        expected = np.swapaxes(rope_reference(np.swapaxes(x, 1, 2), positions, layout=layout),
+                               1, 2)
+        heads_first = self.variant(
+            lambda x, p, axis: apply_rope(x, p, layout=layout, seq_axis=axis),
+            static_argnums=2)
+        got = heads_first(x, positions[:, None, :], -2)
+        np.testing.assert_allclose(got, expected, **TOL)
+        np.testing.assert_allclose(heads_first(x, positions[:, None, :], 2), got, **TOL)
+        default = np.swapaxes(rope_reference(np.swapaxes(x, 1, 2), np.arange(n), layout=layout),
+                              1, 2)
+        np.testing.assert_allclose(heads_first(x, None, -2), default, **TOL)
+        cached = self.variant(lambda x, p: apply_rope(
+            x, sin_cos=rope_sin_cos(p, d), layout=layout, seq_axis=-2))
+        np.testing.assert_allclose(cached(x, positions[:, None, :]), expected, **TOL)
+        headless = heads_first(x[0, 0], positions[0], -2)
+        np.testing.assert_allclose(headless, expected[0, 0], **TOL)
+        grid = self.rng.integers(0, 9, size=(b, 1, n, 2)).astype(np.int32)
+        expected_nd = np.swapaxes(rope_reference(np.swapaxes(x, 1, 2), grid[:, 0],
+                                                 layout=layout, nd=True), 1, 2)
+        got_nd = self.variant(lambda x, p: apply_rope_nd(x, p, layout=layout, seq_axis=-2))(
+            x, grid)
+        np.testing.assert_allclose(got_nd, expected_nd, **TOL)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*LAYOUTS)
+    def test_sin_cos_cache_equals_positions_path(self, layout):
+        x = randn(self.rng, 3, 7, 2, 12)
+        positions = self.rng.uniform(0, 100, size=(3, 7)).astype(np.float32)
+        cached = self.variant(lambda x, p: apply_rope(
+            x, sin_cos=rope_sin_cos(p, 8, base=500.0), layout=layout, rotary_dim=8))
+        direct = self.variant(lambda x, p: apply_rope(x, p, base=500.0, layout=layout,
+                                                      rotary_dim=8))
+        np.testing.assert_array_equal(cached(x, positions), direct(x, positions))
+        # A cache for `[n]` positions serves every batch entry.
+        shared = self.variant(lambda x, p: apply_rope(x, sin_cos=rope_sin_cos(p, 12),
+                                                      layout=layout))
+        np.testing.assert_allclose(shared(x, positions[0]),
+                                   rope_reference(x, positions[0], layout=layout), **TOL)
+
+    # ------------------------------------------------------------ defining property
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*LAYOUTS)
+    def test_relativity_and_norm(self, layout):
+        rope = self.variant(lambda x, p: apply_rope(x, p, layout=layout))
+        q, k = randn(self.rng, 1, 4, 16), randn(self.rng, 1, 4, 16)
+        for _ in range(5):
+            m, n, shift = self.rng.uniform(-50, 50, size=3)
+            base_score = rope_dot(rope, q, k, m, n)
+            np.testing.assert_allclose(rope_dot(rope, q, k, m + shift, n + shift), base_score,
+                                       rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(rope_dot(rope, q, k, 0.0, n - m), base_score,
+                                       rtol=1e-4, atol=1e-4)
+        x = randn(self.rng, 3, 5, 2, 16)
+        positions = self.rng.uniform(-100, 100, size=(3, 5)).astype(np.float32)
+        rotated = rope(x, positions)
+        np.testing.assert_allclose(np.linalg.norm(rotated, axis=-1),
+                                   np.linalg.norm(x, axis=-1), rtol=1e-5)
+        np.testing.assert_allclose(rope(rotated, -positions), x, **TOL)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=VARIANT_EXAMPLES)
+    @given(m=st.integers(-2000, 2000), n=st.integers(-2000, 2000),
+           shift=st.integers(-2000, 2000))
+    def test_relativity_integer_positions(self, m, n, shift):
+        rope = self.variant(lambda x, p: apply_rope(x, p, layout="interleaved"))
+        rng = np.random.default_rng(abs(m) + 7 * abs(n))
+        q, k = randn(rng, 1, 2, 8), randn(rng, 1, 2, 8)
+        np.testing.assert_allclose(rope_dot(rope, q, k, m + shift, n + shift),
+                                   rope_dot(rope, q, k, m, n), rtol=2e-3, atol=2e-3)
+
+    # -------------------------------------------------------------------------- N-D
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(layout=LAYOUTS, shape=[(2, 8, None), (3, 14, 12), (2, 10, 8)])
+    def test_apply_rope_nd_matches_block_rotation(self, layout, shape):
+        axes, d, rotary_dim = shape
+        x = randn(self.rng, 2, 6, 2, d)
+        positions = self.rng.uniform(-20, 20, size=(2, 6, axes)).astype(np.float32)
+        got = self.variant(lambda x, p: apply_rope_nd(x, p, layout=layout, rotary_dim=rotary_dim,
+                                                      base=100.0))(x, positions)
+        assert got.shape == x.shape and got.dtype == x.dtype
+        expected = rope_reference(x, positions, rotary_dim, layout, 100.0, nd=True)
+        np.testing.assert_allclose(got, expected, **TOL)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_apply_rope_nd_one_axis_is_apply_rope(self):
+        x = randn(self.rng, 2, 5, 3, 8)
+        positions = self.rng.integers(0, 50, size=(2, 5)).astype(np.int32)
+        nd = self.variant(lambda x, p: apply_rope_nd(x, p[..., None], layout="half"))
+        one = self.variant(lambda x, p: apply_rope(x, p, layout="half"))
+        np.testing.assert_allclose(nd(x, positions), one(x, positions), rtol=1e-6, atol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_apply_rope_nd_relativity_on_a_grid(self):
+        # Image patches at (row, col): scores depend only on the 2-D offset.
+        rope = self.variant(apply_rope_nd)
+        q, k = randn(self.rng, 1, 2, 16), randn(self.rng, 1, 2, 16)
+
+        def score(pq, pk):
+            rq = rope(q, jnp.asarray([pq], jnp.int32))
+            rk = rope(k, jnp.asarray([pk], jnp.int32))
+            return np.sum(np.asarray(rq, np.float64) * np.asarray(rk, np.float64), axis=-1)
+
+        for _ in range(4):
+            pq, pk, shift = (self.rng.integers(0, 32, size=2) for _ in range(3))
+            np.testing.assert_allclose(score(pq + shift, pk + shift), score(pq, pk),
+                                       rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(score(np.zeros(2, int), pk - pq), score(pq, pk),
+                                       rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", ["interleaved", "half"])
-@pytest.mark.parametrize("rotary_dim", [None, 4])
-@pytest.mark.parametrize("float_positions", [False, True])
-def test_apply_rope_matches_rotation_matrices(rng, layout, rotary_dim, float_positions):
-    x = randn(rng, 2, 5, 3, 10)
-    if float_positions:
-        positions = rng.uniform(-40, 40, size=(2, 5)).astype(np.float32)
-    else:
-        positions = rng.integers(0, 60, size=(2, 5)).astype(np.int32)
-    got = apply_rope(x, positions, layout=layout, rotary_dim=rotary_dim, base=1000.0)
-    assert got.shape == x.shape and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, rope_reference(x, positions, rotary_dim, layout, 1000.0), **TOL)
-    if rotary_dim is not None:  # the pass-through features are untouched, bit for bit
-        np.testing.assert_array_equal(np.asarray(got)[..., rotary_dim:], x[..., rotary_dim:])
-
-
-def test_apply_rope_default_positions_and_shared_positions(rng):
-    x = randn(rng, 2, 6, 2, 8)
-    expected = rope_reference(x, np.arange(6))
-    np.testing.assert_allclose(apply_rope(x), expected, **TOL)
-    np.testing.assert_allclose(apply_rope(x, np.arange(6)), expected, **TOL)
-
-
-@pytest.mark.parametrize("layout", ["interleaved", "half"])
-def test_sin_cos_cache_equals_positions_path(rng, layout):
-    x = randn(rng, 3, 7, 2, 12)
-    positions = rng.uniform(0, 100, size=(3, 7)).astype(np.float32)
-    cached = rope_sin_cos(positions, 8, base=500.0)
-    direct = apply_rope(x, positions, base=500.0, layout=layout, rotary_dim=8)
-    np.testing.assert_array_equal(
-        apply_rope(x, sin_cos=cached, layout=layout, rotary_dim=8), direct)
-    # A cache for `[n]` positions serves every batch entry.
-    shared = rope_sin_cos(positions[0], 12)
-    np.testing.assert_allclose(apply_rope(x, sin_cos=shared, layout=layout),
-                               rope_reference(x, positions[0], layout=layout), **TOL)
-
-
-# --------------------------------------------------------------- defining property
-
-
-def rope_dot(q, k, m, n, layout):
+def rope_dot(rope, q, k, m, n):
     """<R_m q, R_n k> per head, for one query at position m and one key at n."""
-    rq = apply_rope(q, jnp.asarray([m], jnp.float32), layout=layout)
-    rk = apply_rope(k, jnp.asarray([n], jnp.float32), layout=layout)
+    rq = rope(q, jnp.asarray([m], jnp.float32))
+    rk = rope(k, jnp.asarray([n], jnp.float32))
     return np.sum(np.asarray(rq, np.float64) * np.asarray(rk, np.float64), axis=-1)
-
-
-@pytest.mark.parametrize("layout", ["interleaved", "half"])
-def test_relativity_and_norm(rng, layout):
-    q, k = randn(rng, 1, 4, 16), randn(rng, 1, 4, 16)
-    for _ in range(5):
-        m, n, shift = rng.uniform(-50, 50, size=3)
-        base_score = rope_dot(q, k, m, n, layout)
-        np.testing.assert_allclose(rope_dot(q, k, m + shift, n + shift, layout), base_score,
-                                   rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(rope_dot(q, k, 0.0, n - m, layout), base_score,
-                                   rtol=1e-4, atol=1e-4)
-    x = randn(rng, 3, 5, 2, 16)
-    positions = rng.uniform(-100, 100, size=(3, 5)).astype(np.float32)
-    rotated = apply_rope(x, positions, layout=layout)
-    np.testing.assert_allclose(np.linalg.norm(rotated, axis=-1), np.linalg.norm(x, axis=-1),
-                               rtol=1e-5)
-    np.testing.assert_allclose(apply_rope(rotated, -positions, layout=layout), x, **TOL)
-
-
-@given(m=st.integers(-2000, 2000), n=st.integers(-2000, 2000), shift=st.integers(-2000, 2000))
-def test_relativity_integer_positions(m, n, shift):
-    rng = np.random.default_rng(abs(m) + 7 * abs(n))
-    q, k = randn(rng, 1, 2, 8), randn(rng, 1, 2, 8)
-    np.testing.assert_allclose(rope_dot(q, k, m + shift, n + shift, "interleaved"),
-                               rope_dot(q, k, m, n, "interleaved"), rtol=2e-3, atol=2e-3)
-
-
-# ---------------------------------------------------------------------------- N-D
-
-
-@pytest.mark.parametrize("layout", ["interleaved", "half"])
-@pytest.mark.parametrize(("axes", "d", "rotary_dim"), [(2, 8, None), (3, 14, 12), (2, 10, 8)])
-def test_apply_rope_nd_matches_block_rotation(rng, layout, axes, d, rotary_dim):
-    x = randn(rng, 2, 6, 2, d)
-    positions = rng.uniform(-20, 20, size=(2, 6, axes)).astype(np.float32)
-    got = apply_rope_nd(x, positions, layout=layout, rotary_dim=rotary_dim, base=100.0)
-    assert got.shape == x.shape and got.dtype == x.dtype
-    expected = rope_reference(x, positions, rotary_dim, layout, 100.0, nd=True)
-    np.testing.assert_allclose(got, expected, **TOL)
-
-
-def test_apply_rope_nd_one_axis_is_apply_rope(rng):
-    x = randn(rng, 2, 5, 3, 8)
-    positions = rng.integers(0, 50, size=(2, 5)).astype(np.int32)
-    np.testing.assert_allclose(apply_rope_nd(x, positions[..., None], layout="half"),
-                               apply_rope(x, positions, layout="half"), rtol=1e-6, atol=1e-6)
-
-
-def test_apply_rope_nd_relativity_on_a_grid(rng):
-    # Image patches at (row, col): scores depend only on the 2-D offset.
-    q, k = randn(rng, 1, 2, 16), randn(rng, 1, 2, 16)
-
-    def score(pq, pk):
-        rq = apply_rope_nd(q, jnp.asarray([pq], jnp.int32))
-        rk = apply_rope_nd(k, jnp.asarray([pk], jnp.int32))
-        return np.sum(np.asarray(rq, np.float64) * np.asarray(rk, np.float64), axis=-1)
-
-    for _ in range(4):
-        pq, pk, shift = (rng.integers(0, 32, size=2) for _ in range(3))
-        np.testing.assert_allclose(score(pq + shift, pk + shift), score(pq, pk),
-                                   rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(score(np.zeros(2, int), pk - pq), score(pq, pk),
-                                   rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------- transforms
@@ -270,6 +316,13 @@ def test_rope_errors_name_the_argument():
         apply_rope(x, sin_cos=rope_sin_cos(np.arange(5), 6))
     with pytest.raises(ValueError, match=r"`base` must be a finite number greater than 1; got 1.0"):
         apply_rope(x, base=1.0)
+    for bad in (-1, 3, -5, 1.0, True):
+        with pytest.raises(ValueError, match=r"`seq_axis` must"):
+            apply_rope(x, seq_axis=bad)
+    with pytest.raises(ValueError, match=r"`seq_axis` must name an axis .* got -1"):
+        apply_rope_nd(x, np.zeros((5, 2), np.int32), seq_axis=-1)
+    with pytest.raises(ValueError, match=r"`positions` .* does not broadcast .*x.shape\[:seq_axis"):
+        apply_rope(x, np.arange(5), seq_axis=-2)  # [b, n, h, d] read as [b, n, h] + d: n = 3
     with pytest.raises(ValueError, match=r"`positions` must have at least 2 axes"):
         apply_rope_nd(x, np.arange(5))
     with pytest.raises(ValueError, match=r"divisible by 2k = 6"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,7 +101,7 @@ def test_weight_decay_alone_shrinks_by_rho_t(rng):
         u, state = tx.update(zero, state, p)
         expected = jax.tree.map(lambda x, t=t: x * (1 - alpha0**2 / (2 * q) * decay(t)), p)
         p = optax.apply_updates(p, u)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p, expected)
+        chex.assert_trees_all_close(p, expected, rtol=1e-6)
 
 
 def test_weight_decay_mask_and_constant_rate(rng):
@@ -114,17 +115,33 @@ def test_weight_decay_mask_and_constant_rate(rng):
 
 
 def test_amos_style_works_in_multisteps_and_apply_if_finite(rng):
+    """A NaN gradient between two accumulations is skipped; the rest is plain MultiSteps."""
     params = _random_tree(rng)
-    tx = optax.apply_if_finite(optax.MultiSteps(
-        optim.amos_style(0.1, direction="factored", sigma_fn=_sigma_fn, half_life=10),
-        every_k_schedule=2), max_consecutive_errors=2)
-    state = tx.init(params)
-    p = params
-    for _ in range(4):
-        u, state = jax.jit(tx.update)(_random_tree(rng), state, p)
-        p = optax.apply_updates(p, u)
-    assert int(state.inner_state.gradient_step) == 2
-    moved = {k: float(jnp.linalg.norm(p[k] - params[k])) for k in p}
+
+    def multisteps():
+        return optax.MultiSteps(
+            optim.amos_style(0.1, direction="factored", sigma_fn=_sigma_fn, half_life=10),
+            every_k_schedule=2)
+
+    guarded = optax.apply_if_finite(multisteps(), max_consecutive_errors=2)
+    plain = multisteps()
+    finite = [_random_tree(rng) for _ in range(4)]
+    bad = dict(finite[0], kernel=finite[0]["kernel"].at[2, 3].set(jnp.nan),
+               scalar=jnp.asarray(jnp.inf, jnp.float32))
+    p1, s1 = params, guarded.init(params)
+    for grads in (finite[0], finite[1], bad, finite[2], finite[3]):
+        u, s1 = jax.jit(guarded.update)(grads, s1, p1)
+        p1 = optax.apply_updates(p1, u)
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(p1))
+    p2, s2 = params, plain.init(params)
+    for grads in finite:
+        u, s2 = jax.jit(plain.update)(grads, s2, p2)
+        p2 = optax.apply_updates(p2, u)
+    assert int(s1.total_notfinite) == 1 and int(s1.notfinite_count) == 0
+    assert int(s1.inner_state.gradient_step) == int(s2.gradient_step) == 2
+    # The guarded steps run under a `where`: compare at float32 resolution.
+    chex.assert_trees_all_close(p1, p2, rtol=1e-6, atol=1e-7)
+    moved = {k: float(jnp.linalg.norm(p1[k] - params[k])) for k in p1}
     assert all(value > 0 for value in moved.values()), moved
 
 

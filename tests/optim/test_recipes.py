@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
@@ -50,9 +50,7 @@ def test_default_recipe_equals_the_chain_built_by_hand(name, rng):
              for _ in range(5)]
     got = _run(optim.make_optimizer(name, num_steps=200, initial_params=params), params, grads)
     want = _run(_by_hand(name, params, 200), params, grads)
-    for a, b in zip(got, want, strict=True):
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(got, want)
 
 
 def test_clip_norm_clips_before_the_optimizer(rng):
@@ -63,8 +61,7 @@ def test_clip_norm_clips_before_the_optimizer(rng):
     want = _run(optax.chain(optax.clip_by_global_norm(1.0),
                             optax.adamw(optax.constant_schedule(1e-3), b1=0.9, b2=0.98,
                                         eps=1e-8, weight_decay=0.01)), params, grads)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(got, want)
 
 
 def test_defaults_are_the_recipe_signatures():
