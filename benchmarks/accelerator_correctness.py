@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import inspect
 import math
 import shutil
 import tempfile
@@ -313,13 +312,8 @@ def run_checks(checks: list[OpCheck]) -> list[jax.Array]:
 
 
 def decoded_spans(logits: jax.Array) -> np.ndarray:
-    """`ops.decode_spans(logits)` as sorted rows `(example, type, start, end)`.
-
-    Reads either form of the op: host rows `[num_spans, 4]`, or the jit-safe
-    `(spans [..., max_spans, 3] padded with −1, scores, count)` with `max_spans` a
-    keyword (then jitted here, with room for every span, and `count` checked)."""
-    if "max_spans" not in inspect.signature(ops.decode_spans).parameters:
-        return np.asarray(ops.decode_spans(logits), np.int64)
+    """`ops.decode_spans(logits)` (jitted, with room for every span, `count` checked) as
+    sorted rows `(example, type, start, end)`."""
     types, n = logits.shape[-3], logits.shape[-1]
     room = types * n * n
     spans, _, count = jax.jit(functools.partial(ops.decode_spans, max_spans=room))(logits)
