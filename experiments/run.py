@@ -29,13 +29,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from experiments.config import config_keys
-from kexue import models, optim, tasks
+from kexue import models, optim, saved, tasks
 from kexue.data import DataConfig, DataIterator, DatasetMetadata, make_dataset
 from kexue.parallel import make_mesh
 from kexue.train import LoopConfig, TrainResult, cpu_compiler_options, train_loop
 
 __all__ = ["Run", "build", "check_against_mesh", "make_task", "mesh_from", "model_spec",
-           "optimizer", "print_sample", "sample_text", "train"]
+           "optimizer", "print_sample", "sample_text", "save_model_info", "train"]
 
 
 def mesh_from(config: ml_collections.ConfigDict) -> Mesh:
@@ -173,7 +173,12 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Run:
 
 def train(run: Run, workdir: str | os.PathLike, *,
           log: Callable[[str], None] | None = None) -> TrainResult:
-    """`kexue.train.train_loop` on `run` in `workdir` (resumes from its checkpoints)."""
+    """`kexue.train.train_loop` on `run` in `workdir` (resumes from its checkpoints).
+
+    First writes `<workdir>/model.json` and the tokenizer's vocabulary
+    (`kexue.saved.save_model_info`), which `kexue.load` reads back.
+    """
+    save_model_info(run, workdir)
     extra = {} if log is None else {"log": log}
     return train_loop(model_factory=run.model_factory, loss_fn=run.task.loss, tx=run.tx,
                       train_data=run.train_data, mesh=run.mesh, config=run.loop,
@@ -181,6 +186,16 @@ def train(run: Run, workdir: str | os.PathLike, *,
                       eval_stats=run.task.eval_stats, finalize=run.task.finalize,
                       tokens_in=run.task.tokens_in, compiler_options=run.compiler_options,
                       **extra)
+
+
+def save_model_info(run: Run, workdir: str | os.PathLike) -> None:
+    """What `kexue.load` needs to rebuild the model of `run` (see `kexue.saved`)."""
+    metadata = run.train_data.metadata
+    names = (run.task.class_names if isinstance(run.task, tasks.MultiLabelTask)
+             else metadata.type_names)
+    saved.save_model_info(workdir, spec=run.spec, kind=run.data.task, task=run.task,
+                          tokenizer=run.train_data.tokenizer, seq_len=run.data.seq_len,
+                          type_names=tuple(names), data=dataclasses.asdict(run.data))
 
 
 def sample_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:

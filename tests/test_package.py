@@ -41,6 +41,31 @@ def test_import_ops_stays_light():
     assert result.stdout.strip() == "", f"import kexue.ops pulled in: {result.stdout.strip()}"
 
 
+@pytest.mark.parametrize("modules, absent", [
+    # models and tasks need the core install only (jax, flax, optax, chex, ml_collections)
+    ("kexue.models, kexue.tasks", ["orbax", "tensorflow_datasets", "grain", "tensorflow",
+                                   "tensorboardX", "matplotlib"]),
+    # a trained model loads without the data pipeline (the `train` extra, no `data`)
+    ("kexue.saved", ["tensorflow_datasets", "grain", "tensorflow", "matplotlib"]),
+])
+def test_models_tasks_and_load_skip_the_data_pipeline(modules, absent):
+    code = (
+        f"import sys, {modules}\n"
+        f"heavy = [m for m in {absent!r} if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    result = _run(["-c", code])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"import {modules} pulled in: {result.stdout.strip()}"
+
+
+def test_kexue_load_is_exported_lazily():
+    result = _run(["-c", "import sys, kexue; assert 'kexue.saved' not in sys.modules; "
+                         "from kexue import load; print(load.__module__)"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "kexue.saved"
+
+
 @pytest.mark.parametrize("name", OPS_PUBLIC)
 def test_ops_exports(name):
     import kexue.ops

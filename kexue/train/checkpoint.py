@@ -10,7 +10,8 @@
 Each checkpoint is one step directory of an `ocp.CheckpointManager` with three items:
 `state` (the `TrainState` arrays: params, model state, optimizer state, step, PRNG
 key, non-finite counters; `StandardSave`, tensorstore/OCDBT), `data` (every
-process's data-iterator state, JSON) and `meta` (step and layout, JSON). Nothing is
+process's data-iterator state, JSON) and `meta` (step, layout, the metrics saved with
+it and the `best_metric` / `best_mode` ranking them, JSON). Nothing is
 pickled and restoring never runs code from the checkpoint.
 
 Saves are asynchronous: `save` returns once the arrays are copied off the devices,
@@ -185,6 +186,7 @@ class Checkpointer:
             raise ValueError(f"`best_mode` must be 'min' or 'max', got {best_mode!r}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.best_metric = best_metric
+        self.best_mode = best_mode
         self.log = log
         self.saved_steps: list[int] = []
         self._pending: list[int] = []
@@ -225,10 +227,13 @@ class Checkpointer:
         data_states = _gather_json(_encode_data_state(data_state))
         if step in self._manager.all_steps():
             return False
-        meta = {"format": _FORMAT_VERSION, "step": step, "process_count": jax.process_count(),
-                "time": time.time()}
         metrics = None if metrics is None else {
             name: float(value) for name, value in metrics.items()}
+        # The metrics and the ranking go into `meta` as well: readers pick the best step
+        # from the files alone (`kexue.saved.resolve_step`).
+        meta = {"format": _FORMAT_VERSION, "step": step, "process_count": jax.process_count(),
+                "time": time.time(), "metrics": metrics, "best_metric": self.best_metric,
+                "best_mode": self.best_mode}
         try:
             self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_state_tree(state)),

@@ -1,0 +1,113 @@
+"""`kexue.load`: a trained model back from its workdir, parameters only, onto one device.
+
+The runs are in-process smoke runs of `configs/lm_stdlib.py` on a two-file corpus in a
+temporary directory (a build of seconds), trained by `experiments.run.train` exactly
+as `experiments.train` does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import kexue
+from experiments import config as experiment_config
+from experiments import run as experiment_run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_corpus(directory: Path, files: int = 2, lines: int = 200) -> str:
+    """`files` small text files of numbered lines; returns their glob."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(files):
+        text = "".join(f"def f{index}_{i}(x):\n    return x + {i}\n" for i in range(lines))
+        (directory / f"part{index}.txt").write_text(text)
+    return str(directory / "*.txt")
+
+
+def train_lm(workdir: Path, data_dir: Path, pattern: str, **overrides):
+    config = experiment_config.load(str(ROOT / "configs/lm_stdlib.py"), preset="smoke",
+                                    overrides={
+        "data.pattern": pattern, "data.data_dir": str(data_dir), "train.num_steps": 2,
+        "train.eval_every": 1, "train.checkpoint_every": 1, "train.log_every": 1,
+        "train.tensorboard": False, "train.async_checkpointing": False,
+        "eval.sample_tokens": 0, **overrides})
+    experiment_config.check(config)
+    run = experiment_run.build(config)
+    experiment_config.save(config, str(workdir))  # as experiments.train does
+    result = experiment_run.train(run, workdir, log=lambda message: None)
+    return run, result
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    """Two steps on the 2x2x2 mesh of the eight CPU devices, a checkpoint at each."""
+    tmp = tmp_path_factory.mktemp("load")
+    pattern = write_corpus(tmp / "corpus")
+    workdir = tmp / "run"
+    run, result = train_lm(workdir, tmp / "tfds", pattern, **{
+        "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    return workdir, run, result
+
+
+def test_load_restores_a_2x2x2_checkpoint_onto_one_device(sharded_run):
+    workdir, run, result = sharded_run
+    trained_params = jax.tree.leaves(result.state.params)
+    assert max(len(leaf.sharding.device_set) for leaf in trained_params) == 8
+    assert any(not leaf.sharding.is_fully_replicated for leaf in trained_params)
+
+    trained = kexue.load(workdir)
+    assert trained.step == 2 and trained.kind == "lm" and trained.spec == run.spec
+    loaded = jax.tree.leaves(nnx.state(trained.model, nnx.Param))
+    assert len(loaded) == len(trained_params)
+    for leaf in loaded:
+        assert leaf.sharding.device_set == {jax.devices()[0]}
+    for ours, theirs in zip(loaded, trained_params, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    tokens = trained.tokenizer.encode("def f(x):\n    return x")[None, :]
+    np.testing.assert_allclose(np.asarray(trained.model(tokens)),
+                               np.asarray(result.state.model()(tokens)), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_load_reads_the_settings_and_the_tokenizer_back(sharded_run):
+    workdir, run, _ = sharded_run
+    trained = kexue.load(workdir, step=1)
+    assert trained.step == 1 and trained.seq_len == run.data.seq_len
+    assert trained.tokenizer.vocab_size == run.spec.transformer.vocab_size == 261
+    assert trained.task == run.task
+    assert trained.config["data"]["pattern"] == run.config.data.pattern
+    saved = json.loads((workdir / "model.json").read_text())
+    assert saved["model"] == run.spec.settings()
+
+
+def test_best_step_is_the_lowest_eval_loss_of_metrics_jsonl(sharded_run):
+    workdir, _, _ = sharded_run
+    evals = [record for record in map(json.loads, (workdir / "metrics.jsonl").open())
+             if record["split"] == "eval"]
+    lowest = min(evals, key=lambda record: (record["loss"], record["step"]))["step"]
+    assert kexue.load(workdir, step="best").step == lowest
+
+
+@pytest.mark.parametrize("step, message", [
+    (7, "`step`: expected one of the saved steps [1, 2], 'latest' or 'best'; got 7"),
+    ("first", "`step`: expected one of the saved steps [1, 2]"),
+])
+def test_unknown_step_names_the_saved_ones(sharded_run, step, message):
+    workdir, _, _ = sharded_run
+    with pytest.raises(ValueError, match=re.escape(message)):
+        kexue.load(workdir, step=step)
+
+
+def test_a_directory_that_is_not_a_run_is_named(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        kexue.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match=re.escape("model.json not found")):
+        kexue.load(tmp_path)
