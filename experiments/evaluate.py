@@ -1,13 +1,15 @@
-"""Re-evaluate the newest checkpoint of a training run with the config saved in its workdir.
+"""Re-evaluate a checkpoint of a training run with the config saved in its workdir.
 
-    python -m experiments.evaluate --workdir runs/lm_stdlib
+    python -m experiments.evaluate --workdir runs/lm_stdlib [--step 200 | --best]
 
 Reads `<workdir>/config.json` (written by `experiments.train`), rebuilds the mesh,
 data, model, task and optimizer state layout from it (`experiments.run`), restores
-the newest readable checkpoint, runs the same evaluation as training does, prints
-the metrics and writes them to `<workdir>/evaluate.json`. For a language model it
-also prints the greedy sample. `--mesh=data,fsdp,tensor` evaluates on another mesh
-shape (checkpoints restore onto any shape).
+the newest readable checkpoint (or `--step N`, or `--best`: the best by the run's
+`train.best_metric`), runs the same evaluation as training does, prints the metrics
+and writes them to `<workdir>/evaluate.json`. For a language model it also prints the
+greedy sample. `--mesh=data,fsdp,tensor` evaluates on another mesh shape
+(checkpoints restore onto any shape). A missing workdir or checkpoint, or a bad flag,
+is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ from kexue.parallel import initialize_distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of experiments.train.")
 _MESH = flags.DEFINE_list("mesh", None, "Mesh sizes data,fsdp,tensor (default: as trained).")
+_STEP = flags.DEFINE_string("step", None, "Checkpoint step to evaluate: a number, 'latest' "
+                            "(the default) or 'best'.")
+_BEST = flags.DEFINE_bool("best", False, "Evaluate the best checkpoint (by train.best_metric).")
 flags.mark_flag_as_required("workdir")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
@@ -34,26 +44,32 @@ def main(argv: list[str]) -> None:
 
     from experiments import config as experiment_config
     from experiments import run as experiment_run
+    from kexue.saved import resolve_step
     from kexue.train import Checkpointer, abstract_train_state, evaluate, make_eval_step
 
     workdir = os.path.abspath(_WORKDIR.value)
-    config = experiment_config.load_saved(workdir)
-    if _MESH.value:
-        sizes = [int(size) for size in _MESH.value]
-        if len(sizes) != 3:
-            raise app.UsageError(f"--mesh takes three sizes data,fsdp,tensor; got {sizes}")
-        config.mesh.update(dict(zip(("data", "fsdp", "tensor"), sizes, strict=True)))
-    experiment_config.check(config)
-    run = experiment_run.build(config)
+    if _BEST.value and _STEP.value not in (None, "best"):
+        _fail(f"--best and --step={_STEP.value} name different checkpoints; give one")
+    try:
+        config = experiment_config.load_saved(workdir)
+        if _MESH.value:
+            sizes = [int(size) for size in _MESH.value]
+            if len(sizes) != 3:
+                raise ValueError(f"--mesh takes three sizes data,fsdp,tensor; got {sizes}")
+            config.mesh.update(dict(zip(("data", "fsdp", "tensor"), sizes, strict=True)))
+        requested = "best" if _BEST.value else _STEP.value
+        step = resolve_step(os.path.join(workdir, "checkpoints"), requested)
+        experiment_config.check(config)
+        run = experiment_run.build(config)
+    except (ValueError, TypeError, KeyError) as error:
+        _fail(str(error))
     abstract = abstract_train_state(run.model_factory, run.tx, run.mesh, seed=run.loop.seed)
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
-        restored = checkpoints.restore_latest(abstract)
+        restored = (checkpoints.restore_latest(abstract) if requested in (None, "latest")
+                    else checkpoints.restore(step, abstract))
     finally:
         checkpoints.close()
-    if restored is None:
-        print(f"no checkpoint in {workdir}/checkpoints", file=sys.stderr)
-        sys.exit(1)
     eval_step = make_eval_step(run.task.eval_stats, abstract, run.mesh)
     metrics = evaluate(eval_step, restored.state, run.eval_data(), run.mesh, run.task.finalize)
     if info.process_index != 0:
