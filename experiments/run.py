@@ -35,7 +35,8 @@ from kexue.parallel import make_mesh
 from kexue.train import LoopConfig, TrainResult, cpu_compiler_options, train_loop
 
 __all__ = ["Run", "build", "check_against_mesh", "make_task", "mesh_from", "model_spec",
-           "optimizer", "print_sample", "sample_text", "save_model_info", "train"]
+           "optimizer", "print_sample", "prompt_ids", "sample_text", "save_model_info",
+           "stream_text", "train"]
 
 
 def mesh_from(config: ml_collections.ConfigDict) -> Mesh:
@@ -198,17 +199,56 @@ def save_model_info(run: Run, workdir: str | os.PathLike) -> None:
                           type_names=tuple(names), data=dataclasses.asdict(run.data))
 
 
+def prompt_ids(tokenizer: Any, prompt: str) -> np.ndarray:
+    """int32 `[1, n]`: the tokens of `prompt`; an empty prompt is `<eos>` alone (the
+    separator before every training document, so the model starts a new one)."""
+    ids = np.asarray(tokenizer.encode(prompt), np.int32)
+    if ids.size == 0:
+        ids = np.array([tokenizer.eos_id], np.int32)
+    return ids[None, :]
+
+
+def stream_text(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int,
+                rng: jax.Array | None = None, temperature: float = 0.0,
+                top_k: int | None = None, top_p: float | None = None) -> Iterator[str]:
+    """The continuation of `prompt` by a `CausalLM`, as text pieces while it is drawn.
+
+    Tokens come from `model.stream` (same arguments); generation stops at `<eos>`
+    (the end of a training document). A piece is yielded once it decodes to whole
+    characters (a byte tokenizer may need several bytes for one), so the pieces
+    joined are the decoded continuation.
+    """
+    ids: list[int] = []
+    shown = ""
+    tokens = model.stream(jnp.asarray(prompt_ids(tokenizer, prompt)),
+                          max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
+                          top_k=top_k, top_p=top_p)
+    for token in tokens:
+        token = int(np.asarray(token)[0])
+        if token == tokenizer.eos_id:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids).rstrip("\ufffd")  # an incomplete character waits
+        if len(text) > len(shown) and text.startswith(shown):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(ids)
+    if text != shown:
+        yield text[len(shown):] if text.startswith(shown) else text
+
+
 def sample_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
     """Greedy continuation of `prompt` by a `CausalLM`, decoded by `tokenizer`."""
-    ids = np.asarray(tokenizer.encode(prompt), np.int32)[None, :]
-    out = model.generate(jnp.asarray(ids), max_new_tokens=max_new_tokens)
-    return tokenizer.decode(np.asarray(out[0, ids.shape[1]:]))
+    return "".join(stream_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens))
 
 
 def print_sample(config: ml_collections.ConfigDict, model: Any, tokenizer: Any) -> None:
-    """For LM configs with `eval.sample_tokens > 0`: print a greedy sample."""
+    """For LM configs with `eval.sample_tokens > 0`: print a greedy sample as it comes."""
     if config.data.task != "lm" or config.eval.get("sample_tokens", 0) <= 0:
         return
     prompt = config.eval.sample_prompt
-    text = sample_text(model, tokenizer, prompt, int(config.eval.sample_tokens))
-    print(f"sample (greedy) from {prompt!r}:\n{prompt}{text}", flush=True)
+    print(f"sample (greedy) from {prompt!r}:\n{prompt}", end="", flush=True)
+    for piece in stream_text(model, tokenizer, prompt,
+                             max_new_tokens=int(config.eval.sample_tokens)):
+        print(piece, end="", flush=True)
+    print(flush=True)
