@@ -118,6 +118,11 @@ def _batches(texts: Sequence[str], trained: Any, size: int) -> Iterator[dict[str
         yield {"tokens": tokens, "valid": valid, "offsets": offsets, "rows": len(chunk)}
 
 
+def _short(score: float) -> float:
+    """Six significant digits: short JSON that keeps the sign of the decision."""
+    return float(f"{score:.6g}")
+
+
 def ner_record(text: str, spans: Sequence[tuple[int, int, int, float]], offsets: np.ndarray,
                type_names: Sequence[str]) -> dict[str, Any]:
     """The CLUENER object of one text from its token spans `(type, start, end, score)`."""
@@ -127,7 +132,7 @@ def ner_record(text: str, spans: Sequence[tuple[int, int, int, float]], offsets:
         first, last = int(offsets[start][0]), int(offsets[end][1]) - 1
         name, entity = type_names[kind], text[first:last + 1]
         label.setdefault(name, {}).setdefault(entity, []).append([first, last])
-        scores.setdefault(name, {}).setdefault(entity, []).append(round(score, 4))
+        scores.setdefault(name, {}).setdefault(entity, []).append(_short(score))
     return {"text": text, "label": label, "scores": scores}
 
 
@@ -155,7 +160,7 @@ def predict(trained: Any, texts: Sequence[str], batch_size: int = 32) -> list[di
             scores = np.asarray(result, np.float32)
             out += [{"text": texts_here[r],
                      "labels": [names[c] for c in np.flatnonzero(scores[r] > 0)],
-                     "scores": {name: round(float(scores[r, c]), 4)
+                     "scores": {name: _short(float(scores[r, c]))
                                 for c, name in enumerate(names)}} for r in rows]
     return out
 

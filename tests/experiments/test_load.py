@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -17,33 +16,7 @@ import pytest
 from flax import nnx
 
 import kexue
-from experiments import config as experiment_config
-from experiments import run as experiment_run
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def write_corpus(directory: Path, files: int = 2, lines: int = 200) -> str:
-    """`files` small text files of numbered lines; returns their glob."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for index in range(files):
-        text = "".join(f"def f{index}_{i}(x):\n    return x + {i}\n" for i in range(lines))
-        (directory / f"part{index}.txt").write_text(text)
-    return str(directory / "*.txt")
-
-
-def train_lm(workdir: Path, data_dir: Path, pattern: str, **overrides):
-    config = experiment_config.load(str(ROOT / "configs/lm_stdlib.py"), preset="smoke",
-                                    overrides={
-        "data.pattern": pattern, "data.data_dir": str(data_dir), "train.num_steps": 2,
-        "train.eval_every": 1, "train.checkpoint_every": 1, "train.log_every": 1,
-        "train.tensorboard": False, "train.async_checkpointing": False,
-        "eval.sample_tokens": 0, **overrides})
-    experiment_config.check(config)
-    run = experiment_run.build(config)
-    experiment_config.save(config, str(workdir))  # as experiments.train does
-    result = experiment_run.train(run, workdir, log=lambda message: None)
-    return run, result
+from tests.experiments._runs import train_lm, write_corpus
 
 
 @pytest.fixture(scope="module")
