@@ -162,7 +162,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Run:
     check_against_mesh(config, mesh)
     with config_keys("data"):
         data = DataConfig.from_settings(config.data)
-    train_data = make_dataset(data, "train")
+    with config_keys("data"):
+        train_data = make_dataset(data, "train")
+        make_dataset(data, "eval")  # a missing held-out split fails here, before step 1
     spec = model_spec(config, train_data.metadata)
     task = make_task(config, train_data.metadata)
     loop = LoopConfig.from_settings(config.train)

@@ -33,7 +33,7 @@ _LAZY = {
                      "prediction_list"), "kexue.data.pipeline"),
     **dict.fromkeys(("default_cluener_dir", "load_catalog", "make_builder", "prepare"),
                     "kexue.data.sources"),
-    **dict.fromkeys(("TextFiles", "default_text_glob", "list_text_files",
+    **dict.fromkeys(("TextFiles", "default_text_glob", "held_out_start", "list_text_files",
                      "text_files_config"), "kexue.data.text_files"),
 }
 _SUBMODULES = ("cluener", "pipeline", "sources", "text_files")
@@ -72,6 +72,7 @@ __all__ = [
     "char_to_token_spans",
     "default_cluener_dir",
     "default_text_glob",
+    "held_out_start",
     "list_text_files",
     "load_catalog",
     "make_builder",

@@ -8,11 +8,14 @@ features that need TensorFlow to decode (rare in text datasets) are not supporte
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 from kexue.data.cluener import Cluener
 from kexue.data.text_files import DEFAULT_EXCLUDE, TextFiles, text_files_config
@@ -35,6 +38,29 @@ def default_cluener_dir() -> str | None:
     """`<repo>/../shared/data/cluener` if it holds `train.jsonl`, else None (download)."""
     path = os.path.normpath(os.path.join(repo_root(), "..", "shared", "data", "cluener"))
     return path if os.path.isfile(os.path.join(path, "train.jsonl")) else None
+
+
+#: TFDS log lines that mislead about kexue's own builders: a builder config made per
+#: corpus is not "custom", and a variant folder TFDS is about to fill lacks its info.
+_TFDS_NOISE = ("Using custom data configuration", "has no dataset_info.json")
+
+
+class _DropTfdsNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in _TFDS_NOISE)
+
+
+@contextlib.contextmanager
+def quiet_tfds() -> Iterator[None]:
+    """Drops `_TFDS_NOISE` from the absl logger (TFDS logs there) inside the block."""
+    noise = _DropTfdsNoise()
+    logger = absl_logging.get_absl_logger()
+    logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        logger.removeFilter(noise)
 
 
 def make_builder(
@@ -60,10 +86,12 @@ def make_builder(
         config = text_files_config(pattern, exclude=exclude, eval_fraction=eval_fraction)
         # TFDS wants the registered object itself when the name is a registered config.
         config = TextFiles.builder_configs.get(config.name, config)
-        return TextFiles(config=config, data_dir=data_dir, file_format="array_record")
+        with quiet_tfds():
+            return TextFiles(config=config, data_dir=data_dir, file_format="array_record")
     if name == "cluener":
         config = "skip_bad_records" if skip_bad_records else "strict"
-        return Cluener(config=config, data_dir=data_dir, file_format="array_record")
+        with quiet_tfds():
+            return Cluener(config=config, data_dir=data_dir, file_format="array_record")
     return tfds.builder(name, data_dir=data_dir, file_format="array_record")
 
 
@@ -80,14 +108,16 @@ def prepare(
     """
     if manual_dir is not None and not os.path.isdir(manual_dir):
         raise FileNotFoundError(f"manual_dir {manual_dir!r} is not a directory")
-    if builder.is_prepared():
-        return builder
+    with quiet_tfds():
+        if builder.is_prepared():
+            return builder
     if not download:
         raise FileNotFoundError(
             f"{builder.name} is not built under {builder.data_dir} and download=False"
         )
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    builder.download_and_prepare(download_config=download_config)
+    with quiet_tfds():
+        builder.download_and_prepare(download_config=download_config)
     return builder
 
 

@@ -3,9 +3,11 @@
 Each file becomes one example `{"path": relative path, "content": raw bytes}`. Files
 are split into `train` and `validation` by a hash of their path relative to the
 glob's root, so the held-out files are the same on every machine that has them and
-do not move when other files are added. The builder config's name is derived from
-the glob, the exclusions and the eval fraction, so different corpora never share a
-cache directory.
+do not move when other files are added. A glob that matches a single file holds out
+the file's tail instead: its last `eval_fraction` of bytes, from the start of the
+line holding that point (`held_out_start`), is the `validation` example and the rest
+the `train` one. The builder config's name is derived from the glob, the exclusions
+and the eval fraction, so different corpora never share a cache directory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import fnmatch
 import glob as globlib
 import hashlib
 import json
+import math
 import os
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -27,6 +30,7 @@ __all__ = [
     "TextFiles",
     "TextFilesConfig",
     "default_text_glob",
+    "held_out_start",
     "list_text_files",
     "text_files_config",
 ]
@@ -95,6 +99,22 @@ def list_text_files(
             for split, entries in splits.items()}
 
 
+def held_out_start(content: bytes, eval_fraction: float) -> int:
+    """Where the held-out tail of a single-file corpus starts, a byte offset.
+
+    The tail is the last `ceil(eval_fraction · size)` bytes, extended back to the
+    start of the line holding its first byte (no line is split), unless that line is
+    the first: then the cut stays at the byte. `eval_fraction = 0` holds out nothing
+    (returns `size`).
+    """
+    size = len(content)
+    target = size - math.ceil(eval_fraction * size)
+    if target >= size:
+        return size
+    line_start = content.rfind(b"\n", 0, target) + 1
+    return line_start if line_start > 0 else target
+
+
 @dataclasses.dataclass(eq=False)
 class TextFilesConfig(tfds.core.BuilderConfig):
     """Which files: `pattern` (glob), `exclude` (fnmatch on path parts), `eval_fraction`."""
@@ -133,8 +153,11 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     # Set here because TFDS 4.9.10 otherwise infers it with `importlib_resources`, a
     # package it imports but does not require (tensorflow/datasets#11212).
     code_path = epath.Path(__file__)
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Raw bytes per file, train/validation split by path hash."}  # noqa: RUF012
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {  # noqa: RUF012
+        "1.0.0": "Raw bytes per file, train/validation split by path hash.",
+        "1.1.0": "A single file is split by bytes: its tail is held out.",
+    }
     # The default: the standard library of the interpreter that imported this module.
     BUILDER_CONFIGS = [text_files_config()]  # noqa: RUF012 (TFDS reads this class attribute)
 
@@ -156,6 +179,9 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
                                  eval_fraction=config.eval_fraction)
         self.info.metadata["pattern"] = config.pattern
         self.info.metadata["empty_files"] = {}
+        files = splits["train"] + splits["validation"]
+        if len(files) == 1:
+            return self._split_one_file(*files[0])
         # TFDS cannot write a split without examples, and empty files yield none: a
         # split whose files are all empty is left out (reading it then names it as
         # missing); without training text there is nothing to build.
@@ -170,6 +196,38 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
             self.info.metadata["empty_files"][split] = len(files) - len(nonempty[split])
         return {split: self._generate_examples(files)
                 for split, files in nonempty.items() if files}
+
+    def _split_one_file(self, relative: str, path: str) -> dict:
+        """The single file's head as `train`, its tail (`held_out_start`) as `validation`."""
+        with open(path, "rb") as f:
+            content = f.read()
+        cut = held_out_start(content, self.builder_config.eval_fraction)
+        if cut == 0:
+            raise ValueError(f"no training text in {self.builder_config.pattern!r}: the file "
+                             f"is empty or wholly held out (eval_fraction="
+                             f"{self.builder_config.eval_fraction})")
+        self.info.metadata["held_out_bytes"] = [cut, len(content)]
+        parts = {"train": content[:cut], "validation": content[cut:]}
+        self.info.metadata["empty_files"] = {split: int(not part)
+                                             for split, part in parts.items()}
+        name = os.fsencode(relative)
+        return {split: iter([(f"{name.decode('utf-8', 'backslashreplace')}:{split}",
+                              {"path": name, "content": part})])
+                for split, part in parts.items() if part}
+
+    def _log_download_bytes(self) -> None:
+        """TFDS would announce a download; local files are only read."""
+        config = self.builder_config
+        print(f"[kexue.data] building text_files from {config.pattern} "
+              f"({config.eval_fraction:.0%} held out) into {self.data_dir}", flush=True)
+
+    def _log_download_done(self) -> None:
+        splits = {name: info.num_examples for name, info in self.info.splits.items()}
+        held = self.info.metadata.get("held_out_bytes")
+        detail = (f"one file of {held[1]:,} bytes, the last {held[1] - held[0]:,} held out"
+                  if held
+                  else ", ".join(f"{n} {name} file(s)" for name, n in sorted(splits.items())))
+        print(f"[kexue.data] text_files built ({detail})", flush=True)
 
     def _generate_examples(self, files: list[tuple[str, str]]) -> Iterator[tuple[str, dict]]:
         for relative, path in files:

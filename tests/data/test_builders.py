@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import textwrap
 
 import pytest
 
-from kexue.data import list_text_files, make_builder, prepare, text_files_config
+from kexue.data import held_out_start, list_text_files, make_builder, prepare, text_files_config
 from kexue.data.text_files import _eval_score
 
 
@@ -94,3 +95,36 @@ def test_builders_work_without_importing_tensorflow(text_corpus, tmp_path, reque
                             cwd=os.getcwd(), timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def held_out_reference(lines: list[bytes], fraction: float) -> int:
+    """The last line start at or before byte `size - ceil(fraction · size)`, else that byte."""
+    size = sum(len(line) for line in lines)
+    target = size - math.ceil(fraction * size)
+    if target >= size:
+        return size
+    starts = [sum(len(line) for line in lines[:i]) for i in range(len(lines))]
+    start = max(s for s in starts if s <= target)
+    return start if start > 0 else target
+
+
+def test_held_out_start_is_the_line_start_before_the_tail(rng):
+    lines = [b"x" * int(n) + b"\n" for n in rng.integers(0, 30, size=int(rng.integers(5, 40)))]
+    content = b"".join(lines)
+    for fraction in (float(rng.uniform(0.01, 0.5)), 0.0, 0.999):
+        cut = held_out_start(content, fraction)
+        assert cut == held_out_reference(lines, fraction), fraction
+        assert len(content) - cut >= math.ceil(fraction * len(content))
+    assert held_out_start(b"one line without a newline", 0.5) == 13
+
+
+def test_a_single_file_is_split_by_bytes(tmp_path):
+    text = b"".join(f"line {i}\n".encode() for i in range(100))
+    (tmp_path / "only.txt").write_bytes(text)
+    builder = prepare(make_builder("text_files", str(tmp_path / "tfds"),
+                                   pattern=str(tmp_path / "only.txt"), eval_fraction=0.1))
+    train = builder.as_data_source("train")
+    held = builder.as_data_source("validation")
+    assert len(train) == len(held) == 1
+    head, tail = train[0]["content"], held[0]["content"]
+    assert head + tail == text and len(tail) >= 0.1 * len(text) and tail.startswith(b"line ")
