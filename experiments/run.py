@@ -34,9 +34,9 @@ from kexue.data import DataConfig, DataIterator, DatasetMetadata, make_dataset
 from kexue.parallel import make_mesh
 from kexue.train import LoopConfig, TrainResult, cpu_compiler_options, train_loop
 
-__all__ = ["Run", "build", "check_against_mesh", "make_task", "mesh_from", "model_spec",
-           "optimizer", "print_sample", "prompt_ids", "sample_text", "save_model_info",
-           "stream_text", "train"]
+__all__ = ["Run", "build", "check_against_mesh", "learning_rate", "make_task", "mesh_from",
+           "model_spec", "optimizer", "print_sample", "prompt_ids", "sample_text",
+           "save_model_info", "stream_text", "train"]
 
 
 def mesh_from(config: ml_collections.ConfigDict) -> Mesh:
@@ -143,6 +143,15 @@ class Run:
         return cpu_compiler_options(self.mesh, remat=self.spec.transformer.remat != "none")
 
 
+def learning_rate(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    """The global rate of `config.optimizer` by update count (`optim.learning_rate_schedule`)."""
+    name = config.optimizer.name
+    section = "amos" if name == "amos_factored" else name
+    with config_keys(f"optimizer.{section}"):
+        return optim.learning_rate_schedule(name, config.optimizer[section].to_dict(),
+                                            num_steps=num_steps)
+
+
 def optimizer(config: ml_collections.ConfigDict, model_factory: Callable[[], nnx.Module],
               num_steps: int) -> optax.GradientTransformation:
     """`config.optimizer` as an Optax transformation (η / σ read off the init)."""
@@ -188,7 +197,7 @@ def train(run: Run, workdir: str | os.PathLike, *,
                       workdir=os.fspath(workdir), eval_data=run.eval_data,
                       eval_stats=run.task.eval_stats, finalize=run.task.finalize,
                       tokens_in=run.task.tokens_in, compiler_options=run.compiler_options,
-                      **extra)
+                      learning_rate=learning_rate(run.config, run.loop.num_steps), **extra)
 
 
 def save_model_info(run: Run, workdir: str | os.PathLike) -> None:

@@ -67,6 +67,7 @@ def main(argv: list[str]) -> None:
                              "e.g. `--config configs/lm_stdlib.py:smoke`; got "
                              f"--config.preset={overrides['preset']}")
         config = _CONFIG.value
+        experiment_config.check_overrides(config, overrides)
         experiment_config.check(config)
         run = experiment_run.build(config)
     except (ValueError, TypeError, KeyError, AttributeError) as error:

@@ -13,6 +13,12 @@ parameters equal those of an uninterrupted run bit for bit on CPU.
 
 `workdir` receives `checkpoints/`, `metrics.jsonl`, `tensorboard/` and, when the
 last step is reached, `final_metrics.json`.
+
+Each train record holds the interval's mean `loss`, aux metrics, `grad_norm` and
+`relative_update` (`‖Δθ‖ / ‖θ‖`, the step size taken, for any optimizer), the
+`learning_rate` of the last update when a schedule is given, and `tokens_per_s` /
+`steps_per_s` over training time only: the first step's compilation, evaluations and
+checkpoint saves are left out (the compilation time is logged once).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from jax.sharding import Mesh
 from kexue.ops._checks import check_int
 from kexue.parallel import DEFAULT_RULES, LogicalRules, host_local_to_global
 from kexue.train.checkpoint import Checkpointer
-from kexue.train.metrics import MetricWriter, ProgressBar, scalars
+from kexue.train.metrics import MetricWriter, ProgressBar, format_duration, format_number, scalars
 from kexue.train.preemption import PreemptionGuard
 from kexue.train.state import TrainState, abstract_train_state, create_train_state
 from kexue.train.steps import LossFn, StatsFn, loss_stats, make_eval_step, make_train_step
@@ -261,7 +267,8 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
                rules: LogicalRules = DEFAULT_RULES,
                tokens_in: Callable[[Any], int] = count_tokens,
                log: Callable[[str], None] = _log,
-               compiler_options: Mapping[str, Any] | None = None) -> TrainResult:
+               compiler_options: Mapping[str, Any] | None = None,
+               learning_rate: Callable[[int], Any] | None = None) -> TrainResult:
     """Trains `model_factory()`'s model with `tx` on `train_data`, resuming from `workdir`.
 
     Args:
@@ -284,6 +291,9 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
       tokens_in: tokens in one host batch, for tokens/s (default `count_tokens`).
       log: receives one-line messages.
       compiler_options: XLA options of the train step (`cpu_compiler_options`).
+      learning_rate: the optimizer's global rate by update count (0: the first
+        update), e.g. `kexue.optim.learning_rate_schedule`; the record of step `s`
+        logs `learning_rate(s − 1)`, the rate of its last update.
 
     Returns:
       A `TrainResult`; `preempted` is True if SIGTERM/SIGINT stopped the run after
@@ -323,7 +333,10 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
     eval_metrics: dict[str, float] = {}
     preempted = False
     step = start
-    tokens, clock = 0, time.perf_counter()
+    # Throughput counts training time only: `paused` collects the first step's
+    # compilation, evaluations and checkpoint saves of the current log interval.
+    tokens, steps_timed, paused = 0, 0, 0.0
+    clock = time.perf_counter()
     started = clock
 
     def report(message: str) -> None:
@@ -340,33 +353,49 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
             while step < config.num_steps:
                 host_batch = next(train_data)
                 tokens += tokens_in(host_batch) * jax.process_count()
+                dispatched = time.perf_counter()
                 state, metrics = train_step(state, host_local_to_global(host_batch, mesh))
+                if step == start:  # the first call compiles the step before dispatching it
+                    compiled = time.perf_counter() - dispatched
+                    paused += compiled
+                    report(f"train step compiled in {format_duration(compiled)}")
                 step += 1
+                steps_timed += 1
                 tracker.push(step, metrics)
                 tracker.fetch(keep_last=True)
                 last = step == config.num_steps
                 if step % config.log_every == 0 or last:
                     tracker.fetch(keep_last=False)
                     now = time.perf_counter()
+                    seconds = max(now - clock - paused, 1e-9)
                     train_metrics = tracker.summary()
-                    train_metrics["tokens_per_s"] = tokens / max(now - clock, 1e-9)
-                    tokens, clock = 0, now
+                    if learning_rate is not None:
+                        train_metrics["learning_rate"] = float(learning_rate(step - 1))
+                    train_metrics["tokens_per_s"] = tokens / seconds
+                    train_metrics["steps_per_s"] = steps_timed / seconds
+                    tokens, steps_timed, paused, clock = 0, 0, 0.0, now
                     writer.write(step, train_metrics, prefix="train")
                     bar.update(step, **{"loss": train_metrics["loss"],
-                                        "tokens/s": train_metrics["tokens_per_s"]})
+                                        "tokens/s": train_metrics["tokens_per_s"],
+                                        "steps/s": train_metrics["steps_per_s"]})
                 evaluated = None
                 if eval_data is not None and (
                         last or (config.eval_every and step % config.eval_every == 0)):
+                    tracker.fetch(keep_last=False)  # the steps so far count as training
+                    began = time.perf_counter()
                     evaluated = eval_metrics = evaluate(eval_step, state, eval_data(), mesh,
                                                         finalize)
+                    paused += time.perf_counter() - began
                     writer.write(step, eval_metrics, prefix="eval")
                     report(f"step {step} eval " + " ".join(
-                        f"{name} {value:.4g}" for name, value in eval_metrics.items()))
+                        f"{name} {format_number(value)}" for name, value in eval_metrics.items()))
                 preempted = guard.should_stop(step)
                 if preempted or last or step % config.checkpoint_every == 0:
                     tracker.fetch(keep_last=False)
+                    began = time.perf_counter()
                     checkpoints.save(state, data_state=train_data.get_state(),
                                      metrics=evaluated)
+                    paused += time.perf_counter() - began
                 checkpoints.poll()
                 if preempted:
                     if tracker.interval:  # steps since the last record
