@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import kexue
-from tests.experiments._runs import train_lm, write_corpus
+from tests.experiments._runs import run_cli, train_lm, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,33 @@ def test_a_directory_that_is_not_a_run_is_named(tmp_path):
         kexue.load(tmp_path / "missing")
     with pytest.raises(ValueError, match=re.escape("model.json not found")):
         kexue.load(tmp_path)
+
+
+def test_evaluate_cli_reevaluates_a_chosen_step_on_another_mesh(sharded_run):
+    workdir, _, _ = sharded_run
+    result = run_cli("experiments.evaluate", "--workdir", str(workdir), "--step", "1",
+                     "--mesh", "1,1,1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((workdir / "evaluate.json").read_text())
+    logged = next(r for r in map(json.loads, (workdir / "metrics.jsonl").open())
+                  if r["split"] == "eval" and r["step"] == 1)
+    assert again["step"] == 1
+    assert again["eval"]["loss"] == pytest.approx(logged["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--step", "9"), "error: `step`: expected one of the saved steps [1, 2], 'latest' or "
+                      "'best'; got 9\n"),
+    (("--best", "--step", "1"), "error: --best and --step=1 name different checkpoints"),
+])
+def test_evaluate_cli_names_a_bad_step_in_one_line(sharded_run, args, message):
+    workdir, _, _ = sharded_run
+    result = run_cli("experiments.evaluate", "--workdir", str(workdir), *args)
+    assert result.returncode == 2 and result.stderr.startswith(message), result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_cli_names_a_missing_workdir(tmp_path):
+    result = run_cli("experiments.evaluate", "--workdir", str(tmp_path / "nope"))
+    assert result.returncode == 2
+    assert result.stderr == f"error: workdir '{tmp_path / 'nope'}' not found\n"
