@@ -1,6 +1,6 @@
 # Two commands on a fresh machine with Python 3.11:
 #   make run    creates .venv, installs kexue, trains the main job (configs/lm_stdlib.py)
-#   make test   creates .venv, installs kexue[test], runs the test suite
+#   make test   creates .venv, installs kexue[all,test], runs the test suite
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e '.[all,test,bench]'
 	touch $@
 
 # Trains (or resumes) the byte-level LM on the stdlib; prints eval bits/byte and a sample.

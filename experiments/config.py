@@ -50,8 +50,8 @@ from kexue.parallel import MESH_AXES
 from kexue.tasks import LOSSES, POSITIONS
 from kexue.train import LoopConfig, WorkdirError, read_json, write_json_atomic
 
-__all__ = ["CONFIG_FILE", "INIT_FROM_MODELS", "TASK_KEYS", "check", "config_keys",
-           "data_settings", "load", "load_saved", "model_settings", "save"]
+__all__ = ["CONFIG_FILE", "INIT_FROM_MODELS", "TASK_KEYS", "check", "check_overrides",
+           "config_keys", "data_settings", "load", "load_saved", "model_settings", "save"]
 
 CONFIG_FILE = "config.json"
 TOP_KEYS = ("preset", "seed", "data", "model", "optimizer", "train", "mesh", "objective",
@@ -270,6 +270,27 @@ def _check_finite(tree: Mapping[str, Any], prefix: str) -> None:
         elif isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"config key `{prefix}{key}`: expected a finite number; "
                              f"got {value!r}")
+
+
+def check_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
+    """Overrides (flat `"a.b.c"` keys, e.g. from the command line) that would be ignored
+    are errors: the config holds every optimizer's section, and only the one of
+    `optimizer.name` is read.
+
+    Raises:
+      ValueError: naming the ignored keys and the section that is read.
+    """
+    name = config.optimizer.get("name")
+    used = "amos" if name == "amos_factored" else name
+    ignored = sorted(key for key in overrides
+                     if key.split(".")[0] == "optimizer" and len(key.split(".")) > 2
+                     and key.split(".")[1] in OPTIMIZERS and key.split(".")[1] != used)
+    if ignored:
+        raise ValueError(
+            f"config key `{ignored[0]}`: optimizer.name is {name!r}, which reads "
+            f"`optimizer.{used}` only, so {', '.join(ignored)} would be ignored; choose "
+            f"that optimizer with --config.optimizer.name={ignored[0].split('.')[1]} "
+            "or drop the setting")
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:

@@ -1,20 +1,22 @@
-"""Re-evaluate the newest checkpoint of a training run with the config saved in its workdir.
+"""Evaluate a checkpoint of a training run.
 
-    python -m experiments.evaluate --workdir runs/lm_stdlib [--output=PATH]
+    python -m experiments.evaluate --workdir runs/lm_stdlib [--step 200 | --best] [--output=PATH]
 
 Reads `<workdir>/config.json` (written by `experiments.train`), rebuilds the mesh,
 data, model, task and optimizer state layout from it (`experiments.run`), restores
-the newest readable checkpoint, runs the same evaluation as training does, prints
-the metrics and writes them to `--output` (default `<workdir>/evaluate.json`; `-`:
-print only). For a language model it also prints the greedy sample.
-`--mesh=data,fsdp,tensor` evaluates on another mesh shape (checkpoints restore onto
-any shape).
+the newest readable checkpoint (or `--step N`, or `--best`: the best by the run's
+`train.best_metric`), runs the same evaluation as training does, prints the metrics
+and writes them to `--output` (default `<workdir>/evaluate.json`; `-`: print only).
+For a language model it also prints the greedy sample. `--mesh=data,fsdp,tensor`
+evaluates on another mesh shape (checkpoints restore onto any shape).
 
 The checkpoints are opened read-only (`Checkpointer(read_only=True)`): evaluating a
 run while it trains never disturbs the trainer, and a checkpoint that the trainer
 deletes while it is read is skipped for the previous one. A read-only workdir is fine
-(the metrics are printed; the default output is skipped with a note). A failure ends
-in one `error:` line (`--verbosity=1` prints the traceback).
+(the metrics are printed; the default output is skipped with a note). A bad flag, a
+missing workdir or an unknown step is one line on stderr and exit status 2; a failure
+while evaluating ends in one `error:` line and exit status 1 (`--verbosity=1` prints
+the traceback).
 """
 
 from __future__ import annotations
@@ -30,9 +32,17 @@ from kexue.train import OPERATOR_ERRORS, report_failure
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of experiments.train.")
 _MESH = flags.DEFINE_list("mesh", None, "Mesh sizes data,fsdp,tensor (default: as trained).")
+_STEP = flags.DEFINE_string("step", None, "Checkpoint step to evaluate: a number, 'latest' "
+                            "(the default) or 'best'.")
+_BEST = flags.DEFINE_bool("best", False, "Evaluate the best checkpoint (by train.best_metric).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the metrics (JSON); default "
                               "<workdir>/evaluate.json, `-` to only print them.")
 flags.mark_flag_as_required("workdir")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def _writable(path: str) -> bool:
@@ -56,6 +66,7 @@ def main(argv: list[str]) -> None:
 def _evaluate(info) -> None:
     from experiments import config as experiment_config
     from experiments import run as experiment_run
+    from kexue.saved import resolve_step
     from kexue.train import (
         Checkpointer,
         abstract_train_state,
@@ -65,13 +76,23 @@ def _evaluate(info) -> None:
         write_json_atomic,
     )
 
+    if _BEST.value and _STEP.value not in (None, "best"):
+        _fail(f"--best and --step={_STEP.value} name different checkpoints; give one")
+    if not os.path.isdir(_WORKDIR.value):
+        _fail(f"workdir {os.path.abspath(_WORKDIR.value)!r} not found")
     workdir = check_workdir(_WORKDIR.value, writable=False)
-    config = experiment_config.load_saved(workdir)
-    if _MESH.value:
-        sizes = [int(size) for size in _MESH.value]
-        if len(sizes) != 3:
-            raise app.UsageError(f"--mesh takes three sizes data,fsdp,tensor; got {sizes}")
-        config.mesh.update(dict(zip(("data", "fsdp", "tensor"), sizes, strict=True)))
+    requested = "best" if _BEST.value else _STEP.value
+    try:
+        config = experiment_config.load_saved(workdir)
+        if _MESH.value:
+            sizes = [int(size) for size in _MESH.value]
+            if len(sizes) != 3:
+                raise ValueError(f"--mesh takes three sizes data,fsdp,tensor; got {sizes}")
+            config.mesh.update(dict(zip(("data", "fsdp", "tensor"), sizes, strict=True)))
+        step = resolve_step(os.path.join(workdir, "checkpoints"), requested)
+        experiment_config.check(config)
+    except (ValueError, TypeError, KeyError) as error:
+        _fail(str(error))
     # Where the metrics go, settled before the evaluation runs.
     output = _OUTPUT.value or os.path.join(workdir, "evaluate.json")
     if output == "-":
@@ -83,12 +104,12 @@ def _evaluate(info) -> None:
         print(f"note: {workdir} is not writable; the metrics are only printed (pass "
               "--output=PATH to write them elsewhere)", file=sys.stderr, flush=True)
         output = None
-    experiment_config.check(config)
     run = experiment_run.build(config)
     abstract = abstract_train_state(run.model_factory, run.tx, run.mesh, seed=run.loop.seed)
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     try:
-        restored = checkpoints.restore_latest(abstract)
+        restored = (checkpoints.restore_latest(abstract) if requested in (None, "latest")
+                    else checkpoints.restore(step, abstract))
     finally:
         checkpoints.close()
     if restored is None:

@@ -36,14 +36,15 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from experiments.config import config_keys, data_settings, model_settings
-from kexue import models, optim, tasks
+from kexue import models, optim, saved, tasks
 from kexue.data import DataConfig, DataIterator, DatasetMetadata, make_dataset
 from kexue.parallel import make_mesh
 from kexue.train import LoopConfig, TrainResult, cpu_compiler_options, train_loop
 
-__all__ = ["Run", "build", "check_against_mesh", "init_from_pretrained", "make_task",
-           "mesh_from", "model_spec", "optimizer", "pretrained_checkpoint", "print_sample",
-           "sample_text", "train"]
+__all__ = ["Run", "build", "check_against_mesh", "init_from_pretrained", "learning_rate",
+           "make_task", "mesh_from", "model_spec", "optimizer", "pretrained_checkpoint",
+           "print_sample", "prompt_ids", "sample_text", "save_model_info", "stream_text",
+           "train"]
 
 
 def mesh_from(config: ml_collections.ConfigDict) -> Mesh:
@@ -184,6 +185,15 @@ class Run:
         return cpu_compiler_options(self.mesh, remat=self.spec.transformer.remat != "none")
 
 
+def learning_rate(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    """The global rate of `config.optimizer` by update count (`optim.learning_rate_schedule`)."""
+    name = config.optimizer.name
+    section = "amos" if name == "amos_factored" else name
+    with config_keys(f"optimizer.{section}"):
+        return optim.learning_rate_schedule(name, config.optimizer[section].to_dict(),
+                                            num_steps=num_steps)
+
+
 def optimizer(config: ml_collections.ConfigDict, model_factory: Callable[[], nnx.Module],
               num_steps: int) -> optax.GradientTransformation:
     """`config.optimizer` as an Optax transformation (η / σ read off the init)."""
@@ -204,7 +214,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Run:
     checkpoint = pretrained_checkpoint(config)
     with config_keys("data"):
         data = DataConfig.from_settings(data_settings(config))
-    train_data = make_dataset(data, "train")
+    with config_keys("data"):
+        train_data = make_dataset(data, "train")
+        make_dataset(data, "eval")  # a missing held-out split fails here, before step 1
     spec = model_spec(config, train_data.metadata, checkpoint)
     task = make_task(config, train_data.metadata)
     loop = LoopConfig.from_settings(config.train)
@@ -240,7 +252,12 @@ def init_from_pretrained(checkpoint: models.PretrainedCheckpoint,
 def train(run: Run, workdir: str | os.PathLike, *,
           log: Callable[[str], None] | None = None) -> TrainResult:
     """`kexue.train.train_loop` on `run` in `workdir` (resumes from its checkpoints; a
-    run that starts from step 0 sets the encoder from `run.pretrained`)."""
+    run that starts from step 0 sets the encoder from `run.pretrained`).
+
+    First writes `<workdir>/model.json` and the tokenizer's vocabulary
+    (`kexue.saved.save_model_info`), which `kexue.load` reads back.
+    """
+    save_model_info(run, workdir)
     extra = {} if log is None else {"log": log}
     init_params = (None if run.pretrained is None
                    else init_from_pretrained(run.pretrained, log or _print))
@@ -249,20 +266,70 @@ def train(run: Run, workdir: str | os.PathLike, *,
                       workdir=os.fspath(workdir), eval_data=run.eval_data,
                       eval_stats=run.task.eval_stats, finalize=run.task.finalize,
                       tokens_in=run.task.tokens_in, compiler_options=run.compiler_options,
-                      init_params=init_params, **extra)
+                      init_params=init_params,
+                      learning_rate=learning_rate(run.config, run.loop.num_steps), **extra)
+
+
+def save_model_info(run: Run, workdir: str | os.PathLike) -> None:
+    """What `kexue.load` needs to rebuild the model of `run` (see `kexue.saved`)."""
+    metadata = run.train_data.metadata
+    names = (run.task.class_names if isinstance(run.task, tasks.MultiLabelTask)
+             else metadata.type_names)
+    saved.save_model_info(workdir, spec=run.spec, kind=run.data.task, task=run.task,
+                          tokenizer=run.train_data.tokenizer, seq_len=run.data.seq_len,
+                          type_names=tuple(names), data=dataclasses.asdict(run.data))
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> np.ndarray:
+    """int32 `[1, n]`: the tokens of `prompt`; an empty prompt is `<eos>` alone (the
+    separator before every training document, so the model starts a new one)."""
+    ids = np.asarray(tokenizer.encode(prompt), np.int32)
+    if ids.size == 0:
+        ids = np.array([tokenizer.eos_id], np.int32)
+    return ids[None, :]
+
+
+def stream_text(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int,
+                rng: jax.Array | None = None, temperature: float = 0.0,
+                top_k: int | None = None, top_p: float | None = None) -> Iterator[str]:
+    """The continuation of `prompt` by a `CausalLM`, as text pieces while it is drawn.
+
+    Tokens come from `model.stream` (same arguments); generation stops at `<eos>`
+    (the end of a training document). A piece is yielded once it decodes to whole
+    characters (a byte tokenizer may need several bytes for one), so the pieces
+    joined are the decoded continuation.
+    """
+    ids: list[int] = []
+    shown = ""
+    tokens = model.stream(jnp.asarray(prompt_ids(tokenizer, prompt)),
+                          max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
+                          top_k=top_k, top_p=top_p)
+    for token in tokens:
+        token = int(np.asarray(token)[0])
+        if token == tokenizer.eos_id:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids).rstrip("\ufffd")  # an incomplete character waits
+        if len(text) > len(shown) and text.startswith(shown):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(ids)
+    if text != shown:
+        yield text[len(shown):] if text.startswith(shown) else text
 
 
 def sample_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
     """Greedy continuation of `prompt` by a `CausalLM`, decoded by `tokenizer`."""
-    ids = np.asarray(tokenizer.encode(prompt), np.int32)[None, :]
-    out = model.generate(jnp.asarray(ids), max_new_tokens=max_new_tokens)
-    return tokenizer.decode(np.asarray(out[0, ids.shape[1]:]))
+    return "".join(stream_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens))
 
 
 def print_sample(config: ml_collections.ConfigDict, model: Any, tokenizer: Any) -> None:
-    """For LM configs with `eval.sample_tokens > 0`: print a greedy sample."""
+    """For LM configs with `eval.sample_tokens > 0`: print a greedy sample as it comes."""
     if config.data.task != "lm" or config.eval.get("sample_tokens", 0) <= 0:
         return
     prompt = config.eval.sample_prompt
-    text = sample_text(model, tokenizer, prompt, int(config.eval.sample_tokens))
-    print(f"sample (greedy) from {prompt!r}:\n{prompt}{text}", flush=True)
+    print(f"sample (greedy) from {prompt!r}:\n{prompt}", end="", flush=True)
+    for piece in stream_text(model, tokenizer, prompt,
+                             max_new_tokens=int(config.eval.sample_tokens)):
+        print(piece, end="", flush=True)
+    print(flush=True)

@@ -84,6 +84,7 @@ def _train(info, started: list[str]) -> None:
                              "e.g. `--config configs/lm_stdlib.py:smoke`; got "
                              f"--config.preset={overrides['preset']}")
         config = _CONFIG.value
+        experiment_config.check_overrides(config, overrides)
         experiment_config.check(config)
         mesh = experiment_run.mesh_from(config)
         experiment_run.check_against_mesh(config, mesh)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
 import subprocess
@@ -39,6 +40,49 @@ def test_import_ops_stays_light():
     result = _run(["-c", code])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"import kexue.ops pulled in: {result.stdout.strip()}"
+
+
+@pytest.mark.parametrize("modules, absent", [
+    # models and tasks need the core install only (jax, flax, optax, chex, ml_collections)
+    ("kexue.models, kexue.tasks", ["orbax", "tensorflow_datasets", "grain", "tensorflow",
+                                   "tensorboardX", "matplotlib"]),
+    # a trained model loads without the data pipeline (the `train` extra, no `data`)
+    ("kexue.saved", ["tensorflow_datasets", "grain", "tensorflow", "matplotlib"]),
+])
+def test_models_tasks_and_load_skip_the_data_pipeline(modules, absent):
+    code = (
+        f"import sys, {modules}\n"
+        f"heavy = [m for m in {absent!r} if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    result = _run(["-c", code])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"import {modules} pulled in: {result.stdout.strip()}"
+
+
+def _requirements(text: str) -> set[str]:
+    return {re.split(r"[<>=\[ ]", line.strip())[0].lower().replace("_", "-")
+            for line in text.splitlines() if line.strip()}
+
+
+def test_the_install_extras_split_as_the_readme_says():
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    core = _requirements(parser["options"]["install_requires"])
+    extras = {name: _requirements(value)
+              for name, value in parser["options.extras_require"].items()}
+    assert core == {"jax", "flax", "optax", "chex", "ml-collections", "absl-py", "numpy"}
+    assert {"tensorflow-datasets", "grain", "array-record"} <= extras["data"]
+    assert extras["train"] == {"orbax-checkpoint", "tensorboardx"}
+    assert extras["all"] == extras["data"] | extras["train"] | extras["plots"]
+    assert "matplotlib" not in core | extras["data"] | extras["train"]
+
+
+def test_kexue_load_is_exported_lazily():
+    result = _run(["-c", "import sys, kexue; assert 'kexue.saved' not in sys.modules; "
+                         "from kexue import load; print(load.__module__)"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "kexue.saved"
 
 
 @pytest.mark.parametrize("name", OPS_PUBLIC)

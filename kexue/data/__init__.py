@@ -18,34 +18,42 @@
   masking, NER examples with their gold span rows.
 """
 
-from kexue.data.cluener import (
-    CLUENER_TYPES,
-    CLUENER_URL,
-    Cluener,
-    MalformedRecordError,
-    cluener_config,
-    cluener_files,
-    parse_cluener_line,
-    read_cluener_file,
-)
-from kexue.data.pipeline import (
-    DATA_FIELDS,
-    TASKS,
-    TOKENIZERS,
-    DataConfig,
-    DataIterator,
-    DatasetMetadata,
-    make_dataset,
-    make_tokenizer,
-    mlm_mask,
-    ner_example,
-    prediction_list,
-    token_offsets,
-)
-from kexue.data.sources import default_cluener_dir, load_catalog, make_builder, prepare
-from kexue.data.text_files import TextFiles, default_text_glob, list_text_files, text_files_config
+import importlib
+from typing import Any
+
 from kexue.data.tokenizers import SPECIAL_TOKENS, ByteTokenizer, CharTokenizer, Tokenizer
 from kexue.data.wordpiece import WordPieceTokenizer, char_to_token_spans, token_to_char_spans
+
+# The TFDS / Grain modules load on first use, so the tokenizers (and `kexue.load`)
+# work without the `data` extra: name -> module.
+_LAZY = {
+    **dict.fromkeys(("CLUENER_TYPES", "CLUENER_URL", "Cluener", "MalformedRecordError",
+                     "cluener_config", "cluener_files", "parse_cluener_line",
+                     "read_cluener_file"), "kexue.data.cluener"),
+    **dict.fromkeys(("DATA_FIELDS", "TASKS", "TOKENIZERS", "DataConfig", "DataIterator",
+                     "DatasetMetadata", "make_dataset", "make_tokenizer", "mlm_mask", "ner_example",
+                     "prediction_list", "token_offsets"), "kexue.data.pipeline"),
+    **dict.fromkeys(("default_cluener_dir", "load_catalog", "make_builder", "prepare"),
+                    "kexue.data.sources"),
+    **dict.fromkeys(("TextFiles", "default_text_glob", "held_out_start", "list_text_files",
+                     "text_files_config"), "kexue.data.text_files"),
+}
+_SUBMODULES = ("cluener", "pipeline", "sources", "text_files")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"kexue.data.{name}")
+    raise AttributeError(f"module 'kexue.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})
+
 
 __all__ = [
     "CLUENER_TYPES",
@@ -69,6 +77,7 @@ __all__ = [
     "cluener_files",
     "default_cluener_dir",
     "default_text_glob",
+    "held_out_start",
     "list_text_files",
     "load_catalog",
     "make_builder",

@@ -301,8 +301,10 @@ class Cluener(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
         try:
             directory = os.fspath(dl_manager.manual_dir)
+            self._source = "the JSON lines of manual_dir"
         except AssertionError:
             directory = os.fspath(dl_manager.download_and_extract(CLUENER_URL))
+            self._source = f"the official download, {CLUENER_URL}"
         files = cluener_files(directory)
         fingerprint = self.builder_config.fingerprint
         if fingerprint and _files_digest(files) != fingerprint:
@@ -313,6 +315,16 @@ class Cluener(tfds.core.GeneratorBasedBuilder):
         self.info.metadata["skipped_records"] = {}
         self.info.metadata["max_spans"] = {}
         return {split: self._generate_examples(path, split) for split, path in files.items()}
+
+    def _log_download_bytes(self) -> None:
+        """TFDS would announce a download of unknown size even for local files."""
+        print(f"[kexue.data] building cluener into {self.data_dir}", flush=True)
+
+    def _log_download_done(self) -> None:
+        counts = ", ".join(f"{info.num_examples:,} {name}"
+                           for name, info in sorted(self.info.splits.items()))
+        print(f"[kexue.data] cluener built from {getattr(self, '_source', 'its files')} "
+              f"({counts})", flush=True)
 
     def _generate_examples(self, path: str, split: str) -> Iterator[tuple[str, dict]]:
         skipped = SkippedRecords()

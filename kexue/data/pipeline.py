@@ -821,6 +821,7 @@ def make_dataset(
                            eval_fraction=s.eval_fraction, skip_bad_records=s.skip_bad_records,
                            manual_dir=s.manual_dir, chunk_bytes=s.chunk_bytes)
     prepare(builder, manual_dir=s.manual_dir, download=s.download, rebuild=s.rebuild)
+    _check_split(builder, s, split_name, training)
     source = builder.as_data_source(split=split_name)
     text_key = s.text_key or ("content" if s.name == "text_files" else "text")
     tokenizer = make_tokenizer(
@@ -934,6 +935,22 @@ def make_dataset(
         num_batches=num_batches, skipped_records=skipped)
     return DataIterator(batches, metadata=metadata, tokenizer=tokenizer, finish=finish,
                         padding_row=padding_row)
+
+
+def _check_split(builder: Any, s: DataConfig, split_name: str, training: bool) -> None:
+    """ValueError saying what to change when the split to read does not exist."""
+    available = sorted(builder.info.splits.keys())
+    if split_name.split("[")[0] in available:
+        return
+    if s.name == "text_files" and not training:
+        raise ValueError(
+            f"`eval_fraction`: the held-out split ({split_name!r}) of "
+            f"{builder.builder_config.pattern!r} is empty with eval_fraction="
+            f"{s.eval_fraction}: raise eval_fraction (the share of files held out; of a "
+            "single file, the share of its bytes) or match more (non-empty) files with "
+            "`pattern`")
+    key = "train_split" if training else "eval_split"
+    raise ValueError(f"`{key}`: {s.name} has no split {split_name!r}; it has {available}")
 
 
 def _split_size(source: Any, max_examples: int) -> int:

@@ -17,14 +17,17 @@ raises `ConnectionError` naming `data.manual_dir` / `data.data_dir`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 import threading
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 from kexue.data.cluener import CLUENER_URL, Cluener, cluener_config
 from kexue.data.text_files import (
@@ -64,6 +67,29 @@ def default_cluener_dir() -> str | None:
     return None
 
 
+#: TFDS log lines that mislead about kexue's own builders: a builder config made per
+#: corpus is not "custom", and a variant folder TFDS is about to fill lacks its info.
+_TFDS_NOISE = ("Using custom data configuration", "has no dataset_info.json")
+
+
+class _DropTfdsNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in _TFDS_NOISE)
+
+
+@contextlib.contextmanager
+def quiet_tfds() -> Iterator[None]:
+    """Drops `_TFDS_NOISE` from the absl logger (TFDS logs there) inside the block."""
+    noise = _DropTfdsNoise()
+    logger = absl_logging.get_absl_logger()
+    logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        logger.removeFilter(noise)
+
+
 def make_builder(
     name: str,
     data_dir: str | None = None,
@@ -94,10 +120,12 @@ def make_builder(
     if name == "text_files":
         config = text_files_config(pattern, exclude=exclude, eval_fraction=eval_fraction,
                                    chunk_bytes=chunk_bytes)
-        return TextFiles(config=config, data_dir=data_dir, file_format="array_record")
+        with quiet_tfds():
+            return TextFiles(config=config, data_dir=data_dir, file_format="array_record")
     if name == "cluener":
         config = cluener_config(manual_dir, skip_bad_records=skip_bad_records)
-        return Cluener(config=config, data_dir=data_dir, file_format="array_record")
+        with quiet_tfds():
+            return Cluener(config=config, data_dir=data_dir, file_format="array_record")
     return tfds.builder(name, data_dir=data_dir, file_format="array_record")
 
 
@@ -199,8 +227,9 @@ def prepare(
     if manual_dir is not None and not os.path.isdir(manual_dir):
         raise FileNotFoundError(f"data.manual_dir={manual_dir} is not a directory")
     rebuild = rebuild and os.fspath(builder.data_dir) not in _REBUILT
-    if builder.is_prepared() and not rebuild:
-        return builder
+    with quiet_tfds():
+        if builder.is_prepared() and not rebuild:
+            return builder
     if not download:
         raise FileNotFoundError(
             f"{builder.name} is not built under {builder.data_dir} and download=False"
@@ -216,7 +245,8 @@ def prepare(
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if rebuild
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode)
-    builder.download_and_prepare(download_config=download_config)
+    with quiet_tfds():
+        builder.download_and_prepare(download_config=download_config)
     if rebuild:
         _REBUILT.add(os.fspath(builder.data_dir))
     return builder

@@ -7,7 +7,9 @@ and no element of an input pipeline, grows with the size of one file (the pipeli
 puts the parts back together in order, `kexue.data.pipeline`). Files are split into
 `train` and `validation` by a hash of their path relative to the glob's root, so the
 held-out files are the same on every machine that has them and do not move when other
-files are added.
+files are added. A glob that matches a single file holds out the file's tail instead:
+its last `eval_fraction` of bytes, from the start of the line holding that point
+(`held_out_start`), is the `validation` document and the rest the `train` one.
 
 The builder config's name is a hash of the glob, the exclusions, the eval fraction,
 `chunk_bytes` and the files it matches (relative path, size and modification time of
@@ -25,6 +27,7 @@ import glob as globlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -39,6 +42,7 @@ __all__ = [
     "TextFiles",
     "TextFilesConfig",
     "default_text_glob",
+    "held_out_start",
     "list_text_files",
     "text_files_config",
 ]
@@ -118,6 +122,40 @@ def files_fingerprint(splits: dict[str, list[tuple[str, str]]]) -> str:
     return hashlib.sha256(json.dumps(rows).encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def held_out_start(content: bytes, eval_fraction: float) -> int:
+    """Where the held-out tail of a single-file corpus starts, a byte offset.
+
+    The tail is the last `ceil(eval_fraction · size)` bytes, extended back to the
+    start of the line holding its first byte (no line is split), unless that line is
+    the first: then the cut stays at the byte. `eval_fraction = 0` holds out nothing
+    (returns `size`).
+    """
+    size = len(content)
+    target = size - math.ceil(eval_fraction * size)
+    if target >= size:
+        return size
+    line_start = content.rfind(b"\n", 0, target) + 1
+    return line_start if line_start > 0 else target
+
+
+def _held_out_cut(path: str, size: int, eval_fraction: float, block: int = 1 << 16) -> int:
+    """`held_out_start` of the file at `path`, reading backwards from the cut in blocks
+    (never the whole file)."""
+    target = size - math.ceil(eval_fraction * size)
+    if target >= size:
+        return size
+    with open(path, "rb") as file:
+        end = target
+        while end > 0:
+            start = max(0, end - block)
+            file.seek(start)
+            newline = file.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                return start + newline + 1
+            end = start
+    return target
+
+
 @dataclasses.dataclass(eq=False)
 class TextFilesConfig(tfds.core.BuilderConfig):
     """Which files: `pattern` (glob), `exclude` (fnmatch on path parts), `eval_fraction`;
@@ -157,12 +195,12 @@ def text_files_config(
     )
 
 
-def _cuts(path: str, size: int, chunk_bytes: int) -> list[int]:
-    """Offsets `0 = c_0 < c_1 < ... < c_k = size` with parts of at most `chunk_bytes`
+def _cuts(path: str, start: int, end: int, chunk_bytes: int) -> list[int]:
+    """Offsets `start = c_0 < c_1 < ... < c_k = end` with parts of at most `chunk_bytes`
     bytes, each cut moved back (at most 3 bytes) to the start of a UTF-8 character."""
-    cuts = [0]
+    cuts = [start]
     with open(path, "rb") as file:
-        while size - cuts[-1] > chunk_bytes:
+        while end - cuts[-1] > chunk_bytes:
             cut = cuts[-1] + chunk_bytes
             file.seek(cut - 3)
             window = file.read(4)  # bytes cut-3 .. cut
@@ -170,7 +208,7 @@ def _cuts(path: str, size: int, chunk_bytes: int) -> list[int]:
             while back < 3 and (window[3 - back] & 0xC0) == 0x80:  # a continuation byte
                 back += 1
             cuts.append(cut - back)
-    return [*cuts, size]
+    return [*cuts, end]
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder):
@@ -184,10 +222,11 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     # Set here because TFDS 4.9.10 otherwise infers it with `importlib_resources`, a
     # package it imports but does not require (tensorflow/datasets#11212).
     code_path = epath.Path(__file__)
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {  # noqa: RUF012
         "1.0.0": "Raw bytes per file, train/validation split by path hash.",
         "1.1.0": "Files longer than chunk_bytes stored in parts; names keyed on the files.",
+        "1.2.0": "A single file is split by bytes: its tail is held out.",
     }
     # No registered configs: every config names the files it was made from
     # (`text_files_config`), which are only known when it is made.
@@ -218,6 +257,9 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         self.info.metadata["chunk_bytes"] = config.chunk_bytes
         self.info.metadata["empty_files"] = {}
         self.info.metadata["multipart_documents"] = {}
+        files = splits["train"] + splits["validation"]
+        if len(files) == 1:
+            return self._split_one_file(*files[0])
         # TFDS cannot write a split without examples, and empty files yield none: a
         # split whose files are all empty is left out (reading it then names it as
         # missing); without training text there is nothing to build.
@@ -235,17 +277,54 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(files)
                 for split, files in nonempty.items() if files}
 
-    def _generate_examples(self, files: list[tuple[str, str]]) -> Iterator[tuple[str, dict]]:
+    def _split_one_file(self, relative: str, path: str) -> dict:
+        """The single file's head as `train`, its tail (`held_out_start`) as `validation`,
+        each a document in parts of at most `chunk_bytes`."""
+        config = self.builder_config
+        size = os.path.getsize(path)
+        cut = _held_out_cut(path, size, config.eval_fraction)
+        if cut == 0:
+            raise ValueError(f"no training text in {config.pattern!r}: the file is empty or "
+                             f"wholly held out (eval_fraction={config.eval_fraction})")
+        self.info.metadata["held_out_bytes"] = [cut, size]
+        ranges = {"train": (0, cut), "validation": (cut, size)}
+        self.info.metadata["empty_files"] = {split: int(start == end)
+                                             for split, (start, end) in ranges.items()}
+        self.info.metadata["multipart_documents"] = {
+            split: int(end - start > config.chunk_bytes) for split, (start, end) in ranges.items()}
+        return {split: self._generate_examples([(relative, path, start, end)], key_suffix=split)
+                for split, (start, end) in ranges.items() if end > start}
+
+    def _log_download_bytes(self) -> None:
+        """TFDS would announce a download; local files are only read."""
+        config = self.builder_config
+        print(f"[kexue.data] building text_files from {config.pattern} "
+              f"({config.eval_fraction:.0%} held out) into {self.data_dir}", flush=True)
+
+    def _log_download_done(self) -> None:
+        splits = {name: info.num_examples for name, info in self.info.splits.items()}
+        held = self.info.metadata.get("held_out_bytes")
+        detail = (f"one file of {held[1]:,} bytes, the last {held[1] - held[0]:,} held out"
+                  if held
+                  else ", ".join(f"{n} {name} file(s)" for name, n in sorted(splits.items())))
+        print(f"[kexue.data] text_files built ({detail})", flush=True)
+
+    def _generate_examples(self, files: list[tuple], key_suffix: str = ""
+                           ) -> Iterator[tuple[str, dict]]:
+        """Examples of `files`: `(relative, path)` for whole files, or `(relative, path,
+        start, end)` for a byte range of one."""
         # Part 0's key is the relative path (the record order TFDS derives from the
         # keys does not change for files that fit in one part); later parts append
         # NUL and the part number, which no path contains.
-        for relative, path in files:
+        for relative, path, *span in files:
+            start, end = span or (0, os.path.getsize(path))
             name = os.fsencode(relative)
             key = name.decode("utf-8", "backslashreplace")
-            cuts = _cuts(path, os.path.getsize(path), self.builder_config.chunk_bytes)
+            key = f"{key}:{key_suffix}" if key_suffix else key
+            cuts = _cuts(path, start, end, self.builder_config.chunk_bytes)
             with open(path, "rb") as f:
-                for part, (start, end) in enumerate(itertools.pairwise(cuts)):
-                    f.seek(start)
+                for part, (begin, stop) in enumerate(itertools.pairwise(cuts)):
+                    f.seek(begin)
                     yield (key if part == 0 else f"{key}\0{part}"), {
-                        "path": name, "content": f.read(end - start), "part": part,
+                        "path": name, "content": f.read(stop - begin), "part": part,
                         "parts": len(cuts) - 1}

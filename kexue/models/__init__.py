@@ -7,7 +7,8 @@
     models.count_params(model), models.flops_per_token(spec, seq_len=128)
 
 * `RoFormerEncoder`, `RoFormerMLM` — RoPE encoder (kexue.fm/archives/8265), MLM head.
-* `CausalLM` — decoder with a `KVCache`, `decode` and `generate`.
+* `CausalLM` — decoder with a `KVCache`, `decode`, `generate` and `stream`
+  (greedy, temperature, top-k and top-p sampling: `sample_logits`).
 * `GlobalPointerNER` — GlobalPointer / Efficient GlobalPointer span head, ZLPR loss.
 * `BIOTagger` — token-level softmax BIO tagging baseline on the same encoder.
 * `MultiLabelClassifier` — pooled encoder with a ZLPR multi-label head.
@@ -23,7 +24,7 @@ Parameters carry `out_sharding` logical names (`embed`, `heads`, `kv_heads`,
 creates a model directly in its sharded layout.
 """
 
-from kexue.models.causal_lm import CACHE_AXES, CausalLM, KVCache, sample_logits
+from kexue.models.causal_lm import CACHE_AXES, CausalLM, KVCache, check_sampling, sample_logits
 from kexue.models.config import TransformerConfig
 from kexue.models.factory import (
     MODEL_KEYS,
@@ -99,6 +100,7 @@ __all__ = [
     "bio_tags_from_spans",
     "build_model",
     "build_pretrained",
+    "check_sampling",
     "checkpoint_vocab_file",
     "count_params",
     "cross_entropy",

@@ -8,7 +8,7 @@
 
 Named optimizers from plain arguments, with their defaults in one place:
 `make_optimizer(name, settings, num_steps=..., initial_params=...)`,
-`optimizer_defaults(name)`.
+`optimizer_defaults(name)`, `learning_rate_schedule(name, settings, num_steps=...)`.
 
 Per-tensor hyper-parameters (`η`/`σ`, slot shapes) are rules of the parameter path
 and shape: `eta_fn_from_init`, `eta_fn_from_rules`, `shape_fn_from_rules`,
@@ -29,7 +29,12 @@ from kexue.optim.amos_style import (
     decoupled_weight_decay,
     normalize_updates,
 )
-from kexue.optim.recipes import OPTIMIZERS, make_optimizer, optimizer_defaults
+from kexue.optim.recipes import (
+    OPTIMIZERS,
+    learning_rate_schedule,
+    make_optimizer,
+    optimizer_defaults,
+)
 from kexue.optim.rules import (
     eta_fn_from_init,
     eta_fn_from_rules,
@@ -53,6 +58,7 @@ __all__ = [
     "decoupled_weight_decay",
     "eta_fn_from_init",
     "eta_fn_from_rules",
+    "learning_rate_schedule",
     "make_optimizer",
     "normalize_updates",
     "optimizer_defaults",

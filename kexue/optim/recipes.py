@@ -3,6 +3,8 @@
     tx = make_optimizer("amos", {"learning_rate": 0.1}, num_steps=400,
                         initial_params=params, clip_norm=1.0)
     optimizer_defaults("adamw")   # {"learning_rate": 0.001, "b1": 0.9, ...}
+    rate = learning_rate_schedule("adamw", {"learning_rate": 3e-3}, num_steps=400)
+    rate(0), rate(399)            # the global rate of the first and the last update
 
 Each recipe is a function whose keyword defaults are the recommended settings of that
 optimizer for kexue's models; `optimizer_defaults` reads them off the signature, so a
@@ -24,8 +26,10 @@ from kexue.ops._checks import check_number
 from kexue.optim.amos import amos
 from kexue.optim.amos_style import amos_style
 from kexue.optim.rules import eta_fn_from_init, reduce_largest_axes
+from kexue.optim.schedules import amos_decay_schedule
 
-__all__ = ["OPTIMIZERS", "RECIPES", "make_optimizer", "optimizer_defaults"]
+__all__ = ["OPTIMIZERS", "RECIPES", "learning_rate_schedule", "make_optimizer",
+           "optimizer_defaults"]
 
 #: Arguments a recipe receives from its caller rather than from its settings.
 _SUPPLIED = ("num_steps", "initial_params")
@@ -44,16 +48,22 @@ def adamw_recipe(learning_rate: float = 1e-3, *, num_steps: int, initial_params:
     (none when 0: the first step already takes the full rate), then constant or cosine
     decay to 0 at `num_steps`."""
     del initial_params
+    rate = _adamw_rate(learning_rate, num_steps, warmup_steps, schedule)
+    return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+def _adamw_rate(learning_rate: float, num_steps: int, warmup_steps: int,
+                schedule: str) -> optax.Schedule:
     _check_choice("schedule", schedule, ADAMW_SCHEDULES)
     warmup = int(warmup_steps)
     if schedule == "cosine":
-        rate = (optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup,
-                                                   max(num_steps, warmup + 1))
-                if warmup else optax.cosine_decay_schedule(learning_rate, max(num_steps, 1)))
-    else:
-        rate = (optax.linear_schedule(0.0, learning_rate, warmup) if warmup
-                else optax.constant_schedule(learning_rate))
-    return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+        if warmup:
+            return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup,
+                                                      max(num_steps, warmup + 1))
+        return optax.cosine_decay_schedule(learning_rate, max(num_steps, 1))
+    if warmup:
+        return optax.linear_schedule(0.0, learning_rate, warmup)
+    return optax.constant_schedule(learning_rate)
 
 
 def _amos(learning_rate: float, initial_params: Any, beta: float, zeta: float,
@@ -111,6 +121,45 @@ def optimizer_defaults(name: str) -> dict[str, Any]:
     return {key: parameter.default
             for key, parameter in inspect.signature(RECIPES[name]).parameters.items()
             if key not in _SUPPLIED and parameter.default is not inspect.Parameter.empty}
+
+
+def _constant_rate(settings: Mapping[str, Any], num_steps: int) -> optax.Schedule:
+    del num_steps
+    return optax.constant_schedule(settings["learning_rate"])
+
+
+#: name -> `(settings with defaults, num_steps) -> schedule` of the global rate.
+_RATES: dict[str, Callable[[Mapping[str, Any], int], optax.Schedule]] = {
+    "adamw": lambda s, num_steps: _adamw_rate(s["learning_rate"], num_steps,
+                                              s["warmup_steps"], s["schedule"]),
+    "amos": _constant_rate,
+    "amos_factored": _constant_rate,
+    "amos_style": lambda s, num_steps: amos_decay_schedule(
+        s["kind"], half_life=s["half_life"], warmup_steps=s["warmup_steps"],
+        init_value=s["learning_rate"]),
+}
+
+
+def learning_rate_schedule(name: str, settings: Mapping[str, Any] | None = None, *,
+                           num_steps: int) -> optax.Schedule:
+    """The global learning rate of optimizer `name`, by update count (0: the first update).
+
+    AdamW: the warm-up and cosine (or constant) schedule its recipe builds, `η_t`.
+    Amos and factored Amos: the global rate `ξ` (`learning_rate`), constant; each
+    tensor's own step `ξ η / (1 + ζ √α b)` then decays through its `b` slot, so no single
+    number is the step size (`kexue.train` logs the relative update `‖Δθ‖ / ‖θ‖` for
+    that). Amos-style: `α₀ · decay(t) · warmup(t)` (`amos_decay_schedule`), the factor
+    that scales both the normalised update and the weight decay (archive 9344).
+
+    Raises:
+      ValueError: an unknown name or setting, as `make_optimizer`.
+    """
+    defaults = optimizer_defaults(name)
+    unknown = sorted(set(settings or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"`settings` of optimizer {name!r}: unknown {unknown}; expected "
+                         f"keys among {sorted(defaults)}")
+    return _RATES[name]({**defaults, **(settings or {})}, num_steps)
 
 
 def make_optimizer(name: str, settings: Mapping[str, Any] | None = None, *, num_steps: int,

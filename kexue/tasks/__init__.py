@@ -19,7 +19,7 @@ from kexue.tasks.base import EVAL, Sums, Task, add_sums, eval_batches, ratio
 from kexue.tasks.lm import LMTask, split_windows
 from kexue.tasks.mlm import POSITIONS, MLMTask, random_equal_mean_positions
 from kexue.tasks.multilabel import LOSSES, MultiLabelTask
-from kexue.tasks.ner import NERTask, span_valid
+from kexue.tasks.ner import NERTask, scored_spans, span_valid
 
 __all__ = [
     "EVAL",
@@ -35,6 +35,7 @@ __all__ = [
     "eval_batches",
     "random_equal_mean_positions",
     "ratio",
+    "scored_spans",
     "span_valid",
     "split_windows",
 ]

@@ -96,3 +96,9 @@ class MultiLabelTask:
 
     def tokens_in(self, batch: Any) -> int:
         return int(np.sum(batch["valid"]))
+
+    def predict(self, model: Any, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+        """float32 class scores `[b, C]` of `tokens [b, n]` (`valid [b, n]`, the model in
+        eval mode); class `c` is predicted iff its score is > 0, the decision of both
+        losses (ZLPR by construction, sigmoid BCE at probability ½)."""
+        return model(tokens, valid=valid).astype(jnp.float32)

@@ -19,6 +19,9 @@ ones; they stay in the gold set and count as misses) are reported too.
 
 `rdrop_alpha = α > 0` (GlobalPointer only) trains with R-Drop: two dropout passes and
 `model.rdrop_loss` (kexue.fm/archives/8496, 9039).
+
+Prediction: `NERTask.predict` gives the chosen spans and their scores as arrays
+(jit-safe), `scored_spans` lists them per sentence on the host.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from kexue.models import bio_tags_from_spans
 from kexue.ops._checks import check_int, check_number
 from kexue.tasks.base import EVAL, Sums, ratio
 
-__all__ = ["NERTask", "span_valid"]
+__all__ = ["NERTask", "scored_spans", "span_valid"]
 
 
 def _is_tagger(model: Any) -> bool:
@@ -133,3 +136,39 @@ class NERTask:
 
     def tokens_in(self, batch: Any) -> int:
         return int(np.sum(batch["valid"]))
+
+    def predict(self, model: Any, tokens: jax.Array, valid: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+        """The predicted spans of `tokens [b, n]` (`valid [b, n]`, the model in eval mode).
+
+        Returns `(chosen, scores)`, bool and float32 `[b, types, n, n]`: entry
+        `(α, i, j)` is chosen iff span `i … j` (end inclusive) is predicted an entity of
+        type `α`. GlobalPointer: chosen iff its logit `s_α(i, j) > 0`, the ZLPR
+        decision (kexue.fm/archives/8373), and the score is that logit. BIO tagger:
+        chosen iff the arg-max tags decode to the span (`bio_span_scores`), and the
+        score is the geometric mean of those tags' probabilities,
+        `exp(mean_{k=i..j} log p(tag_k))`, in (0, 1].
+        """
+        logits = model(tokens, valid=valid)
+        if not _is_tagger(model):
+            return logits > 0, logits
+        chosen = model.span_scores(logits, valid=valid) > 0
+        log_probs = jnp.max(jax.nn.log_softmax(logits, axis=-1), axis=-1)  # arg-max tag
+        through = jnp.cumsum(log_probs, axis=-1)                             # Σ_{k ≤ j}
+        before = through - log_probs                                         # Σ_{k < i}
+        n = tokens.shape[1]
+        length = jnp.maximum(jnp.arange(n)[None, :] - jnp.arange(n)[:, None] + 1, 1)
+        mean = (through[:, None, :] - before[:, :, None]) / length          # [b, i, j]
+        scores = jnp.broadcast_to(jnp.exp(mean)[:, None], chosen.shape)
+        return chosen, jnp.where(chosen, scores, 0.0)
+
+
+def scored_spans(chosen: Any, scores: Any) -> list[list[tuple[int, int, int, float]]]:
+    """Per sentence, the rows `(type, start, end, score)` where `chosen [b, types, n, n]`
+    is True (from `NERTask.predict`), sorted by `(start, end, type)`; runs on the host."""
+    chosen = np.asarray(jax.device_get(chosen), bool)
+    scores = np.asarray(jax.device_get(scores), np.float32)
+    rows: list[list[tuple[int, int, int, float]]] = [[] for _ in range(chosen.shape[0])]
+    for b, kind, start, end in np.argwhere(chosen):
+        rows[b].append((int(kind), int(start), int(end), float(scores[b, kind, start, end])))
+    return [sorted(spans, key=lambda row: (row[1], row[2], row[0])) for spans in rows]

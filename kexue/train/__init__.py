@@ -42,6 +42,7 @@ from kexue.train.metrics import (
     ProgressBar,
     TensorBoardWriter,
     format_duration,
+    format_number,
     scalars,
 )
 from kexue.train.preemption import PreemptionGuard
@@ -105,6 +106,7 @@ __all__ = [
     "evaluate",
     "finalize_mean",
     "format_duration",
+    "format_number",
     "interleaved_median_times",
     "loss_stats",
     "machine_description",

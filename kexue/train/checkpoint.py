@@ -10,7 +10,8 @@
 Each checkpoint is one step directory of an `ocp.CheckpointManager` with three items:
 `state` (the `TrainState` arrays: params, model state, optimizer state, step, PRNG
 key, non-finite counters; `StandardSave`, tensorstore/OCDBT), `data` (every
-process's data-iterator state, JSON) and `meta` (step and layout, JSON). Nothing is
+process's data-iterator state, JSON) and `meta` (step, layout, the metrics saved with
+it and the `best_metric` / `best_mode` ranking them, JSON). Nothing is
 pickled and restoring never runs code from the checkpoint.
 
 Saves are asynchronous: `save` returns once the arrays are copied off the devices,
@@ -317,6 +318,7 @@ class Checkpointer:
             raise ValueError(f"`best_mode` must be 'min' or 'max', got {best_mode!r}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.best_metric = best_metric
+        self.best_mode = best_mode
         self.log = log
         self.read_only = read_only
         self.checksums = checksums
@@ -391,12 +393,15 @@ class Checkpointer:
                 f"Earlier checkpoints are untouched (finalized steps: "
                 f"{self.all_steps() or 'none'}).")
         data = {"processes": data_states}
-        meta = {"format": _FORMAT_VERSION, "step": step, "process_count": jax.process_count(),
-                "time": time.time()}
-        if self.checksums:
-            meta.update(checksums=checksums, data_sha256=_data_digest(data))
         metrics = None if metrics is None else {
             name: float(value) for name, value in metrics.items()}
+        # The metrics and the ranking go into `meta` as well: readers pick the best step
+        # from the files alone (`kexue.saved.resolve_step`).
+        meta = {"format": _FORMAT_VERSION, "step": step, "process_count": jax.process_count(),
+                "time": time.time(), "metrics": metrics, "best_metric": self.best_metric,
+                "best_mode": self.best_mode}
+        if self.checksums:
+            meta.update(checksums=checksums, data_sha256=_data_digest(data))
         try:
             self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(tree), data=ocp.args.JsonSave(data),

@@ -20,6 +20,12 @@ last step already trained (the command rerun after a preemption or a kill at the
 very end) keeps a complete `final_metrics.json` and otherwise writes it again,
 evaluating the newest checkpoint; `read_final_metrics` refuses an incomplete one.
 
+Each train record holds the interval's mean `loss`, aux metrics, `grad_norm` and
+`relative_update` (`‖Δθ‖ / ‖θ‖`, the step size taken, for any optimizer), the
+`learning_rate` of the last update when a schedule is given, and `tokens_per_s` /
+`steps_per_s` over training time only: the first step's compilation, evaluations and
+checkpoint saves are left out (the compilation time is logged once).
+
 One writer per workdir: `train_loop` holds the workdir's `WorkdirLock` for its whole
 life (a caller may take it earlier, e.g. before writing its config), and before it
 changes anything it checks the workdir's layout (`check_workdir`) and that the newest
@@ -51,7 +57,7 @@ from kexue.train.checkpoint import (
     CheckpointMismatchError,
     CheckpointSaveError,
 )
-from kexue.train.metrics import MetricWriter, ProgressBar, scalars
+from kexue.train.metrics import MetricWriter, ProgressBar, format_duration, format_number, scalars
 from kexue.train.preemption import PreemptionGuard
 from kexue.train.state import TrainState, abstract_train_state, create_train_state
 from kexue.train.steps import LossFn, StatsFn, loss_stats, make_eval_step, make_train_step
@@ -377,7 +383,8 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
                tokens_in: Callable[[Any], int] = count_tokens,
                log: Callable[[str], None] = _log,
                compiler_options: Mapping[str, Any] | None = None,
-               init_params: Callable[[nnx.Module], Any] | None = None) -> TrainResult:
+               init_params: Callable[[nnx.Module], Any] | None = None,
+               learning_rate: Callable[[int], Any] | None = None) -> TrainResult:
     """Trains `model_factory()`'s model with `tx` on `train_data`, resuming from `workdir`.
 
     Args:
@@ -402,6 +409,9 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
       compiler_options: XLA options of the train step (`cpu_compiler_options`).
       init_params: sets parameters of the initialised model in place when the run
         starts from scratch (`create_train_state`); not called when resuming.
+      learning_rate: the optimizer's global rate by update count (0: the first
+        update), e.g. `kexue.optim.learning_rate_schedule`; the record of step `s`
+        logs `learning_rate(s − 1)`, the rate of its last update.
 
     Returns:
       A `TrainResult`; `preempted` is True if SIGTERM/SIGINT stopped the run after
@@ -425,12 +435,13 @@ def train_loop(*, model_factory: Callable[[], nnx.Module], loss_fn: LossFn,
                       eval_data=eval_data, eval_stats=eval_stats, finalize=finalize,
                       rules=rules, tokens_in=tokens_in, log=log,
                       compiler_options=compiler_options, init_params=init_params,
+                      learning_rate=learning_rate,
                       abstract=abstract)
 
 
 def _train(*, model_factory, loss_fn, tx, train_data, mesh, config: LoopConfig, workdir: str,
            eval_data, eval_stats, finalize, rules, tokens_in, log, compiler_options,
-           init_params, abstract) -> TrainResult:
+           init_params, learning_rate, abstract) -> TrainResult:
     """`train_loop` once the workdir is locked and checked."""
     checkpoints = Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
@@ -463,7 +474,10 @@ def _train(*, model_factory, loss_fn, tx, train_data, mesh, config: LoopConfig, 
     eval_metrics: dict[str, float] = {}
     preempted = False
     step = start
-    tokens, clock = 0, time.perf_counter()
+    # Throughput counts training time only: `paused` collects the first step's
+    # compilation, evaluations and checkpoint saves of the current log interval.
+    tokens, steps_timed, paused = 0, 0, 0.0
+    clock = time.perf_counter()
     started = clock
 
     def report(message: str) -> None:
@@ -480,35 +494,51 @@ def _train(*, model_factory, loss_fn, tx, train_data, mesh, config: LoopConfig, 
             while step < config.num_steps:
                 host_batch = next(train_data)
                 tokens += tokens_in(host_batch) * jax.process_count()
+                dispatched = time.perf_counter()
                 state, metrics = train_step(state, host_local_to_global(host_batch, mesh))
+                if step == start:  # the first call compiles the step before dispatching it
+                    compiled = time.perf_counter() - dispatched
+                    paused += compiled
+                    report(f"train step compiled in {format_duration(compiled)}")
                 step += 1
+                steps_timed += 1
                 tracker.push(step, metrics)
                 tracker.fetch(keep_last=True)
                 last = step == config.num_steps
                 if step % config.log_every == 0 or last:
                     tracker.fetch(keep_last=False)
                     now = time.perf_counter()
+                    seconds = max(now - clock - paused, 1e-9)
                     train_metrics = tracker.summary()
-                    train_metrics["tokens_per_s"] = tokens / max(now - clock, 1e-9)
-                    tokens, clock = 0, now
+                    if learning_rate is not None:
+                        train_metrics["learning_rate"] = float(learning_rate(step - 1))
+                    train_metrics["tokens_per_s"] = tokens / seconds
+                    train_metrics["steps_per_s"] = steps_timed / seconds
+                    tokens, steps_timed, paused, clock = 0, 0, 0.0, now
                     writer.write(step, train_metrics, prefix="train")
                     bar.update(step, **{"loss": train_metrics["loss"],
-                                        "tokens/s": train_metrics["tokens_per_s"]})
+                                        "tokens/s": train_metrics["tokens_per_s"],
+                                        "steps/s": train_metrics["steps_per_s"]})
                 evaluated = None
                 if eval_data is not None and (
                         last or (config.eval_every and step % config.eval_every == 0)):
+                    tracker.fetch(keep_last=False)  # the steps so far count as training
+                    began = time.perf_counter()
                     evaluated = eval_metrics = evaluate(eval_step, state, eval_data(), mesh,
                                                         finalize)
+                    paused += time.perf_counter() - began
                     writer.write(step, eval_metrics, prefix="eval")
                     report(f"step {step} eval " + " ".join(
-                        f"{name} {value:.4g}" for name, value in eval_metrics.items()))
+                        f"{name} {format_number(value)}" for name, value in eval_metrics.items()))
                 stop = guard.should_stop(step)
                 # A notice at the last step finishes the run normally (final metrics).
                 preempted = stop and not last
                 if stop or last or step % config.checkpoint_every == 0:
                     tracker.fetch(keep_last=False)
+                    began = time.perf_counter()
                     checkpoints.save(state, data_state=train_data.get_state(),
                                      metrics=evaluated)
+                    paused += time.perf_counter() - began
                 checkpoints.poll()
                 if preempted:
                     if tracker.interval:  # steps since the last record

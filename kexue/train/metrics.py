@@ -4,7 +4,7 @@
     writer.write(step, {"loss": 0.71, "tokens_per_s": 5.2e4}, prefix="train")
     writer.close()
     bar = ProgressBar(total_steps, initial=step)
-    bar.update(step, loss=0.71, tokens_per_s=5.2e4)
+    bar.update(step, loss=0.71, **{"tokens/s": 5.2e4})
 
 `metrics.jsonl` holds one JSON object per line: `{"step": s, "time": t, "split":
 "train", "loss": ...}`. On resume, records after the restored step (written by the
@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 __all__ = ["JsonlWriter", "MetricWriter", "ProgressBar", "TensorBoardWriter",
-           "format_duration", "scalars"]
+           "format_duration", "format_number", "scalars"]
 
 
 def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -167,18 +167,22 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-def _format_value(value: float) -> str:
-    if isinstance(value, int):
+def format_number(value: float) -> str:
+    """One format for every number the loop prints: `21,239` (ints, and floats of
+    magnitude ≥ 1000, rounded), else four significant digits (`5.345`, `0.0002613`,
+    `9.8e-05`); `nan` / `inf` as such."""
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        return f"{int(value):,}"
+    value = float(value)
+    if not math.isfinite(value):
         return str(value)
-    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-        return f"{value:.3e}"
-    if abs(value) >= 100:  # rates and counts: four decimals would be noise
-        return f"{value:.0f}"
-    return f"{value:.4f}"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
 
 
 class ProgressBar:
-    """`step 120/1000 [##----] 12% loss 0.7132 tokens/s 5.21e+04 ETA 3m10s`.
+    """`step 120/1000 [##----] 12% loss 0.7132 tokens/s 52,100 ETA 3m10s`.
 
     On a terminal the line is redrawn in place; in a log (not a TTY) a full line is
     printed on each `update`, so call it at the logging interval. Process 0 only.
@@ -205,7 +209,7 @@ class ProgressBar:
         elapsed = time.perf_counter() - self._start
         done = step - self.initial
         eta = elapsed / done * (self.total - step) if done > 0 else math.inf
-        fields = " ".join(f"{name} {_format_value(value)}" for name, value in values.items())
+        fields = " ".join(f"{name} {format_number(value)}" for name, value in values.items())
         return (f"step {step}/{self.total} [{'#' * filled}{'-' * (self.width - filled)}] "
                 f"{fraction:4.0%} {fields} ETA {format_duration(eta)}").replace("  ", " ")
 

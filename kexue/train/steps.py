@@ -57,7 +57,8 @@ LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, Mapping[str, ja
 #: `(model, batch, stream) -> dict of sums` over one evaluation batch.
 StatsFn = Callable[[nnx.Module, Any, str], Mapping[str, jax.Array]]
 
-_RESERVED = ("loss", "grad_norm", "nonfinite", "nonfinite_steps", "consecutive_nonfinite")
+_RESERVED = ("loss", "grad_norm", "relative_update", "nonfinite", "nonfinite_steps",
+             "consecutive_nonfinite")
 
 
 def cpu_compiler_options(mesh: Mesh, *, remat: bool = False) -> dict[str, Any] | None:
@@ -127,6 +128,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
 
     Returns:
       The jitted step. `metrics` holds `loss`, the aux metrics, `grad_norm`,
+      `relative_update` (`‖Δθ‖₂ / ‖θ‖₂` over all parameters, 0 when skipped),
       `nonfinite` (1 if this step was skipped), `nonfinite_steps` and
       `consecutive_nonfinite`.
     """
@@ -208,7 +210,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
             opt_state=new_opt_state, nonfinite_steps=state.nonfinite_steps + skipped,
             consecutive_nonfinite=consecutive,
         )
+        # ‖Δθ‖ / ‖θ‖ over all parameters: the step size actually taken, whatever the
+        # optimizer (Amos's per-tensor rates decay on their own; 0 for a skipped step).
+        relative = optax.tree.norm(updates) / jnp.maximum(optax.tree.norm(state.params),
+                                                          jnp.finfo(jnp.float32).tiny)
         metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
+                   "relative_update": jnp.where(finite, relative, 0.0).astype(jnp.float32),
                    "nonfinite": skipped, "nonfinite_steps": new_state.nonfinite_steps,
                    "consecutive_nonfinite": consecutive}
         return new_state, metrics

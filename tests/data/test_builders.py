@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import textwrap
 
 import pytest
 
-from kexue.data import list_text_files, make_builder, prepare, text_files_config
+from kexue.data import held_out_start, list_text_files, make_builder, prepare, text_files_config
 from kexue.data.text_files import _eval_score
 
 
@@ -112,3 +113,50 @@ def test_default_cluener_dir_prefers_the_repository_copy(tmp_path, monkeypatch):
     assert sources.default_cluener_dir() == str(shared)
     (own / "train.jsonl").write_text("{}\n")
     assert sources.default_cluener_dir() == str(own)
+
+
+def held_out_reference(lines: list[bytes], fraction: float) -> int:
+    """The last line start at or before byte `size - ceil(fraction · size)`, else that byte."""
+    size = sum(len(line) for line in lines)
+    target = size - math.ceil(fraction * size)
+    if target >= size:
+        return size
+    starts = [sum(len(line) for line in lines[:i]) for i in range(len(lines))]
+    start = max(s for s in starts if s <= target)
+    return start if start > 0 else target
+
+
+def test_held_out_start_is_the_line_start_before_the_tail(rng):
+    lines = [b"x" * int(n) + b"\n" for n in rng.integers(0, 30, size=int(rng.integers(5, 40)))]
+    content = b"".join(lines)
+    for fraction in (float(rng.uniform(0.01, 0.5)), 0.0, 0.999):
+        cut = held_out_start(content, fraction)
+        assert cut == held_out_reference(lines, fraction), fraction
+        assert len(content) - cut >= math.ceil(fraction * len(content))
+    assert held_out_start(b"one line without a newline", 0.5) == 13
+
+
+def test_held_out_cut_of_a_file_reads_backwards_to_the_same_line_start(rng, tmp_path):
+    """The builder's cut (reading the file backwards in blocks, here 7 bytes) is the
+    reference's line start, also when the line holding the cut spans several blocks."""
+    from kexue.data.text_files import _held_out_cut
+
+    lines = [b"y" * int(n) + b"\n" for n in rng.integers(0, 40, size=int(rng.integers(5, 30)))]
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"".join(lines))
+    size = path.stat().st_size
+    for fraction in (float(rng.uniform(0.01, 0.6)), 0.0, 0.5, 0.999):
+        assert _held_out_cut(str(path), size, fraction, block=7) == \
+            held_out_reference(lines, fraction), fraction
+
+
+def test_a_single_file_is_split_by_bytes(tmp_path):
+    text = b"".join(f"line {i}\n".encode() for i in range(100))
+    (tmp_path / "only.txt").write_bytes(text)
+    builder = prepare(make_builder("text_files", str(tmp_path / "tfds"),
+                                   pattern=str(tmp_path / "only.txt"), eval_fraction=0.1))
+    train = builder.as_data_source("train")
+    held = builder.as_data_source("validation")
+    assert len(train) == len(held) == 1
+    head, tail = train[0]["content"], held[0]["content"]
+    assert head + tail == text and len(tail) >= 0.1 * len(text) and tail.startswith(b"line ")

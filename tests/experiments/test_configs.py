@@ -124,3 +124,16 @@ def test_rdrop_alpha_is_not_a_key_of_other_tasks():
     config.objective.rdrop_alpha = 1.0
     with pytest.raises(ValueError, match=r"unknown config key `objective\.rdrop_alpha`"):
         experiment_config.check(config)
+
+
+def test_settings_of_an_optimizer_that_is_not_used_are_an_error():
+    config = load("configs/lm_stdlib.py")  # optimizer.name = "amos"
+    with pytest.raises(ValueError, match=re.escape(
+            "config key `optimizer.adamw.learning_rate`: optimizer.name is 'amos', which reads "
+            "`optimizer.amos` only, so optimizer.adamw.learning_rate would be ignored")):
+        experiment_config.check_overrides(config, {"optimizer.adamw.learning_rate": 5.0,
+                                                   "train.num_steps": 3})
+    experiment_config.check_overrides(config, {"optimizer.amos.learning_rate": 0.2})
+    switched = load("configs/lm_stdlib.py", **{"optimizer.name": "amos_factored"})
+    experiment_config.check_overrides(switched, {"optimizer.name": "amos_factored",
+                                                 "optimizer.amos.beta": 0.99})

@@ -115,6 +115,8 @@ def test_evaluate_cli_reproduces_the_final_eval(lm_run):
     ("--config.trian.num_steps=3", "Did you mean train"),
     ("--config.optimizer.name=adam", "`optimizer.name`: expected one of"),
     ("--config.preset=smoke", "name the preset in the config argument"),
+    ("--config.optimizer.adamw.learning_rate=5.0",
+     "optimizer.name is 'amos', which reads `optimizer.amos` only"),
 ])
 def test_bad_config_fails_fast_with_a_clear_message(tmp_path, override, message):
     result = run_cli("experiments.train", "--config", "configs/lm_stdlib.py:smoke",

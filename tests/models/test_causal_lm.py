@@ -85,3 +85,63 @@ def test_generate_argument_errors():
                        top_k=0)
     with pytest.raises(ValueError, match="`max_new_tokens`"):
         model.generate(prompt, max_new_tokens=0)
+
+
+def nucleus_reference(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    """float64 NumPy: the top-p distribution over one row of logits (arXiv 1904.09751)."""
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    before = np.concatenate([[0.0], np.cumsum(p[order])[:-1]])
+    kept = np.zeros_like(p, dtype=bool)
+    kept[order[before < top_p]] = True
+    out = np.where(kept, p, 0.0)
+    return out / out.sum()
+
+
+def test_top_p_sampling_draws_from_the_nucleus_with_its_probabilities(rng):
+    logits = rng.normal(size=(1, 8)) * 1.5
+    top_p = float(rng.uniform(0.3, 0.9))
+    temperature = float(rng.uniform(0.7, 1.5))
+    expected = nucleus_reference(logits[0], temperature, top_p)
+    keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), 6000)
+    draws = jax.vmap(lambda k: models.sample_logits(
+        jnp.asarray(logits, jnp.float32), k, temperature=temperature, top_p=top_p))(keys)
+    draws = np.asarray(draws).ravel()
+    assert set(draws.tolist()) <= set(np.flatnonzero(expected).tolist())
+    np.testing.assert_allclose(np.bincount(draws, minlength=8) / draws.size, expected,
+                               atol=0.03)
+
+
+def test_top_p_one_keeps_every_token_and_a_tiny_top_p_is_greedy(rng):
+    logits = jnp.asarray(rng.normal(size=(4, 16)), jnp.float32)
+    key = jax.random.key(int(rng.integers(2**31)))
+    np.testing.assert_array_equal(
+        np.asarray(models.sample_logits(logits, key, temperature=1.0, top_p=1.0)),
+        np.asarray(models.sample_logits(logits, key, temperature=1.0)))
+    np.testing.assert_array_equal(
+        np.asarray(models.sample_logits(logits, key, temperature=1.0, top_p=1e-6)),
+        np.argmax(np.asarray(logits), axis=-1))
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.3, "top_k": 20, "top_p": 0.9}])
+def test_stream_yields_the_tokens_of_generate(rng, sampling):
+    model = models.build_model(model_config("causal_lm", num_kv_heads=2), rngs=nnx.Rngs(4))
+    prompt = jnp.asarray(rng.integers(0, 64, (2, 3)))
+    key = jax.random.key(int(rng.integers(2**31))) if sampling else None
+    generated = model.generate(prompt, max_new_tokens=6, rng=key, **sampling)
+    streamed = list(model.stream(prompt, max_new_tokens=6, rng=key, **sampling))
+    assert len(streamed) == 6 and streamed[0].shape == (2,)
+    np.testing.assert_array_equal(np.stack([np.asarray(t) for t in streamed], axis=1),
+                                  np.asarray(generated[:, 3:]))
+
+
+def test_sampling_argument_errors_are_raised_before_the_first_token():
+    model = models.build_model(model_config("causal_lm"), rngs=nnx.Rngs(0))
+    prompt = jnp.zeros((1, 2), jnp.int32)
+    with pytest.raises(ValueError, match=r"`top_p` must be in \(0, 1\]; got 1.5"):
+        model.stream(prompt, max_new_tokens=2, rng=jax.random.key(0), temperature=1.0,
+                     top_p=1.5)
+    with pytest.raises(ValueError, match="`temperature` must be a finite number >= 0"):
+        model.generate(prompt, max_new_tokens=2, temperature=-1.0)

@@ -98,3 +98,57 @@ def test_without_warmup_the_first_step_takes_the_full_rate(schedule, rng):
     # Adam's first step moves every entry by the rate (m̂ / √v̂ = 1 for a constant gradient).
     for new, old in zip(jax.tree.leaves(after), jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(np.asarray(old - new), 1e-3, rtol=1e-4)
+
+
+def _rate_reference(name: str, settings: dict, num_steps: int, count: int) -> float:
+    """float64 NumPy: the global rate of the `count`-th update (0-based), from the formulas."""
+    lr = settings["learning_rate"]
+    if name == "adamw":
+        warmup = settings["warmup_steps"]
+        if count < warmup:
+            return lr * count / warmup
+        return 0.5 * lr * (1 + np.cos(np.pi * min(count - warmup, num_steps - warmup)
+                                      / (num_steps - warmup)))
+    if name == "amos_style":  # α₀ / (1 + (√2 − 1) t / T)² · min(1, t / warmup)
+        decay = 1 / (1 + (np.sqrt(2) - 1) * count / settings["half_life"]) ** 2
+        return lr * decay * min(1.0, count / settings["warmup_steps"])
+    return lr  # Amos: the global rate ξ
+
+
+@pytest.mark.parametrize("name", ["adamw", "amos", "amos_factored", "amos_style"])
+def test_learning_rate_schedule_follows_the_recipe_formula(rng, name):
+    num_steps = int(rng.integers(50, 400))
+    settings = {"learning_rate": float(rng.uniform(1e-3, 0.2))}
+    if name == "adamw":
+        settings.update(warmup_steps=int(rng.integers(1, 40)), schedule="cosine")
+    if name == "amos_style":
+        settings.update(half_life=int(rng.integers(10, 500)), warmup_steps=int(rng.integers(1, 20)))
+    schedule = optim.learning_rate_schedule(name, settings, num_steps=num_steps)
+    for count in (0, 1, int(rng.integers(2, num_steps)), num_steps - 1):
+        np.testing.assert_allclose(float(schedule(count)),
+                                   _rate_reference(name, settings, num_steps, count),
+                                   rtol=1e-5, atol=1e-9)
+
+
+def test_learning_rate_schedule_is_the_rate_adamw_applies(rng):
+    """AdamW with b1 = 0 and no decay moves by `−η_t g / (√v̂_t + ε)` (NumPy float64 Adam
+    below): the rate read off each update is the schedule's."""
+    b2, eps = 0.98, 1e-8
+    settings = {"learning_rate": 0.05, "warmup_steps": 3, "b1": 0.0, "b2": b2,
+                "weight_decay": 0.0, "eps": eps}
+    tx = optim.make_optimizer("adamw", settings, num_steps=12)
+    rate = optim.learning_rate_schedule("adamw", settings, num_steps=12)
+    params = {"w": jnp.asarray(rng.normal(size=5), jnp.float32)}
+    state, v = tx.init(params), np.zeros(5)
+    for count in range(12):
+        g = rng.normal(size=5)
+        updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+        v = b2 * v + (1 - b2) * g ** 2
+        direction = g / (np.sqrt(v / (1 - b2 ** (count + 1))) + eps)
+        np.testing.assert_allclose(-np.asarray(updates["w"], np.float64),
+                                   float(rate(count)) * direction, rtol=1e-4, atol=1e-8)
+
+
+def test_learning_rate_schedule_rejects_unknown_settings():
+    with pytest.raises(ValueError, match=re.escape("unknown ['beta']")):
+        optim.learning_rate_schedule("adamw", {"beta": 0.9}, num_steps=10)

@@ -183,3 +183,55 @@ def test_spans_at_cls_and_sep_are_neither_trained_nor_counted():
     grad = np.asarray(grad)
     assert np.all(grad[:, :, [0, 4], :] == 0) and np.all(grad[:, :, :, [0, 4]] == 0)
     assert np.any(grad[:, :, 1:4, 1:4] != 0)
+
+
+# ------------------------------------------------------------------ prediction
+
+
+def bio_span_reference(tags: np.ndarray, num_types: int) -> set[tuple[int, int, int, int]]:
+    """float-free reference of BIO decoding: `(row, type, start, end)` per decoded span."""
+    spans = set()
+    for row, sequence in enumerate(tags):
+        n = len(sequence)
+        for start, tag in enumerate(sequence):
+            if tag % 2 == 1:  # B-α is 1 + 2α
+                kind, end = (tag - 1) // 2, start
+                while end + 1 < n and sequence[end + 1] == 2 + 2 * kind:
+                    end += 1
+                spans.add((row, kind, start, end))
+    return spans
+
+
+def test_tagger_predictions_are_its_bio_spans_with_the_geometric_mean_tag_probability(rng):
+    model = models.build_model(tiny_spec("bio_tagger"), rngs=nnx.Rngs(int(rng.integers(99))))
+    model.eval()
+    tokens = jnp.asarray(rng.integers(5, 16, (3, 12)))
+    valid = jnp.ones((3, 12), bool)
+    chosen, scores = tasks.NERTask(num_types=NUM_TYPES).predict(model, tokens, valid)
+    logits = np.asarray(model(tokens, valid=valid), np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    tags = log_probs.argmax(-1)
+    expected = bio_span_reference(tags, NUM_TYPES)
+    assert {tuple(map(int, row)) for row in np.argwhere(np.asarray(chosen))} == expected
+    for row, kind, start, end in expected:
+        mean = log_probs[row, np.arange(start, end + 1), tags[row, start:end + 1]].mean()
+        np.testing.assert_allclose(float(scores[row, kind, start, end]), np.exp(mean), rtol=1e-5)
+
+
+def test_global_pointer_predictions_are_the_positive_logits_listed_by_position(rng):
+    model = models.build_model(tiny_spec("global_pointer_ner", gp_head_dim=8),
+                               rngs=nnx.Rngs(int(rng.integers(99))))
+    model.eval()
+    tokens = jnp.asarray(rng.integers(5, 16, (2, 10)))
+    valid = jnp.asarray(np.arange(10)[None, :] < np.array([[10], [7]]))
+    chosen, scores = tasks.NERTask(num_types=NUM_TYPES).predict(model, tokens, valid)
+    logits = np.asarray(model(tokens, valid=valid))
+    listed = tasks.scored_spans(chosen, scores)
+    for row in range(2):
+        expected = sorted(((int(t), int(s), int(e), float(logits[row, t, s, e]))
+                           for t, s, e in np.argwhere(logits[row] > 0)),
+                          key=lambda span: (span[1], span[2], span[0]))
+        assert [span[:3] for span in listed[row]] == [span[:3] for span in expected]
+        np.testing.assert_allclose([span[3] for span in listed[row]],
+                                   [span[3] for span in expected], rtol=1e-6)
+        assert all(e < (10 if row == 0 else 7) for _, _, e, _ in listed[row])

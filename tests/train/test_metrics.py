@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from kexue.parallel import make_mesh
-from kexue.train import JsonlWriter, NonFiniteError, ProgressBar, count_tokens, format_duration
+from kexue.train import (
+    JsonlWriter,
+    NonFiniteError,
+    ProgressBar,
+    count_tokens,
+    format_duration,
+    format_number,
+)
 from tests.train import toy
 
 
@@ -38,8 +45,14 @@ def test_progress_bar_in_a_log_prints_full_lines():
     bar.write("message")
     bar.close()
     first, second = stream.getvalue().splitlines()
-    assert first.startswith("step 60/100 [######----] 60% loss 0.2500 tokens/s 1.235e+05 ETA")
+    assert first.startswith("step 60/100 [######----] 60% loss 0.25 tokens/s 123,456 ETA")
     assert "\r" not in stream.getvalue() and second == "message"
+
+
+def test_numbers_are_printed_one_way():
+    values = [21239.4, 5.34504, 0.00026132, 9.8e-05, 118597.0, 12, float("nan")]
+    assert [format_number(v) for v in values] == [
+        "21,239", "5.345", "0.0002613", "9.8e-05", "118,597", "12", "nan"]
 
 
 def test_format_duration_and_count_tokens():
