@@ -226,6 +226,20 @@ def attention_case(rng, dtype, s):
                       (q, k, v, jnp.asarray(mask)),
                       ref.attention(host64(q), host64(k), host64(v), mask=mask, scale=scale))
               for scale in ("standard", "entropy_invariant")]
+    # The structured mask (padding + prefix-LM, read without a dense [n, n] mask by the
+    # blocked path) against the reference's boolean mask.
+    q, k, v, _ = attention_inputs(rng, dtype, s, "none")
+    valid = random_valid(rng, s.batch, s.n)
+    prefix = rng.integers(0, s.n + 1, s.batch)
+    structured = ref.padding_mask(valid) & ref.prefix_lm_mask(prefix, s.n)
+    checks.append(OpCheck(
+        "AttentionMask (padding + prefix-LM) in dot_product_attention (entropy_invariant, GQA)",
+        lambda q, k, v, valid, prefix: ops.dot_product_attention(
+            q, k, v, mask=ops.AttentionMask(valid=valid, causal=True, prefix_lengths=prefix),
+            scale="entropy_invariant", implementation="xla"),
+        (q, k, v, jnp.asarray(valid), jnp.asarray(prefix)),
+        ref.attention(host64(q), host64(k), host64(v), mask=structured,
+                      scale="entropy_invariant")))
     if dtype == "float32":  # integer key counts in, float32 out, whatever the inputs' dtype
         counts = np.arange(1, 4 * s.n + 1)
         checks.append(OpCheck("entropy_invariant_scale", ops.entropy_invariant_scale,

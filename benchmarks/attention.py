@@ -40,12 +40,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from benchmarks import lm
 from benchmarks.common import interleaved_median_times, machine_description, markdown_table, today
-from kexue import ops
+from kexue import models, ops
 from kexue.ops import blocked_attention
 
 GIB = 2**30
@@ -175,11 +174,12 @@ def lm_longest(model: dict[str, Any], *, start: int, limit: int, budget: int,
                               "limit": limit}
     configs = {}
     for name, implementation in IMPLEMENTATIONS.items():
-        configs[name] = ml_collections.ConfigDict(
-            {"model": {"name": "causal_lm", **model,
-                       "attention_implementation": implementation}})
+        configs[name] = models.ModelSpec.from_settings(
+            {"name": "causal_lm", **model, "attention_implementation": implementation})
         length, peak, tried = lm.max_length(configs[name], 1, start, limit, budget, options)
-        result[name] = {"length": length, "peak_bytes": peak, "tried_bytes": tried}
+        result[name] = {"length": length, "peak_bytes": peak,
+                        "tried_lengths": [n for n, _ in tried],
+                        "tried_bytes": [b for _, b in tried]}
         print(f"lm {name}: longest {length} ({peak / GIB:.2f} GiB)", file=sys.stderr,
               flush=True)
     seconds, loss = lm.run_one_step(configs["blocked"], 1, proof_length, options)

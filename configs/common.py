@@ -159,6 +159,16 @@ def cluener_finetune_preset(best_metric: str) -> dict[str, Any]:
     }
 
 
+#: The byte-level LM configs' "smoke" preset: a few seconds on CPU (after a first build
+#: or download of the data), for tests and for checking a setup.
+BYTE_LM_SMOKE: dict[str, Any] = {
+    "model.width": 32, "model.num_layers": 2, "model.num_heads": 2, "model.mlp_dim": 64,
+    "data.seq_len": 32, "data.batch_size": 8, "data.eval_batches": 2,
+    "train.num_steps": 8, "train.log_every": 2, "train.eval_every": 4,
+    "train.checkpoint_every": 4, "eval.sample_tokens": 16,
+}
+
+
 def byte_lm_model_config(**fields: Any) -> ml_collections.ConfigDict:
     """The `model` section of the byte-level causal LMs: a pre-norm RoPE decoder (width
     256, 4 layers, RMSNorm, NeoX RoPE, tied embeddings) with entropy-invariant attention

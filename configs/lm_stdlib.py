@@ -19,6 +19,7 @@ accelerator.
 import ml_collections
 
 from configs.common import (
+    BYTE_LM_SMOKE,
     byte_lm_model_config,
     data_config,
     mesh_config,
@@ -27,15 +28,7 @@ from configs.common import (
     with_preset,
 )
 
-PRESETS = {
-    # A few seconds on CPU: for tests and for checking a setup.
-    "smoke": {
-        "model.width": 32, "model.num_layers": 2, "model.num_heads": 2, "model.mlp_dim": 64,
-        "data.seq_len": 32, "data.batch_size": 8, "data.eval_batches": 2,
-        "train.num_steps": 8, "train.log_every": 2, "train.eval_every": 4,
-        "train.checkpoint_every": 4, "eval.sample_tokens": 16,
-    },
-}
+PRESETS = {"smoke": BYTE_LM_SMOKE}
 
 
 def get_config(preset: str = "full") -> ml_collections.ConfigDict:

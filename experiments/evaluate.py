@@ -27,6 +27,7 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments.cli import fail
 from kexue.parallel import initialize_distributed
 from kexue.train import OPERATOR_ERRORS, report_failure
 
@@ -39,10 +40,6 @@ _OUTPUT = flags.DEFINE_string("output", None, "Where to write the metrics (JSON)
                               "<workdir>/evaluate.json, `-` to only print them.")
 flags.mark_flag_as_required("workdir")
 
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def _writable(path: str) -> bool:
@@ -77,9 +74,9 @@ def _evaluate(info) -> None:
     )
 
     if _BEST.value and _STEP.value not in (None, "best"):
-        _fail(f"--best and --step={_STEP.value} name different checkpoints; give one")
+        fail(f"--best and --step={_STEP.value} name different checkpoints; give one")
     if not os.path.isdir(_WORKDIR.value):
-        _fail(f"workdir {os.path.abspath(_WORKDIR.value)!r} not found")
+        fail(f"workdir {os.path.abspath(_WORKDIR.value)!r} not found")
     workdir = check_workdir(_WORKDIR.value, writable=False)
     requested = "best" if _BEST.value else _STEP.value
     try:
@@ -92,7 +89,7 @@ def _evaluate(info) -> None:
         step = resolve_step(os.path.join(workdir, "checkpoints"), requested)
         experiment_config.check(config)
     except (ValueError, TypeError, KeyError) as error:
-        _fail(str(error))
+        fail(str(error))
     # Where the metrics go, settled before the evaluation runs.
     output = _OUTPUT.value or os.path.join(workdir, "evaluate.json")
     if output == "-":

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+from experiments.cli import fail, parse_flags
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of experiments.train.")
 _TEXT = flags.DEFINE_multi_string("text", None, "A text to label (may be repeated).")
 _INPUT = flags.DEFINE_string("input", None, "JSON lines with a \"text\" field each.")
@@ -45,10 +47,6 @@ flags.mark_flag_as_required("workdir")
 #: The tasks this command applies.
 KINDS = ("ner", "multilabel")
 
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def read_inputs(path: str) -> list[dict[str, Any]]:
@@ -165,24 +163,18 @@ def predict(trained: Any, texts: Sequence[str], batch_size: int = 32) -> list[di
     return out
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        _fail(str(error))
-
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        _fail(f"unexpected arguments: {argv[1:]}")
+        fail(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     import kexue
 
     if (_TEXT.value is None) == (_INPUT.value is None):
-        _fail("give the texts with --text (repeatable) or --input F.jsonl, not both")
+        fail("give the texts with --text (repeatable) or --input F.jsonl, not both")
     if _BATCH_SIZE.value < 1:
-        _fail(f"--batch_size: expected a positive int; got {_BATCH_SIZE.value}")
+        fail(f"--batch_size: expected a positive int; got {_BATCH_SIZE.value}")
     try:
         records = (read_inputs(_INPUT.value) if _INPUT.value else
                    [{"where": f"--text #{i + 1}", "text": t} for i, t in enumerate(_TEXT.value)])
@@ -195,7 +187,7 @@ def main(argv: list[str]) -> None:
         for record in records:
             check_text(record["text"], trained, record["where"])
     except ValueError as error:
-        _fail(str(error))
+        fail(str(error))
     results = predict(trained, [record["text"] for record in records], _BATCH_SIZE.value)
     lines = []
     for record, result in zip(records, results, strict=True):
@@ -212,4 +204,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)

@@ -22,6 +22,8 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments.cli import fail, parse_flags
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of experiments.train.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (empty: a new document).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to draw at most.")
@@ -34,21 +36,11 @@ _STEP = flags.DEFINE_string("step", "latest", "Checkpoint: a step number, 'lates
 flags.mark_flag_as_required("workdir")
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        _fail(str(error))
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        _fail(f"unexpected arguments: {argv[1:]}")
+        fail(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     import jax
@@ -58,7 +50,7 @@ def main(argv: list[str]) -> None:
     from kexue import models
 
     if _NUM_SAMPLES.value < 1:
-        _fail(f"--num_samples: expected a positive int; got {_NUM_SAMPLES.value}")
+        fail(f"--num_samples: expected a positive int; got {_NUM_SAMPLES.value}")
     try:
         trained = kexue.load(_WORKDIR.value, _STEP.value)
         if trained.kind != "lm":
@@ -72,7 +64,7 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"--max_new_tokens: expected a positive int; "
                              f"got {_MAX_NEW_TOKENS.value}")
     except ValueError as error:
-        _fail(str(error))
+        fail(str(error))
     greedy = _TEMPERATURE.value == 0
     settings = "greedy" if greedy else ", ".join(
         f"{name} {value}" for name, value in (("temperature", _TEMPERATURE.value),
@@ -98,4 +90,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)

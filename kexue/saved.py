@@ -237,6 +237,23 @@ def _restore_params(directory: str, step: int, target: Mapping[str, Any]) -> dic
                              f"{MODEL_FILE} ({type(error).__name__}: {first})") from error
 
 
+def _verify(directory: str, step: int, restored: Mapping[str, Any]) -> None:
+    """The restored arrays against the checksums saved with the checkpoint (a checkpoint
+    written without them is loaded as it is)."""
+    from kexue.train.checkpoint import checksum_mismatches
+
+    expected = _read_meta(directory, step).get("checksums")
+    if not expected:
+        return
+    differ = checksum_mismatches(restored, expected)
+    if differ:
+        raise ValueError(
+            f"checkpoint {os.path.join(directory, str(step))}: {len(differ)} "
+            f"arra{'ys differ' if len(differ) > 1 else 'y differs'} from the checksums saved "
+            f"with it ({', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''}): the files "
+            "changed after saving (disk, copy or transfer error); load another step")
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -315,6 +332,7 @@ def load(workdir: str | os.PathLike, step: int | str | None = None, *,
     graphdef, params, model_state = _abstract_model(spec, mesh, rules)
     restored = _restore_params(directory, chosen, {"params": params,
                                                    "model_state": model_state})
+    _verify(directory, chosen, restored)
     model = nnx.merge(graphdef, restored["params"], restored["model_state"])
     model.eval()
     config_path = os.path.join(workdir, "config.json")

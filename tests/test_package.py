@@ -74,7 +74,8 @@ def test_the_install_extras_split_as_the_readme_says():
     assert core == {"jax", "flax", "optax", "chex", "ml-collections", "absl-py", "numpy"}
     assert {"tensorflow-datasets", "grain", "array-record"} <= extras["data"]
     assert extras["train"] == {"orbax-checkpoint", "tensorboardx"}
-    assert extras["all"] == extras["data"] | extras["train"] | extras["plots"]
+    assert extras["all"] == (extras["data"] | extras["train"] | extras["plots"]
+                             | extras["pretrained"])
     assert "matplotlib" not in core | extras["data"] | extras["train"]
 
 

@@ -37,7 +37,8 @@ LM_CONFIG = "configs/lm_stdlib.py"
 TRAIN_LENGTH = 64
 LENGTHS = (64, 128, 256, 512, 1024)
 #: Evaluation lengths of the presets that go further than `LENGTHS`.
-PRESET_LENGTHS = {"gpu": (64, 128, 256, 512, 1024, 2048, 4096)}
+PRESET_LENGTHS = {"gpu": (64, 128, 256, 512, 1024, 2048, 4096),
+                  "long": (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)}
 #: (name, model.attention_scale)
 VARIANTS = (("standard", "standard"), ("entropy-invariant", "entropy_invariant"))
 #: Study presets: (the config file's preset, overrides, default steps). The config
@@ -47,6 +48,9 @@ VARIANTS = (("standard", "standard"), ("entropy-invariant", "entropy_invariant")
 #: file's own model (width 256 × 4 layers, Amos) in bfloat16 compute, batch 64 × 64
 #: bytes, 5000 steps (20.5M training tokens per run), evaluated at 64 … 4096
 #: (`PRESET_LENGTHS`): the GPU campaign's study (`benchmarks/accelerator_studies.py`).
+#: "long" trains the "default" model and evaluates it up to 16384 bytes on CPU (blocked
+#: attention, the CPU default from 128 keys, keeps memory linear in the length); one
+#: evaluation batch (32 windows of 16384 bytes, 524,288 scored bytes per length).
 PRESETS: dict[str, tuple[str, dict[str, Any], int]] = {
     "default": ("full", {
         "model.width": 128, "model.num_layers": 2, "model.num_heads": 4,
@@ -57,6 +61,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any], int]] = {
         "model.mlp_dim": 1024, "model.dtype": "bfloat16", "data.batch_size": 64,
         "data.eval_batches": 4, "train.tensorboard": False,
     }, 5000),
+    "long": ("full", {
+        "model.width": 128, "model.num_layers": 2, "model.num_heads": 4,
+        "model.mlp_dim": 512, "data.batch_size": 32, "data.eval_batches": 1,
+    }, 600),
     "smoke": ("smoke", {
         "model.width": 16, "model.num_layers": 1, "model.num_heads": 2,
         "model.mlp_dim": 32, "data.batch_size": 8, "data.eval_batches": 1,

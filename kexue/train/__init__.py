@@ -19,6 +19,7 @@ from kexue.train.checkpoint import (
     CheckpointMismatchError,
     CheckpointSaveError,
     Restored,
+    checksum_mismatches,
     state_checksums,
 )
 from kexue.train.loop import (
@@ -100,6 +101,7 @@ __all__ = [
     "abstract_train_state",
     "check_resume",
     "check_workdir",
+    "checksum_mismatches",
     "count_tokens",
     "cpu_compiler_options",
     "create_train_state",

@@ -247,6 +247,26 @@ def state_checksums(state: TrainState) -> dict[str, str]:
     return _fingerprint(_state_tree(state))[0]
 
 
+def checksum_mismatches(tree: Mapping[str, Any], expected: Mapping[str, str]) -> list[str]:
+    """Array paths where `tree` disagrees with a checkpoint's saved checksums.
+
+    Args:
+      tree: some items of a saved state, e.g. `{"params": ..., "model_state": ...}`
+        restored from a checkpoint (a reader that needs only the parameters).
+      expected: the checkpoint's `meta["checksums"]` (`state_checksums` at save time).
+
+    Returns:
+      Sorted paths whose checksum differs, or that one side lacks, under the items of
+      `tree` (items `tree` does not hold are not compared).
+    """
+    actual = _fingerprint(tree)[0]
+    items = tuple(f"{name}/" for name in tree)
+    wanted = {path: value for path, value in expected.items()
+              if path.startswith(items) or path in tree}
+    return sorted(path for path in set(wanted) | set(actual)
+                  if wanted.get(path) != actual.get(path))
+
+
 def _data_digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -518,9 +538,7 @@ class Checkpointer:
             self.log(f"checkpoint step {step} has no checksums (format {meta.get('format')}): "
                      "restored unverified")
             return
-        actual = _fingerprint(tree)[0]
-        differ = sorted(path for path in set(expected) | set(actual)
-                        if expected.get(path) != actual.get(path))
+        differ = checksum_mismatches(tree, expected)
         if differ:
             raise CheckpointCorruptError(
                 f"checkpoint {self.directory}/{step}: "

@@ -114,3 +114,23 @@ def test_evaluate_cli_names_a_missing_workdir(tmp_path):
     result = run_cli("experiments.evaluate", "--workdir", str(tmp_path / "nope"))
     assert result.returncode == 2
     assert result.stderr == f"error: workdir '{tmp_path / 'nope'}' not found\n"
+
+
+def test_a_checkpoint_whose_arrays_differ_from_its_checksums_is_refused(sharded_run, tmp_path):
+    """The checksum saved for one parameter of step 2 no longer matches its array (as after
+    a bit flip in the file): `load` refuses that step, naming it, and still loads step 1."""
+    import shutil
+
+    workdir, _, _ = sharded_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    meta_path = copy / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_path.read_text())
+    name = next(path for path in sorted(meta["checksums"]) if path.startswith("params/"))
+    meta["checksums"][name] = f"{int(meta['checksums'][name], 16) ^ 1:016x}"
+    meta_path.write_text(json.dumps(meta))
+    message = f"checkpoint {copy / 'checkpoints' / '2'}: 1 array differs from the checksums"
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        kexue.load(copy, step=2)
+    assert name in str(raised.value)
+    assert kexue.load(copy, step=1).step == 1

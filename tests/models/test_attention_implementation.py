@@ -55,7 +55,7 @@ def test_blocked_equals_xla_through_the_model(name, rng):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss(params, graphdef=graphdef, rest=rest):
-            logits = nnx.merge(graphdef, params, rest)(tokens, mask=valid)
+            logits = nnx.merge(graphdef, params, rest)(tokens, valid=valid)
             return jnp.sum(jnp.where(valid[..., None], logits, 0.0) ** 2) / 1e3, logits
 
         (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)

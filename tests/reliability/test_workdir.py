@@ -33,6 +33,7 @@ from kexue.train import (
     WorkdirLockedError,
     abstract_train_state,
     evaluate,
+    loss_stats,
     make_eval_step,
 )
 from tests.reliability.kill_resume import finish, start_worker
@@ -80,7 +81,7 @@ def test_evaluations_in_a_loop_while_the_trainer_saves_every_step(tmp_path):
         _wait_for(log_path, r"^checkpoint saved: step 1 ", trainer)
         mesh = _mesh()
         abstract = abstract_train_state(toy.model_factory(), toy.tx(), mesh)
-        eval_step = make_eval_step(toy.loss_fn, abstract, mesh)
+        eval_step = make_eval_step(loss_stats(toy.loss_fn), abstract, mesh)
         evaluated, notes = [], []
         while trainer.poll() is None:
             reader = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True,
