@@ -6,10 +6,12 @@ the target is a real token).
 
 Evaluation reports `loss` (nats per target token), `bits_per_byte` (bits per token:
 bytes for the byte tokenizer) and `tokens` over the evaluation batches at the
-training length. With `eval_lengths`, a second stream of windows of `L_max + 1`
-tokens (`L_max` the largest length) is cut again into `L_max / L` windows of `L + 1`
-tokens overlapping by one — exactly the windows the pipeline makes at length `L` — so
-every length predicts the same target tokens once each and only the context differs.
+training length. With `eval_lengths`, windows of `L_max + 1` tokens (`L_max` the
+largest length) are cut again into `L_max / L` windows of `L + 1` tokens overlapping
+by one — exactly the windows the pipeline makes at length `L` — so every length
+predicts the same target tokens once each and only the context differs. Each length is
+its own stream (`length_<L>`, reading the same `L_max` windows): one compiled program
+per length, so evaluation memory is that of one length, not the sum over lengths.
 Per length: `loss_<L>`, `bits_per_byte_<L>`, `perplexity_<L>`, `tokens_<L>`, and the
 same over the tail, the target positions `j ≥ ⌊3L/4⌋` of each window
 (`loss_tail_<L>`, ...): a window's average mixes in short early contexts, while the
@@ -30,10 +32,13 @@ import numpy as np
 from kexue.models import cross_entropy
 from kexue.tasks.base import EVAL, Sums, ratio
 
-__all__ = ["LONGEST", "LMTask", "split_windows"]
+__all__ = ["LMTask", "length_stream", "split_windows"]
 
-#: The stream of windows of the longest evaluation length.
-LONGEST = "longest"
+
+def length_stream(length: int) -> str:
+    """The evaluation stream of context length `length` (windows of the longest length,
+    cut into windows of `length`)."""
+    return f"length_{length}"
 
 
 def split_windows(batch: Mapping[str, jax.Array], length: int) -> dict[str, jax.Array]:
@@ -87,8 +92,8 @@ class LMTask:
 
     def eval_streams(self) -> dict[str, int | None]:
         streams: dict[str, int | None] = {EVAL: None}
-        if self.eval_lengths:
-            streams[LONGEST] = max(self.eval_lengths)
+        for length in self.eval_lengths:
+            streams[length_stream(length)] = max(self.eval_lengths)
         return streams
 
     @staticmethod
@@ -105,11 +110,12 @@ class LMTask:
     def eval_stats(self, model: Any, batch: Any, stream: str = EVAL) -> Sums:
         if stream == EVAL:
             return self._window_sums(model, batch)
-        sums: Sums = {}
-        for length in self.eval_lengths:
-            at = self._window_sums(model, split_windows(batch, length))
-            sums.update({f"{name}_{length}": value for name, value in at.items()})
-        return sums
+        length = next((n for n in self.eval_lengths if length_stream(n) == stream), None)
+        if length is None:
+            raise ValueError(f"`stream`: expected one of {list(self.eval_streams())}; "
+                             f"got {stream!r}")
+        at = self._window_sums(model, split_windows(batch, length))
+        return {f"{name}_{length}": value for name, value in at.items()}
 
     def finalize(self, totals: Mapping[str, Sums]) -> Sums:
         total = totals[EVAL]
@@ -117,7 +123,7 @@ class LMTask:
         metrics = {"loss": loss, "bits_per_byte": loss / math.log(2),
                    "tokens": total["tokens"]}
         for length in self.eval_lengths:
-            total = totals[LONGEST]
+            total = totals[length_stream(length)]
             at = ratio(total[f"nll_{length}"], total[f"tokens_{length}"])
             tail = ratio(total[f"tail_nll_{length}"], total[f"tail_tokens_{length}"])
             metrics.update({

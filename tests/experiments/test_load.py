@@ -134,3 +134,15 @@ def test_a_checkpoint_whose_arrays_differ_from_its_checksums_is_refused(sharded_
         kexue.load(copy, step=2)
     assert name in str(raised.value)
     assert kexue.load(copy, step=1).step == 1
+
+
+def test_time_load_reports_both_ways_at_the_same_step(sharded_run, tmp_path):
+    from experiments import time_load
+
+    workdir, _, result = sharded_run
+    out = tmp_path / "load.json"
+    record = time_load.main(["--workdir", str(workdir), "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    assert {row["step"] for row in record["ways"].values()} == {2}
+    assert record["parameters"] == sum(leaf.size for leaf in jax.tree.leaves(result.state.params))
+    assert all(row["first_s"] > 0 for row in record["ways"].values())
