@@ -522,6 +522,11 @@ def run_campaign(parts: Sequence[Part], out: str, *, smoke: bool, deadline_s: fl
     return _summary(statuses)
 
 
+#: Imported before the parts' threads start (see `run_in_process`).
+THREAD_SAFE_IMPORTS = ("tensorflow_datasets", "grain", "orbax.checkpoint", "kexue.data.pipeline",
+                       "kexue.train", "kexue.saved")
+
+
 def run_in_process(parts: Sequence[Part], out: str, *, smoke: bool, deadline_s: float) -> int:
     """Runs `parts` in this process (`--smoke`); returns the exit status.
 
@@ -532,6 +537,12 @@ def run_in_process(parts: Sequence[Part], out: str, *, smoke: bool, deadline_s: 
     """
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
+    # TFDS and Orbax load some modules under etils' `lazy_imports`, which swaps the
+    # process-wide `__import__` while they load: an import in another thread at that
+    # moment gets a `LazyModule` placeholder (seen as "'LazyModule' object is not
+    # callable" in a part beside the studies). They are imported here, before any thread.
+    for name in THREAD_SAFE_IMPORTS:
+        importlib.import_module(name)
     start = time.time()
     deadline = start + deadline_s
     threads = []

@@ -125,9 +125,11 @@ def test_learning_rate_schedule_follows_the_recipe_formula(rng, name):
         settings.update(half_life=int(rng.integers(10, 500)), warmup_steps=int(rng.integers(1, 20)))
     schedule = optim.learning_rate_schedule(name, settings, num_steps=num_steps)
     for count in (0, 1, int(rng.integers(2, num_steps)), num_steps - 1):
+        # float32 schedule: near the end of the cosine the rate is ~1e-4 of the peak, so
+        # the absolute tolerance is set by float32's precision at the peak rate.
         np.testing.assert_allclose(float(schedule(count)),
                                    _rate_reference(name, settings, num_steps, count),
-                                   rtol=1e-5, atol=1e-9)
+                                   rtol=1e-5, atol=1e-7 * settings["learning_rate"])
 
 
 def test_learning_rate_schedule_is_the_rate_adamw_applies(rng):
