@@ -32,6 +32,13 @@ def test_globalpointer_smoke_study(tmp_path):
         assert command.startswith("python -m experiments.train --config configs/cluener_")
         assert "--config.seed=0" in command, command
         assert variant["head_params"] > 0, name
+        # Evaluated every step of two: the best evaluation is one of the curve's points.
+        scores = variant["scores"]["0"]
+        assert list(scores["f1_curve"]) == ["1", "2"]
+        assert scores["best_step"] in (1, 2)
+        assert scores["best_f1"] == max(scores["f1_curve"].values())
+        assert scores["f1"] == scores["f1_curve"]["2"]
+        assert "--workdir runs/" not in command and "--workdir /" in command  # outside repo
     # The BIO task trains and is scored by the same span counts, against every gold span.
     bio = record["variants"]["BIO softmax tagger"]["scores"]["0"]
     assert bio["gold_spans"] > 0 and bio["bio_unrepresentable"] >= 0
@@ -47,9 +54,11 @@ def test_globalpointer_smoke_study(tmp_path):
     assert row["dense"]["peak_bytes"] > 0 and row["sparse"]["step_ms"] > 0
     table = (out / "globalpointer.md").read_text()
     for name in names:
-        assert re.search(rf"^\| {re.escape(name)} \| \d+\.\d\d \|", table, re.MULTILINE), name
+        assert re.search(rf"^\| {re.escape(name)} \| \d+\.\d\d \| [12] \|", table,
+                         re.MULTILINE), name
     assert "| [8, 10, 16, 16] | dense |" in table and "| [8, 10, 16, 16] | sparse |" in table
-    assert "![dev F1 per head](globalpointer.png)" in table
+    assert "| head | best dev F1 | step of best |" in table
+    assert "![best dev F1 per head and F1 during training](globalpointer.png)" in table
     check_png(out / "globalpointer.png")
     assert "updated" not in result.stdout  # docs/results.md is left alone for other --out
 
