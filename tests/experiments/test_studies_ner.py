@@ -68,14 +68,30 @@ def test_rdrop_smoke_study(tmp_path):
     record = json.loads((out / "rdrop.json").read_text())
     assert record["study"] == "rdrop" and record["steps"] == 2
     assert [v["rdrop_alpha"] for v in record["variants"].values()] == [0.0, rdrop.ALPHA]
+    assert list(record["variants"]) == [rdrop.variant_name(a, 0.1) for a in (0.0, rdrop.ALPHA)]
     for variant in record["variants"].values():
-        assert list(variant["f1_curve"]["0"]) == ["1", "2"]  # eval every steps / 4 (≥ 1)
-        assert f"--config.objective.rdrop_alpha={variant['rdrop_alpha']}" in \
-            variant["train_commands"]["0"]
-    with_rdrop = record["variants"][rdrop.RDROP_VARIANTS[1][0]]
+        assert list(variant["f1_curve"]["0"]) == ["1", "2"]  # eval every steps / 2 (≥ 1)
+        scores = variant["scores"]["0"]
+        assert scores["best_f1"] == max(variant["f1_curve"]["0"].values())
+        assert scores["best_step"] in (1, 2) and scores["f1"] == variant["f1_curve"]["0"]["2"]
+        command = variant["train_commands"]["0"]
+        assert f"--config.objective.rdrop_alpha={variant['rdrop_alpha']}" in command
+        assert "--config.model.dropout_rate=0.1" in command
+    with_rdrop = record["variants"][rdrop.variant_name(rdrop.ALPHA, 0.1)]
     assert all(kl >= 0 for kl in with_rdrop["train_gp_kl"]["0"].values())
     assert with_rdrop["train_gp_kl"]["0"]  # the divergence is logged as it trains
     table = (out / "rdrop.md").read_text()
-    assert "| objective | F1 @ 1 | F1 @ 2 | precision | recall | s / run |" in table
+    assert "| objective | dropout | α | best dev F1 | step of best |" in table
+    assert "| GlobalPointer + R-Drop (α = 4) | 0.1 | 4 |" in table
     assert "![dev F1 vs steps](rdrop.png)" in table
     check_png(out / "rdrop.png")
+
+
+def test_rdrop_presets_cover_the_grid_and_the_small_training_subset():
+    for name in ("overfit", "gpu", "gpu_overfit"):
+        _, _, _, evals, alphas, dropouts = rdrop.PRESETS[name]
+        assert set(alphas) == {0.0, 1.0, 4.0} and set(dropouts) == {0.1, 0.3}
+        assert evals >= 8  # best evaluation of several
+    assert rdrop.PRESETS["overfit"][1]["data.max_examples"] == rdrop.SUBSET
+    assert rdrop.PRESETS["gpu_overfit"][1]["data.max_examples"] == rdrop.SUBSET
+    assert "data.max_examples" not in rdrop.PRESETS["gpu"][1]
