@@ -24,9 +24,9 @@ its last checkpoint (`collapse_measurement`: mean token-to-token cosine of the e
 output on dev sentences, span-logit statistics), and once for the model at
 initialisation. Presets: "default" (the config files' learning rates, both tasks),
 "collapse" (NER: AdamW as configured, with pre-norm, with a 3× longer warmup, at a 3×
-lower learning rate, and Amos-style Adam as the reference), "gpu" (both tasks, 5
-learning rates on a log grid for every optimizer plus the collapse variants, for the
-GPU campaign) and "smoke".
+lower learning rate, and Amos-style Adam as the reference), "gpu_lm" and "gpu_ner" (5
+learning rates on a half-decade log grid for every optimizer, on NER plus the pre-norm
+and warmup variants of AdamW; 600 steps; for the GPU campaign) and "smoke".
 Amos: arXiv 2210.11693; Amos-style schedules: kexue.fm archive 9344.
 """
 
@@ -120,8 +120,8 @@ _NER = ("full", {**_SMALL, "model.gp_head_dim": 32, "data.batch_size": 32})
 PRESETS: dict[str, tuple[dict[str, tuple[str, dict[str, Any], tuple[Variant, ...]]], int]] = {
     "default": ({"lm": (*_LM, _defaults(TRAINED)), "ner": (*_NER, _defaults(TRAINED))}, 300),
     "collapse": ({"ner": (*_NER, COLLAPSE_VARIANTS)}, 300),
-    "gpu": ({"lm": (*_LM, _grid(TRAINED)),
-             "ner": (*_NER, _grid(TRAINED) + COLLAPSE_VARIANTS[1:3])}, 1000),
+    "gpu_lm": ({"lm": (*_LM, _grid(TRAINED))}, 600),
+    "gpu_ner": ({"ner": (*_NER, _grid(TRAINED) + COLLAPSE_VARIANTS[1:3])}, 600),
     "smoke": ({
         "lm": ("smoke", _TINY, _defaults(("adamw", "amos"))),
         "ner": ("smoke", {**_TINY, "model.gp_head_dim": 8},
@@ -272,6 +272,18 @@ def collapse_measurement(workdir: Path | None, config: Any = None, *,
     }
 
 
+def _collapse_of_run(workdir: Path, reused: bool) -> dict[str, float]:
+    """`collapse_measurement(workdir)`, kept in `<workdir>/collapse.json` and read back
+    from there when the run itself is read back (the run, and so its last checkpoint,
+    is unchanged)."""
+    path = workdir / "collapse.json"
+    if reused and path.exists():
+        return json.loads(path.read_text())
+    measured = collapse_measurement(workdir)
+    path.write_text(json.dumps(measured, indent=1) + "\n")
+    return measured
+
+
 def _slug(name: str) -> str:
     return (name.replace(", ", "-").replace(" ", "").replace("×", "x").replace("÷", "div")
             .replace("/", "-"))
@@ -325,7 +337,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "curves": curves, "final_train_loss": curves["train"][-1][1],
                     "final_eval_loss": float(final["eval"]["loss"]),
                     **({"final_f1": float(final["eval"]["f1"]),
-                        "collapse": collapse_measurement(workdir)} if task == "ner" else {}),
+                        "collapse": _collapse_of_run(workdir, final.get("reused", False))}
+                       if task == "ner" else {}),
                 }
                 entry["train_commands"][str(seed)] = train_command(
                     config_file, workdir, config_preset, overrides)

@@ -115,9 +115,9 @@ def test_optimizers_smoke_study(tmp_path_factory):
 
 
 def test_learning_rate_grid_scales_the_configs_rate():
-    variants = optimizers.PRESETS["gpu"][0]["ner"][2]
+    variants = optimizers.PRESETS["gpu_ner"][0]["ner"][2]
     adamw = [v for v in variants if v.optimizer == "adamw" and not v.overrides]
-    rates = [optimizers._overrides("gpu", "ner", 100, 0, v)["optimizer.adamw.learning_rate"]
+    rates = [optimizers._overrides("gpu_ner", "ner", 100, 0, v)["optimizer.adamw.learning_rate"]
              if v.lr_factor != 1.0 else None for v in adamw]
     assert len(adamw) == 5 and rates.count(None) == 1
     known = sorted(r for r in rates if r is not None)
@@ -125,6 +125,8 @@ def test_learning_rate_grid_scales_the_configs_rate():
     assert known == pytest.approx([1e-4, 10 ** -3.5, 10 ** -2.5, 1e-2], rel=1e-3)
     for opt in optimizers.TRAINED:
         assert sum(v.optimizer == opt for v in variants if not v.overrides) == 5
+    assert [v.optimizer for v in optimizers.PRESETS["gpu_lm"][0]["lm"][2]] == [
+        opt for opt in optimizers.TRAINED for _ in optimizers.LR_FACTORS]
 
 
 def test_steps_to_reach_interpolates_between_logged_points():
