@@ -311,8 +311,9 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
         curves.plot(steps, mean, marker="o", markersize=3, color=color, label=name)
     bars.set_xticks(range(len(names)), [textwrap.fill(n, 16) for n in names], fontsize=7)
     bars.set_ylabel("best dev span F1 (%)")
-    bars.set_title(f"best evaluation; bars: mean ± std over {seeds_label(record['seeds'])}, "
-                   "dots: runs", fontsize=9)
+    bars.set_title("best evaluation; " + (
+        f"bars: mean ± std over {seeds_label(record['seeds'])}, dots: runs"
+        if len(record["seeds"]) > 1 else f"seed {record['seeds'][0]}"), fontsize=9)
     bars.grid(True, axis="y", alpha=0.3)
     curves.set_xlabel("training step")
     curves.set_ylabel("dev span F1 (%)")
