@@ -3,24 +3,31 @@
     python -m benchmarks.accelerator --out DIR --parts studies_ner     # not in the default run
 
 One section per study of `python -m experiments.reproduce`, in order: ``globalpointer``
-(GlobalPointer variants × 3 seeds to convergence), ``rdrop`` (α ∈ {1, 4} × dropout ∈
-{0.1, 0.3} × 3 seeds, on the full data and on a small training subset) and
-``optimizers`` (the learning-rate grids). Each study runs as `python -m
-experiments.reproduce STUDY --preset P --seeds 0 1 2` for every preset `P` of the study
-named ``gpu`` or ``gpu_<something>`` (e.g. one preset per regime): the grids are the
-studies' own, defined there. A study that has no such preset yet is recorded as
-skipped, naming the presets it has, rather than failed. All runs start at once as
-separate processes sharing the device (`XLA_PYTHON_CLIENT_MEM_FRACTION` each); each
-section waits for its study's processes, then gives the study's own table (its
-markdown, as `experiments.reproduce` writes it) and its record
-(`section.data["records"]`, scratch paths as `<scratch>`).
+(GlobalPointer variants × 3 seeds, 3000 steps, best evaluation), ``rdrop`` (α ∈ {0, 1,
+4} × dropout ∈ {0.1, 0.3} × 3 seeds, on the full data (`gpu`) and on a small training
+subset (`gpu_overfit`)) and ``optimizers`` (5 learning rates per optimizer, on the LM
+(`gpu_lm`) and on NER with the collapse variants (`gpu_ner`)). Each study runs through
+`python -m experiments.reproduce STUDY --preset P` for every preset `P` of the study
+named ``gpu`` or ``gpu_<something>``: the grids are the studies' own, defined there. A
+study that has no such preset is recorded as skipped, naming the presets it has,
+rather than failed. Every (study, preset, seed) is one process, all started at once
+and sharing the device (`XLA_PYTHON_CLIENT_MEM_FRACTION` each; the models are small
+and leave an H200 mostly idle, so concurrency is where the speed comes from); the
+processes share one runs folder and one persistent compilation cache. When they have
+ended (or at the part's budget less `MERGE_RESERVE_S`, when those still running are
+stopped), one more call per (study, preset) with the seeds that finished merges them:
+it reads the finished runs back instead of training them. Each section then gives the
+study's own table (its markdown, as `experiments.reproduce` writes it) and its record
+(`section.data["records"]`, scratch paths as `<scratch>`), and names the seeds that did
+not finish.
 
 Data: CLUENER 2020 from `kexue.data.default_cluener_dir()`, i.e. the repository's
 ignored `.data/cluener` (copy `train.jsonl` and `dev.jsonl` there before the GPU
 session; the machine has no network) or `../shared/data/cluener`. The dataset and its
 character vocabulary are built once before the study processes start.
 
-With `--smoke` (CPU): the studies' ``smoke`` presets, seed 0.
+With `--smoke` (CPU): the studies' ``smoke`` presets, seed 0, one process each (no
+merge).
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ SEEDS = (0, 1, 2)
 SMOKE_SEEDS = (0,)
 #: Seconds kept back from the part's budget for reading the results and writing them.
 RESERVE_S = 20.0
+#: Seconds kept back (beyond RESERVE_S) for the merging calls, which run concurrently.
+MERGE_RESERVE_S = 60.0
 GPU_PRESET = re.compile(r"^gpu(_\w+)?$")
 
 
@@ -124,24 +133,72 @@ class Planned:
     reason: str = ""
 
 
-def finish(section: Section, study: str, planned: Planned, jobs: dict[str, Job],
-           scratch: str, until: float) -> None:
+@dataclasses.dataclass
+class PresetRun:
+    """A (study, preset): its per-seed processes, and the merge of the finished seeds."""
+
+    study: str
+    preset: str
+    jobs: list[Job]
+    merge: Job | None = None
+
+    @property
+    def done(self) -> list[int]:
+        return sorted(seed for job in self.jobs if job.succeeded for seed in job.seeds)
+
+    @property
+    def planned(self) -> list[int]:
+        return sorted(seed for job in self.jobs for seed in job.seeds)
+
+    @property
+    def out(self) -> str | None:
+        """Where the record of the finished seeds is (None: no seed finished, or the
+        merge failed)."""
+        if len(self.jobs) == 1:
+            return self.jobs[0].out if self.jobs[0].succeeded else None
+        return self.merge.out if self.merge is not None and self.merge.succeeded else None
+
+
+def start_merges(runs: list[PresetRun], scratch: str, env: dict[str, str]) -> None:
+    """Launches, at once, the merging call of every (study, preset) run as several
+    processes of which some finished."""
+    for run in runs:
+        if len(run.jobs) > 1 and run.done:
+            run.merge = launch(run.study, run.preset, run.done, scratch, steps=None, env=env,
+                               tag=f"{run.study}-{run.preset}-merged")
+
+
+def finish(section: Section, study: str, planned: Planned, runs: list[PresetRun],
+           scratch: str) -> None:
     if not planned.presets:
         section.skip(planned.reason)
         return
-    wait(list(jobs.values()), until)
-    section.data["processes"] = {preset: job.summary() for preset, job in jobs.items()}
+    section.data["processes"] = {
+        run.preset: [job.summary() for job in run.jobs]
+        + ([{**run.merge.summary(), "merge": True}] if run.merge else []) for run in runs}
     section.data["records"] = {}
-    for preset, job in jobs.items():
-        if not section.check(f"{study} --preset {preset} finished", job.succeeded):
-            why = ("stopped at the part's budget" if job.stopped
-                   else f"ended with status {job.process.returncode}")
-            section.note(f"`{study} --preset {preset}` {why} after {job.seconds:.0f} s; "
-                         f"its last output:\n\n```\n{log_tail(job.log_path).rstrip()}\n```")
+    for run in runs:
+        for job in run.jobs:
+            if not job.succeeded:
+                why = ("stopped at the part's budget" if job.stopped
+                       else f"ended with status {job.process.returncode}")
+                section.note(f"`{study} --preset {run.preset}`, seed(s) {list(job.seeds)}: "
+                             f"{why} after {job.seconds:.0f} s; its last output:\n\n```\n"
+                             f"{log_tail(job.log_path).rstrip()}\n```")
+        if run.merge is not None and not run.merge.succeeded:
+            section.note(f"The merge of `{study} --preset {run.preset}` (seeds {run.done}) "
+                         f"failed:\n\n```\n{log_tail(run.merge.log_path).rstrip()}\n```")
+        out = run.out
+        section.check(f"{study} --preset {run.preset}: every planned seed finished",
+                      out is not None and run.done == run.planned)
+        if out is None:
             continue
-        section.note(f"Preset `{preset}` ({job.seconds:.0f} s):\n\n"
-                     + study_markdown(job.out, study).replace(scratch, "<scratch>"))
-        section.data["records"][preset] = read_record(job.out, study, scratch)
+        times = ", ".join(f"seed(s) {list(job.seeds)} {job.seconds:.0f} s" for job in run.jobs)
+        seeds = ("" if run.done == run.planned
+                 else f" Only seeds {run.done} of {run.planned} finished within the budget.")
+        section.note(f"Preset `{run.preset}` ({times}).{seeds}\n\n"
+                     + study_markdown(out, study).replace(scratch, "<scratch>"))
+        section.data["records"][run.preset] = read_record(out, study, scratch)
 
 
 def run(report: PartReport) -> None:
@@ -149,7 +206,7 @@ def run(report: PartReport) -> None:
     scratch = tempfile.mkdtemp(prefix="kexue-accelerator-ner-")
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(scratch, "cache")
     plans: dict[str, Planned] = {}
-    jobs: dict[str, dict[str, Job]] = {study: {} for study in STUDIES}
+    runs: dict[str, list[PresetRun]] = {study: [] for study in STUDIES}
     try:
         with report.section("setup", "Data, presets and study processes") as section:
             began = time.perf_counter()
@@ -167,25 +224,33 @@ def run(report: PartReport) -> None:
                 reason = ("" if chosen else f"`{study}` has no `gpu` preset yet (its presets: "
                           f"{', '.join(presets)}); its GPU grid waits for one")
                 plans[study] = Planned(chosen, reason)
-            count = sum(len(plan.presets) for plan in plans.values())
+            count = sum(len(plan.presets) for plan in plans.values()) * len(seeds)
             share = studies.GPU_MEMORY_SHARE / max(count, 1)
             for study in STUDIES:
                 for preset in plans[study].presets:
-                    jobs[study][preset] = launch(study, preset, seeds, scratch, steps=None,
-                                                 env=job_env(share, cache),
-                                                 tag=f"{study}-{preset}")
-            section.table(["study", "presets run", "seeds", "skipped because"],
+                    runs[study].append(PresetRun(study, preset, [
+                        launch(study, preset, [seed], scratch, steps=None,
+                               env=job_env(share, cache), tag=f"{study}-{preset}-{seed}")
+                        for seed in seeds]))
+            section.table(["study", "presets run", "seeds (one process each)",
+                           "skipped because"],
                           [[study, ", ".join(plans[study].presets) or "—",
                             " ".join(map(str, seeds)) if plans[study].presets else "—",
                             plans[study].reason or "—"] for study in STUDIES])
             section.note(f"{count} processes at once, each with "
                          f"XLA_PYTHON_CLIENT_MEM_FRACTION={share:.3f}.")
-        until = report.deadline - RESERVE_S
+        every = [run for study_runs in runs.values() for run in study_runs]
+        wait([job for run in every for job in run.jobs],
+             report.deadline - RESERVE_S - MERGE_RESERVE_S)
+        start_merges(every, scratch, {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+                                      "JAX_COMPILATION_CACHE_DIR": cache})
+        wait([run.merge for run in every if run.merge is not None],
+             report.deadline - RESERVE_S)
         for study in STUDIES:
             with report.section(study, f"`{study}` at GPU scale") as section:
                 plan = plans.get(study, Planned([], "the setup section did not finish"))
-                finish(section, study, plan, jobs[study], scratch, until)
+                finish(section, study, plan, runs[study], scratch)
     finally:
-        stop_all([job for by_preset in jobs.values() for job in by_preset.values()])
+        stop_all([job for study_runs in runs.values() for run in study_runs
+                  for job in (*run.jobs, *([run.merge] if run.merge else []))])
         shutil.rmtree(scratch, ignore_errors=True)
-

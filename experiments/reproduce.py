@@ -15,7 +15,9 @@ instead of trained again, so an interrupted study picks up where it stopped.
 Outputs in `--out`: `<study>.json` (every number, per seed), `<study>.md` (the table:
 mean ± sample standard deviation over seeds) and `<study>.png` (the plot). With the
 default `--out`, the generated block between the study's markers in `docs/results.md`
-is refreshed too (the hand-written reading around it is left alone).
+is refreshed too (the hand-written reading around it is left alone); with `--out
+docs/results/NAME` (a second preset kept beside the default one), the block between
+the `NAME` markers.
 """
 
 from __future__ import annotations
@@ -66,6 +68,18 @@ def _update_results_md(path: Path, study: str, block: str) -> bool:
     return True
 
 
+def results_block(out: Path, study: str) -> tuple[str | None, str | None]:
+    """`(marker, folder)`: the block of docs/results.md that a study written to `out`
+    refreshes, and its plot's folder relative to docs/. The default `--out` refreshes the
+    study's block; a folder inside it (a second preset kept beside the default one, e.g.
+    docs/results/rdrop_overfit) the block named after that folder; any other, none."""
+    if out.resolve() == DEFAULT_OUT.resolve():
+        return study, "results"
+    if out.resolve().parent == DEFAULT_OUT.resolve():
+        return out.name, f"results/{out.name}"
+    return None, None
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.reproduce",
                                      description=__doc__.split("\n\n")[0])
@@ -111,10 +125,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     text = study.markdown(record, f"{args.study}.png")
     (out / f"{args.study}.md").write_text(text)
     print(text, flush=True)
-    if out.resolve() == DEFAULT_OUT.resolve():
+    marker, folder = results_block(out, args.study)
+    if marker is not None:
         block = text.split("\n", 1)[1].strip().replace(
-            f"]({args.study}.png)", f"](results/{args.study}.png)")
-        if _update_results_md(RESULTS_MD, args.study, block):
+            f"]({args.study}.png)", f"]({folder}/{args.study}.png)")
+        if _update_results_md(RESULTS_MD, marker, block):
             print(f"[reproduce] updated {RESULTS_MD}", flush=True)
     return record
 

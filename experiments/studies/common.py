@@ -28,12 +28,23 @@ def flag_value(value: Any) -> str:
     return str(value)
 
 
+def repository_path(path: str | os.PathLike) -> str:
+    """`path` relative to the repository root when it lies inside it (so records name
+    no absolute path of the machine that wrote them), else `path` as given."""
+    resolved = Path(os.path.abspath(path))
+    try:
+        return resolved.relative_to(ROOT).as_posix()
+    except ValueError:
+        return os.fspath(path)
+
+
 def train_command(config_file: str, workdir: str | os.PathLike, preset: str,
                   overrides: Mapping[str, Any]) -> str:
-    """The `python -m experiments.train` command that trains the same run."""
+    """The `python -m experiments.train` command that trains the same run, run from
+    the repository root (a workdir inside the repository is given relative to it)."""
     args = ["python", "-m", "experiments.train", "--config",
             config_file if preset == "full" else f"{config_file}:{preset}",
-            "--workdir", os.fspath(workdir)]
+            "--workdir", repository_path(workdir)]
     args += [f"--config.{key}={flag_value(value)}" for key, value in overrides.items()]
     return shlex.join(args)
 
@@ -154,6 +165,34 @@ def timed_train_run(label: str, config_file: str, preset: str, overrides: Mappin
     started = time.perf_counter()
     final = train_run(config_file, preset, overrides, workdir)
     return final, round(time.perf_counter() - started, 1)
+
+
+def eval_curve(workdir: Path) -> dict[str, dict[str, float]]:
+    """`{step: {metric: value}}` of every dev evaluation in `<workdir>/metrics.jsonl`
+    (steps as strings, in training order)."""
+    curve: dict[str, dict[str, float]] = {}
+    with open(workdir / "metrics.jsonl", encoding="utf-8") as file:
+        for line in file:
+            row = json.loads(line)
+            if row.get("split") == "eval":
+                curve[str(row["step"])] = {key: float(value) for key, value in row.items()
+                                           if key not in ("step", "time", "split")}
+    return curve
+
+
+def best_evaluation(curve: Mapping[str, Mapping[str, float]],
+                    key: str = "f1") -> tuple[int, dict[str, float]]:
+    """`(step, metrics)` of the evaluation with the highest `key` (the earliest on a tie),
+    as a run that keeps its best checkpoint would report it.
+
+    Raises:
+      ValueError: `curve` holds no evaluation with `key`.
+    """
+    scored = [(int(step), dict(metrics)) for step, metrics in curve.items() if key in metrics]
+    if not scored:
+        raise ValueError(f"curve must hold at least one evaluation with {key!r}; got steps "
+                         f"{sorted(curve)}")
+    return max(scored, key=lambda item: (item[1][key], -item[0]))
 
 
 def run_schedule(seed: int, steps: int, *, log_points: int, eval_every: int | None = None,

@@ -6,7 +6,9 @@ A character-level RoFormer encoder trained from scratch on CLUENER 2020
 (`configs/cluener_globalpointer.py`, `configs/cluener_bio.py`), one run per seed of
 each head: GlobalPointer with RoPE, without RoPE (`model.gp_rope=False`), Efficient
 GlobalPointer, and a token-level softmax BIO tagger; span precision / recall / F1 on
-the whole dev set (`final_metrics.json`, `eval/f1`). Plus GlobalPointer with the
+the whole dev set, evaluated several times during training (`metrics.jsonl`), reported
+at the best evaluation and its step (as the reference script keeps its best epoch)
+and at the last step. Plus GlobalPointer with the
 sparse ZLPR loss (`model.gp_loss=sparse`, the same loss without the dense label
 tensor) for the first seed, and the compiled peak memory
 (`memory_analysis()` of the jitted loss + gradient) and interleaved median time of
@@ -26,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from experiments.studies.common import (
+    best_evaluation,
     cell,
+    eval_curve,
     overrides_text,
     run_schedule,
     runtime_text,
@@ -50,20 +54,21 @@ GP_VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 #: Trained on the first seed only: same math as the dense GlobalPointer (RoPE).
 SPARSE_VARIANT = ("GlobalPointer (RoPE), sparse ZLPR", GP_CONFIG,
                   {"model.efficient": False, "model.gp_rope": True, "model.gp_loss": "sparse"})
-#: Study presets: (the config files' preset, overrides, default steps, memory lengths,
-#: timing repeats). The config file's model (width 256, 4 layers, 3000 steps) takes
-#: hours per variant and seed on a 2-core CPU; "default" is the small encoder the
-#: published numbers were taken with.
-PRESETS: dict[str, tuple[str, dict[str, Any], int, tuple[int, ...], int]] = {
-    "default": ("full", {
-        "model.width": 128, "model.num_layers": 2, "model.num_heads": 4,
-        "model.mlp_dim": 512, "data.batch_size": 32,
-    }, 400, (64, 512), 10),
+_SMALL = {"model.width": 128, "model.num_layers": 2, "model.num_heads": 4,
+          "model.mlp_dim": 512, "data.batch_size": 32}
+#: Study presets: (the config files' preset, overrides, default steps, dev evaluations
+#: per run, memory lengths, timing repeats). The config file's model (width 256, 4
+#: layers, 3000 steps) takes hours per variant and seed on a 2-core CPU; "default" is a
+#: small encoder (0.45 s per step on 2 CPU cores), "gpu" the same encoder trained for
+#: the config file's 3000 steps (about 10 epochs of CLUENER), for the GPU campaign.
+PRESETS: dict[str, tuple[str, dict[str, Any], int, int, tuple[int, ...], int]] = {
+    "default": ("full", _SMALL, 800, 8, (64, 512), 10),
+    "gpu": ("full", _SMALL, 3000, 15, (64, 512), 20),
     "smoke": ("smoke", {
         "model.width": 16, "model.num_layers": 1, "model.num_heads": 2,
         "model.mlp_dim": 32, "data.batch_size": 8, "optimizer.name": "adamw",
         "train.tensorboard": False,
-    }, 2, (16,), 2),
+    }, 2, 2, (16,), 2),
 }
 NUM_TYPES = 10  # CLUENER 2020
 
@@ -77,10 +82,12 @@ def _optimizer_text(overrides: Mapping[str, Any]) -> str:
 
 def _overrides(preset: str, steps: int, seed: int, config_file: str,
                variant: Mapping[str, Any]) -> dict[str, Any]:
-    _, overrides, _, _, _ = PRESETS[preset]
+    _, overrides, _, evals, _, _ = PRESETS[preset]
+    every = max(steps // evals, 1)
     return {
         **overrides, **variant,
-        **run_schedule(seed, steps, log_points=10),
+        **run_schedule(seed, steps, log_points=10, eval_every=every,
+                       checkpoint_every=steps if steps % every == 0 else every * evals),
         # The config's Amos-style decay (half-life 1500 of 3000 steps), at this length.
         "optimizer.amos_style.half_life": max(steps // 2, 1),
     }
@@ -89,7 +96,7 @@ def _overrides(preset: str, steps: int, seed: int, config_file: str,
 def _train(runs_root: Path, name: str, config_file: str, variant: Mapping[str, Any],
            preset: str, steps: int, seeds: list[int]) -> dict[str, Any]:
     config_preset = PRESETS[preset][0]
-    per_seed: dict[str, dict[str, float]] = {}
+    per_seed: dict[str, dict[str, Any]] = {}
     commands, seconds, reused = {}, {}, []
     slug = name.lower().replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
     for seed in seeds:
@@ -100,16 +107,26 @@ def _train(runs_root: Path, name: str, config_file: str, variant: Mapping[str, A
         if final.get("reused"):
             reused.append(seed)
         metrics = final["eval"]
-        per_seed[str(seed)] = {key: float(metrics[key]) for key in
-                               ("f1", "precision", "recall", "tp", "fp", "fn",
-                                "gold_spans", "bio_unrepresentable") if key in metrics}
+        curve = eval_curve(workdir)
+        best_step, best = best_evaluation(curve)
+        per_seed[str(seed)] = {
+            **{key: float(metrics[key]) for key in
+               ("f1", "precision", "recall", "tp", "fp", "fn", "gold_spans",
+                "bio_unrepresentable") if key in metrics},
+            "best_step": best_step,
+            **{f"best_{key}": best[key] for key in ("f1", "precision", "recall", "tp", "fp",
+                                                     "fn")},
+            "f1_curve": {step: values["f1"] for step, values in curve.items()},
+        }
         commands[str(seed)] = train_command(config_file, workdir, config_preset, overrides)
-        print(f"[reproduce]   dev F1 {100 * per_seed[str(seed)]['f1']:.2f}  "
-              f"({seconds[str(seed)]:.0f} s)", flush=True)
+        print(f"[reproduce]   dev F1 best {100 * best['f1']:.2f} at step {best_step}, last "
+              f"{100 * per_seed[str(seed)]['f1']:.2f}  ({seconds[str(seed)]:.0f} s)",
+              flush=True)
     result: dict[str, Any] = {"config": config_file, "overrides": dict(variant),
                               "seeds": seeds, "scores": per_seed, "run_seconds": seconds,
                               "reused_seeds": reused, "train_commands": commands}
-    for key in ("f1", "precision", "recall"):
+    for key in ("f1", "precision", "recall", "best_f1", "best_precision", "best_recall",
+                "best_step"):
         result[f"{key}_mean"], result[f"{key}_std"] = summary(
             [scores[key] for scores in per_seed.values()])
     return result
@@ -197,7 +214,8 @@ def _loss_memory_and_time(preset: str, lengths: tuple[int, ...], repeats: int,
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Study 2: trains the heads × seeds (+ sparse ZLPR, first seed), measures the loss."""
     print(f"[reproduce] globalpointer, preset {args.preset}", flush=True)
-    config_preset, preset_overrides, default_steps, lengths, repeats = PRESETS[args.preset]
+    config_preset, preset_overrides, default_steps, evals, lengths, repeats = \
+        PRESETS[args.preset]
     steps = args.steps or default_steps
     seeds = list(args.seeds)
     runs_root = Path(args.runs) / "globalpointer" / f"{args.preset}-{steps}steps"
@@ -218,6 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "configs": [GP_CONFIG, BIO_CONFIG], "preset": args.preset,
         "config_preset": config_preset, "model_and_data": preset_overrides, "steps": steps,
         "seeds": seeds, "optimizer": _optimizer_text(preset_overrides),
+        "eval_every": max(steps // evals, 1),
         "metric": "dev span F1", "variants": variants, "zlpr_memory": memory,
         "vocab_size": vocab_size, "runtime_s": round(time.perf_counter() - started, 1),
     }
@@ -235,13 +254,21 @@ def _vocab_size(runs_root: Path) -> int:
     raise FileNotFoundError(f"no finished run under {runs_root}")
 
 
+def _step_cell(v: Mapping[str, Any]) -> str:
+    steps = [scores["best_step"] for scores in v["scores"].values()]
+    return " / ".join(map(str, steps))
+
+
 def _f1_table(record: Mapping[str, Any]) -> str:
-    lines = ["| head | dev F1 | precision | recall | head params | seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| head | best dev F1 | step of best | precision at best | recall at best | "
+             f"F1 at step {record['steps']} | head params | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, v in record["variants"].items():
-        lines.append(f"| {name} | {cell(v['f1_mean'], v['f1_std'])} | "
-                     f"{cell(v['precision_mean'], v['precision_std'])} | "
-                     f"{cell(v['recall_mean'], v['recall_std'])} | {v['head_params']:,} | "
+        lines.append(f"| {name} | {cell(v['best_f1_mean'], v['best_f1_std'])} | "
+                     f"{_step_cell(v)} | "
+                     f"{cell(v['best_precision_mean'], v['best_precision_std'])} | "
+                     f"{cell(v['best_recall_mean'], v['best_recall_std'])} | "
+                     f"{cell(v['f1_mean'], v['f1_std'])} | {v['head_params']:,} | "
                      f"{', '.join(map(str, v['seeds']))} |")
     return "\n".join(lines)
 
@@ -266,21 +293,34 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(record["variants"])
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12.0, 4.8), dpi=120)
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
     for index, name in enumerate(names):
         v = record["variants"][name]
-        scores = [100 * s["f1"] for s in v["scores"].values()]
-        ax.bar(index, 100 * v["f1_mean"], color=colors[index % len(colors)], alpha=0.7,
-               yerr=100 * v["f1_std"] if v["f1_std"] else None, capsize=4)
-        ax.scatter([index] * len(scores), scores, color="black", s=12, zorder=3)
-        ax.text(index, 100 * v["f1_mean"] + 0.5, f"{100 * v['f1_mean']:.1f}", ha="center",
-                va="bottom", fontsize=8)
-    ax.set_xticks(range(len(names)), [textwrap.fill(n, 16) for n in names], fontsize=7)
-    ax.set_ylabel("dev span F1 (%)")
-    ax.set_title(f"CLUENER, char encoder from scratch, {record['steps']} steps; bars: mean "
-                 f"± std over {seeds_label(record['seeds'])}, dots: runs", fontsize=9)
-    ax.grid(True, axis="y", alpha=0.3)
+        color = colors[index % len(colors)]
+        scores = [100 * s["best_f1"] for s in v["scores"].values()]
+        bars.bar(index, 100 * v["best_f1_mean"], color=color, alpha=0.7,
+                 yerr=100 * v["best_f1_std"] if v["best_f1_std"] else None, capsize=4)
+        bars.scatter([index] * len(scores), scores, color="black", s=12, zorder=3)
+        bars.text(index, 100 * v["best_f1_mean"] + 0.5, f"{100 * v['best_f1_mean']:.1f}",
+                  ha="center", va="bottom", fontsize=8)
+        runs = [s["f1_curve"] for s in v["scores"].values()]
+        steps = sorted({int(step) for run in runs for step in run})
+        mean = [100 * np.mean([run[str(step)] for run in runs if str(step) in run])
+                for step in steps]
+        curves.plot(steps, mean, marker="o", markersize=3, color=color, label=name)
+    bars.set_xticks(range(len(names)), [textwrap.fill(n, 16) for n in names], fontsize=7)
+    bars.set_ylabel("best dev span F1 (%)")
+    bars.set_title("best evaluation; " + (
+        f"bars: mean ± std over {seeds_label(record['seeds'])}, dots: runs"
+        if len(record["seeds"]) > 1 else f"seed {record['seeds'][0]}"), fontsize=9)
+    bars.grid(True, axis="y", alpha=0.3)
+    curves.set_xlabel("training step")
+    curves.set_ylabel("dev span F1 (%)")
+    curves.set_title(f"dev F1 during training (mean over seeds); {record['steps']} steps",
+                     fontsize=9)
+    curves.grid(True, alpha=0.3)
+    curves.legend(fontsize=7)
     save_figure(fig, path)
 
 
@@ -309,14 +349,16 @@ def markdown(record: Mapping[str, Any], png_name: str) -> str:
         f"- Command: `{record['command']}` ({runtime})",
         f"- `{record['configs'][0]}` / `{record['configs'][1]}` (preset "
         f"`{record['preset']}`: {model}), {record['steps']} steps, optimizer "
-        f"{record['optimizer']}; dev span P/R/F1 (%) over {_dev_set(record)}; {spread}. "
+        f"{record['optimizer']}; dev span P/R/F1 (%) over {_dev_set(record)}, evaluated "
+        f"every {record['eval_every']} steps; best: the evaluation with the highest F1 "
+        f"(step of best: per seed); {spread}. "
         "The sparse-ZLPR row is trained on the first seed only (same init and batches as "
         "the dense run of that seed). Head params: parameters on top of the encoder."
         f"{bio_note}",
         "",
         _f1_table(record),
         "",
-        f"![dev F1 per head]({png_name})",
+        f"![best dev F1 per head and F1 during training]({png_name})",
         "",
         "Dense vs sparse ZLPR, GlobalPointer (RoPE) loss + gradient w.r.t. all parameters, "
         "jitted: compiled `memory_analysis()` (peak = arguments + outputs + temporaries − "

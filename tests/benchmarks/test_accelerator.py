@@ -373,7 +373,13 @@ def test_ner_part_runs_gpu_presets_and_skips_studies_without_one(tmp_path, fake_
         ("setup", "ok"), ("globalpointer", "ok"), ("rdrop", "ok"), ("optimizers", "skipped")]
     rdrop = section_of(doc, "rdrop")
     assert sorted(rdrop["data"]["records"]) == ["gpu", "gpu_subset"]
-    assert rdrop["data"]["records"]["gpu_subset"]["seeds"] == [0, 1, 2]
+    # One process per seed, then one merging call that reads the three back.
+    processes = rdrop["data"]["processes"]["gpu_subset"]
+    assert [p["seeds"] for p in processes] == [[0], [1], [2], [0, 1, 2]]
+    assert processes[-1]["merge"] and all(p["returncode"] == 0 for p in processes)
+    merged = rdrop["data"]["records"]["gpu_subset"]
+    assert merged["seeds"] == [0, 1, 2]
+    assert all(v["reused_seeds"] == [0, 1, 2] for v in merged["variants"].values())
     notes = "\n".join(rdrop["notes"])
     assert "**Fake rdrop**" in notes and "| gpu_subset | 0 1 2 |" in notes
     assert "![" not in notes and "# Fake" not in notes
@@ -381,4 +387,20 @@ def test_ner_part_runs_gpu_presets_and_skips_studies_without_one(tmp_path, fake_
     assert "`optimizers` has no `gpu` preset yet (its presets: default, smoke)" in skipped
     setup = section_of(doc, "setup")
     assert setup["tables"][0]["rows"][2] == ["optimizers", "—", "—", skipped[len("Skipped: "):]]
-    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.300" in " ".join(setup["notes"])
+    # 3 presets x 3 seeds = 9 processes share 0.9 of the device memory.
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.100" in " ".join(setup["notes"])
+
+
+def test_ner_part_merges_the_seeds_that_finished(tmp_path, fake_studies, monkeypatch):
+    monkeypatch.setenv("FAKE_REPRODUCE_FAIL_SEED", "1")
+    status = accelerator.run_part_here(registered("studies_ner"), str(tmp_path), smoke=False,
+                                       deadline=time.time() + 120)
+    assert status == 1
+    doc = accelerator.read_part(str(tmp_path), "studies_ner")
+    gp = section_of(doc, "globalpointer")
+    assert gp["status"] == "failed"
+    assert gp["failed_checks"] == ["globalpointer --preset gpu: every planned seed finished"]
+    assert gp["data"]["records"]["gpu"]["seeds"] == [0, 2]
+    notes = "\n".join(gp["notes"])
+    assert "seed(s) [1]: ended with status 1" in notes and "fake failure" in notes
+    assert "Only seeds [0, 2] of [0, 1, 2] finished within the budget." in notes

@@ -126,3 +126,10 @@ def test_gpu_preset_is_the_config_files_own_recipe_at_20m_tokens():
         assert config.optimizer.amos_style.half_life == 2000
         assert tuple(config.eval.lengths) == (64, 128, 256, 512, 1024, 2048, 4096)
         assert config.seed == config.train.seed == config.data.seed == 1
+
+
+def test_results_block_follows_the_output_folder(tmp_path):
+    assert reproduce.results_block(reproduce.DEFAULT_OUT, "rdrop") == ("rdrop", "results")
+    assert reproduce.results_block(reproduce.DEFAULT_OUT / "rdrop_overfit", "rdrop") == (
+        "rdrop_overfit", "results/rdrop_overfit")
+    assert reproduce.results_block(tmp_path, "rdrop") == (None, None)

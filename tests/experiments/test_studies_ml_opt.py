@@ -76,8 +76,9 @@ def test_optimizers_smoke_study(tmp_path_factory):
     out = _smoke(tmp_path_factory, "optimizers")
     record = json.loads((out / "optimizers.json").read_text())
     assert record["study"] == "optimizers" and record["steps"] == 2
-    assert record["trained"] == ["adamw", "amos"]
     assert list(record["tasks"]) == ["lm", "ner"]
+    assert list(record["tasks"]["lm"]["variants"]) == ["adamw", "amos"]
+    assert list(record["tasks"]["ner"]["variants"]) == ["adamw", "amos", "adamw, pre-norm"]
     for task in record["tasks"].values():
         memory = task["memory"]
         assert set(memory) == {"adamw", "amos", "amos_factored"}
@@ -88,16 +89,44 @@ def test_optimizers_smoke_study(tmp_path_factory):
         assert 2 * params <= memory["adamw"]["state_bytes"] < 2 * params + 1024
         assert 3 * params <= memory["amos"]["state_bytes"] < 3 * params + 1024
         assert params < memory["amos_factored"]["state_bytes"] < 2 * params
-        for entry in task["optimizers"].values():
+        best = [name for name, e in task["variants"].items()
+                if e["optimizer"] == "adamw" and e["best_of_optimizer"]]
+        assert len(best) == 1  # the steps-to-target baseline: AdamW's best variant
+        for entry in task["variants"].values():
+            assert entry["baseline"] == best[0]
             curves = entry["scores"]["0"]["curves"]
             assert [step for step, _ in curves["train"]] == [1, 2]
             assert [step for step, _ in curves["eval"]] == [1, 2]
             assert entry["steps_to_adamw_eval"]["seeds"] == 1
+    ner = record["tasks"]["ner"]
+    assert "--config.model.norm_position=pre" in \
+        ner["variants"]["adamw, pre-norm"]["train_commands"]["0"]
+    # The collapse measurement: a mean cosine and the logit statistics of every NER run.
+    for entry in (ner["collapse_at_init"], *(v["collapse"] for v in ner["variants"].values())):
+        assert -1.0 <= entry["token_cosine"] <= 1.0
+        assert 0.0 <= entry["positive_share"] <= 1.0 and entry["sentences"] > 0
+        assert entry["logit_max"] >= entry["sentence_max_logit_median"]
     table = (out / "optimizers.md").read_text()
     for name in ("AdamW", "Amos", "Amos (factored v)"):
-        assert table.count(f"| {name} |") == 2, table
+        assert table.count(f"| {name} |") + table.count(f"| **{name}** |") == 2, table
     assert table.count("| not trained |") == 2
-    assert "![loss against steps](optimizers.png)" in table
+    assert "| model | token-to-token cosine |" in table
+    assert "![eval loss against steps](optimizers.png)" in table
+
+
+def test_learning_rate_grid_scales_the_configs_rate():
+    variants = optimizers.PRESETS["gpu_ner"][0]["ner"][2]
+    adamw = [v for v in variants if v.optimizer == "adamw" and not v.overrides]
+    rates = [optimizers._overrides("gpu_ner", "ner", 100, 0, v)["optimizer.adamw.learning_rate"]
+             if v.lr_factor != 1.0 else None for v in adamw]
+    assert len(adamw) == 5 and rates.count(None) == 1
+    known = sorted(r for r in rates if r is not None)
+    # Half-decade steps around the config's 1e-3: 1e-4, 3.16e-4, 3.16e-3, 1e-2.
+    assert known == pytest.approx([1e-4, 10 ** -3.5, 10 ** -2.5, 1e-2], rel=1e-3)
+    for opt in optimizers.TRAINED:
+        assert sum(v.optimizer == opt for v in variants if not v.overrides) == 5
+    assert [v.optimizer for v in optimizers.PRESETS["gpu_lm"][0]["lm"][2]] == [
+        opt for opt in optimizers.TRAINED for _ in optimizers.LR_FACTORS]
 
 
 def test_steps_to_reach_interpolates_between_logged_points():

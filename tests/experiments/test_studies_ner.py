@@ -32,6 +32,13 @@ def test_globalpointer_smoke_study(tmp_path):
         assert command.startswith("python -m experiments.train --config configs/cluener_")
         assert "--config.seed=0" in command, command
         assert variant["head_params"] > 0, name
+        # Evaluated every step of two: the best evaluation is one of the curve's points.
+        scores = variant["scores"]["0"]
+        assert list(scores["f1_curve"]) == ["1", "2"]
+        assert scores["best_step"] in (1, 2)
+        assert scores["best_f1"] == max(scores["f1_curve"].values())
+        assert scores["f1"] == scores["f1_curve"]["2"]
+        assert "--workdir runs/" not in command and "--workdir /" in command  # outside repo
     # The BIO task trains and is scored by the same span counts, against every gold span.
     bio = record["variants"]["BIO softmax tagger"]["scores"]["0"]
     assert bio["gold_spans"] > 0 and bio["bio_unrepresentable"] >= 0
@@ -47,9 +54,11 @@ def test_globalpointer_smoke_study(tmp_path):
     assert row["dense"]["peak_bytes"] > 0 and row["sparse"]["step_ms"] > 0
     table = (out / "globalpointer.md").read_text()
     for name in names:
-        assert re.search(rf"^\| {re.escape(name)} \| \d+\.\d\d \|", table, re.MULTILINE), name
+        assert re.search(rf"^\| {re.escape(name)} \| \d+\.\d\d \| [12] \|", table,
+                         re.MULTILINE), name
     assert "| [8, 10, 16, 16] | dense |" in table and "| [8, 10, 16, 16] | sparse |" in table
-    assert "![dev F1 per head](globalpointer.png)" in table
+    assert "| head | best dev F1 | step of best |" in table
+    assert "![best dev F1 per head and F1 during training](globalpointer.png)" in table
     check_png(out / "globalpointer.png")
     assert "updated" not in result.stdout  # docs/results.md is left alone for other --out
 
@@ -59,14 +68,30 @@ def test_rdrop_smoke_study(tmp_path):
     record = json.loads((out / "rdrop.json").read_text())
     assert record["study"] == "rdrop" and record["steps"] == 2
     assert [v["rdrop_alpha"] for v in record["variants"].values()] == [0.0, rdrop.ALPHA]
+    assert list(record["variants"]) == [rdrop.variant_name(a, 0.1) for a in (0.0, rdrop.ALPHA)]
     for variant in record["variants"].values():
-        assert list(variant["f1_curve"]["0"]) == ["1", "2"]  # eval every steps / 4 (≥ 1)
-        assert f"--config.objective.rdrop_alpha={variant['rdrop_alpha']}" in \
-            variant["train_commands"]["0"]
-    with_rdrop = record["variants"][rdrop.RDROP_VARIANTS[1][0]]
+        assert list(variant["f1_curve"]["0"]) == ["1", "2"]  # eval every steps / 2 (≥ 1)
+        scores = variant["scores"]["0"]
+        assert scores["best_f1"] == max(variant["f1_curve"]["0"].values())
+        assert scores["best_step"] in (1, 2) and scores["f1"] == variant["f1_curve"]["0"]["2"]
+        command = variant["train_commands"]["0"]
+        assert f"--config.objective.rdrop_alpha={variant['rdrop_alpha']}" in command
+        assert "--config.model.dropout_rate=0.1" in command
+    with_rdrop = record["variants"][rdrop.variant_name(rdrop.ALPHA, 0.1)]
     assert all(kl >= 0 for kl in with_rdrop["train_gp_kl"]["0"].values())
     assert with_rdrop["train_gp_kl"]["0"]  # the divergence is logged as it trains
     table = (out / "rdrop.md").read_text()
-    assert "| objective | F1 @ 1 | F1 @ 2 | precision | recall | s / run |" in table
+    assert "| objective | dropout | α | best dev F1 | step of best |" in table
+    assert "| GlobalPointer + R-Drop (α = 4) | 0.1 | 4 |" in table
     assert "![dev F1 vs steps](rdrop.png)" in table
     check_png(out / "rdrop.png")
+
+
+def test_rdrop_presets_cover_the_grid_and_the_small_training_subset():
+    for name in ("overfit", "gpu", "gpu_overfit"):
+        _, _, _, evals, alphas, dropouts = rdrop.PRESETS[name]
+        assert set(alphas) == {0.0, 1.0, 4.0} and set(dropouts) == {0.1, 0.3}
+        assert evals >= 8  # best evaluation of several
+    assert rdrop.PRESETS["overfit"][1]["data.max_examples"] == rdrop.SUBSET
+    assert rdrop.PRESETS["gpu_overfit"][1]["data.max_examples"] == rdrop.SUBSET
+    assert "data.max_examples" not in rdrop.PRESETS["gpu"][1]
