@@ -13,6 +13,7 @@ import pytest
 
 from kexue.data import held_out_start, list_text_files, make_builder, prepare, text_files_config
 from kexue.data.text_files import _eval_score
+from tests.conftest import HAVE_CLUENER
 
 
 def test_text_files_split_is_a_hash_partition(text_corpus):
@@ -74,7 +75,7 @@ def test_builders_work_without_importing_tensorflow(text_corpus, tmp_path, reque
     """Build, read and batch in a fresh interpreter; TensorFlow must never be imported
     (the venv has none, and where it is installed the NumPy path must still be used)."""
     cluener = None
-    if os.path.isfile("/work/shared/data/cluener/train.jsonl"):
+    if HAVE_CLUENER:
         cluener = request.getfixturevalue("cluener_subset")
     script = textwrap.dedent(f"""
         import sys
