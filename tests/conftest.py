@@ -17,6 +17,11 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
+# The suite's programs are small and run a few times each, so compiling is most of its
+# time: XLA:CPU's LLVM optimisation is off (as in the campaign's --smoke). Tests that
+# measure speed do so in benchmarks, not here.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 import numpy as np
 import pytest

@@ -49,6 +49,7 @@ def train_lm(workdir: Path, data_dir: Path, pattern: str, **overrides: Any):
 
 def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m module args` on one CPU device, from the repository root."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # compiling dominates
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)

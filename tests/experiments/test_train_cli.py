@@ -23,8 +23,11 @@ needs_cluener = pytest.mark.skipif(not HAVE_CLUENER, reason=CLUENER_MISSING)
 
 def run_cli(module: str, *args: str, devices: int = 1,
             timeout: float = 300) -> subprocess.CompletedProcess:
-    flag = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+    flags = ["--xla_backend_optimization_level=0"]  # compiling dominates these runs
+    if devices > 1:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": " ".join(flags),
+           "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
