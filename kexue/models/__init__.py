@@ -46,6 +46,7 @@ from kexue.models.layers import (
     Norm,
     Transformer,
     TransformerBlock,
+    attention_entropies,
     cross_entropy,
 )
 from kexue.models.pretrained import (
@@ -95,6 +96,7 @@ __all__ = [
     "TransformerBlock",
     "TransformerConfig",
     "ViT",
+    "attention_entropies",
     "bio_num_tags",
     "bio_span_scores",
     "bio_tags_from_spans",

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -205,6 +205,8 @@ class Attention(nnx.Module):
                            out_axes=("kv_heads", "head_dim"), **dense)
         self.out = Dense((c.num_heads, c.head_dim), c.width, in_axes=("heads", "head_dim"),
                          out_axes=("embed",), **dense)
+        #: Set by `attention_entropies`: sow each query's attention entropy.
+        self.record_entropy = False
 
     def rotate(self, x: jax.Array, positions) -> jax.Array:
         c = self.config
@@ -246,12 +248,56 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start)
             cache = LayerCache(k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if self.record_entropy:
+            self.sow(nnx.Intermediate, "attention_entropy", ops.attention_entropy(
+                q, k, mask=mask, scale=c.attention_scale, entropy_base=c.entropy_base))
         out = ops.dot_product_attention(q, k, v, mask=mask, scale=c.attention_scale,
                                         entropy_base=c.entropy_base,
                                         implementation=c.attention_implementation,
                                         block_q=c.attention_block_q,
                                         block_k=c.attention_block_k)
         return self.out(out), cache
+
+
+def attention_entropies(model: nnx.Module, *args, **kwargs) -> tuple[Any, list[jax.Array]]:
+    """`model(*args, **kwargs)` and the attention entropy of each of its attention layers.
+
+    Every `Attention` inside `model` records `ops.attention_entropy` of its queries and
+    keys (after RoPE, with its mask and logit scale) while the call runs, through
+    `nnx.capture`; nothing is recorded otherwise, and the model is left as it was.
+    Entropy-invariant attention (kexue.fm/archives/8823) is meant to keep these level
+    as the number of visible keys grows. Call it in evaluation mode (`model.eval()`):
+    blocks run under `jax.checkpoint` (training mode with `remat`) record nothing, and
+    that is an error here. Works eagerly and inside `nnx.jit`.
+
+    Returns:
+      `(output, entropies)`: the model's output and, for each attention layer in the
+      order `nnx.iter_modules` visits them (the stack's order), float32 `[b, n_q, h]`
+      entropies in nats (0 for a query that sees no key).
+    """
+    layers = [(path, module) for path, module in nnx.iter_modules(model)
+              if isinstance(module, Attention)]
+    if not layers:
+        raise ValueError(f"`model`: expected a module with `Attention` layers; got a "
+                         f"{type(model).__name__} without any.")
+    for _, layer in layers:
+        layer.record_entropy = True
+    try:
+        output, captured = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
+    finally:
+        for _, layer in layers:
+            layer.record_entropy = False
+    flat = dict(nnx.to_flat_state(captured))
+    entropies = []
+    for path, _ in layers:
+        recorded = flat.get((*path, "attention_entropy"))
+        if recorded is None:
+            raise ValueError(f"attention layer {'.'.join(map(str, path))} recorded no "
+                             "entropy (blocks under remat in training mode record none; "
+                             "call `model.eval()` first).")
+        value = recorded.get_value() if hasattr(recorded, "get_value") else recorded
+        entropies.append(value[-1] if isinstance(value, tuple) else value)
+    return output, entropies
 
 
 class TransformerBlock(nnx.Module):

@@ -11,7 +11,11 @@ naming the argument. Importing this package loads JAX and NumPy only.
                                     implementation="blocked")  # memory linear in n
 """
 
-from kexue.ops.attention import dot_product_attention, entropy_invariant_scale
+from kexue.ops.attention import (
+    attention_entropy,
+    dot_product_attention,
+    entropy_invariant_scale,
+)
 from kexue.ops.distances import bhattacharyya_distance, gaussian_kl, wasserstein2_distance
 from kexue.ops.global_pointer import (
     decode_spans,
@@ -36,6 +40,7 @@ __all__ = [
     "AttentionMask",
     "apply_rope",
     "apply_rope_nd",
+    "attention_entropy",
     "bhattacharyya_distance",
     "causal_mask",
     "combine_masks",

@@ -23,7 +23,8 @@ import numpy as np
 from kexue.ops import _checks, blocked_attention
 from kexue.ops.masks import AttentionMask
 
-__all__ = ["IMPLEMENTATIONS", "SCALES", "dot_product_attention", "entropy_invariant_scale"]
+__all__ = ["IMPLEMENTATIONS", "SCALES", "attention_entropy", "dot_product_attention",
+           "entropy_invariant_scale"]
 
 SCALES = ("standard", "entropy_invariant")
 #: `implementation` values: None (per backend, `default_implementation`),
@@ -252,6 +253,80 @@ def dot_product_attention(q, k, v, *, mask=None, scale: str | float = "standard"
         seen = jnp.swapaxes(seen, -1, -2)[..., None]  # [B', n_q, h', 1]
         out = jnp.where(seen, out, jnp.zeros((), out.dtype))
     return out.reshape(q.shape).astype(q.dtype)
+
+
+def attention_entropy(q, k, *, mask=None, scale: str | float = "standard",
+                      entropy_base: float = 512.0) -> jax.Array:
+    """The entropy (nats) of each query's attention distribution `softmax(κ_i q_i·k_j)`.
+
+    The quantity entropy-invariant attention is about (kexue.fm/archives/8823): with the
+    standard scale it grows like `log n` with the number `n` of visible keys; the
+    `log_b(n)` factor is meant to keep it level. Same arguments and the same logit scale
+    `κ_i` as `dot_product_attention` (grouped-query heads, bool or `AttentionMask`
+    masks), but the distribution itself is returned as `H_i = logsumexp_j z_ij −
+    Σ_j p_ij z_ij`, not applied to values. It is computed densely (memory `O(n_q·n_k)`
+    per head): a measurement, not a training op.
+
+    Args:
+      q: `[..., n_q, h, d]` queries, float dtype.
+      k: `[..., n_k, h_kv, d]` keys, same dtype and leading axes as `q`, `h % h_kv == 0`.
+      mask: as in `dot_product_attention` (True = may attend), or None.
+      scale: ``"standard"``, ``"entropy_invariant"`` or a Python number (the logit scale).
+      entropy_base: `b` of the entropy-invariant scale.
+
+    Returns:
+      float32 `[..., n_q, h]` (float64 for float64 inputs): `H_i`, in `[0, log n_i]`; 0
+      for a query that sees no key.
+    """
+    for name, x in (("q", q), ("k", k)):
+        _checks.check_min_rank(name, x, 3, "[..., n, heads, d]")
+        _checks.check_floating(name, x)
+    q, k = jnp.asarray(q), jnp.asarray(k)
+    if q.dtype != k.dtype:
+        raise ValueError(f"`q` and `k` must have the same dtype; got q.dtype={q.dtype}, "
+                         f"k.dtype={k.dtype}.")
+    if q.shape[:-3] != k.shape[:-3]:
+        raise ValueError("`q` and `k` must have the same leading (batch) axes; "
+                         f"got q.shape={q.shape} and k.shape={k.shape}.")
+    _checks.check_dim("k", k, -1, q.shape[-1], "head dim d of q")
+    *batch, n_q, h, d = q.shape
+    n_k, h_kv = k.shape[-3], k.shape[-2]
+    if h % h_kv:
+        raise ValueError(
+            f"The number of query heads must be a multiple of the key/value heads; got "
+            f"q.shape={q.shape} (h={h}) and k.shape={k.shape} (h_kv={h_kv}).")
+    _check_scale(scale)
+    base = _check_entropy_base(entropy_base)
+    compute = _checks.compute_dtype(q.dtype)
+    flat = math.prod(batch)
+    q4 = q.reshape(flat, n_q, h, d).astype(compute)
+    k4 = jnp.repeat(k.reshape(flat, n_k, h_kv, d).astype(compute), h // h_kv, axis=2)
+    if isinstance(mask, AttentionMask):
+        dense = None if mask.mask is None else _prepare_mask(mask.mask, q.shape, n_k)
+        mask4 = blocked_attention.dense_mask(
+            blocked_attention.flatten_mask(mask, q.shape, n_k, dense), n_q, n_k)
+    else:
+        mask4 = None if mask is None else _prepare_mask(mask, q.shape, n_k)
+    if mask4 is None:
+        mask4 = jnp.ones((1, 1, n_q, n_k), bool)
+    mask4 = jnp.broadcast_to(mask4, (mask4.shape[0], h, n_q, n_k))  # [B' , h, n_q, n_k]
+    counts = jnp.sum(mask4, axis=-1)  # [B', h, n_q]
+    if scale == "standard":
+        kappa = jnp.asarray(1.0 / math.sqrt(d), compute)
+    elif scale == "entropy_invariant":
+        kappa = entropy_invariant_scale(counts.astype(compute), entropy_base=base) / math.sqrt(d)
+        kappa = kappa[..., None]
+    else:
+        kappa = jnp.asarray(float(scale), compute)
+    z = jnp.einsum("bqhd,bkhd->bhqk", q4, k4) * kappa
+    seen = counts > 0
+    # log p over the visible keys (a query that sees none gets a dummy row, zeroed below).
+    log_p = jax.nn.log_softmax(jnp.where(mask4, z, -jnp.inf), axis=-1,
+                               where=mask4 | ~seen[..., None])
+    p_log_p = jnp.where(mask4, jnp.exp(log_p) * log_p, 0.0)
+    entropy = jnp.where(seen, jnp.maximum(-jnp.sum(p_log_p, axis=-1), 0.0), 0.0)
+    entropy = jnp.broadcast_to(entropy, (flat, h, n_q))
+    return jnp.swapaxes(entropy, -1, -2).reshape(*batch, n_q, h)
 
 
 def _blocked(q4, k4, v4, structure: blocked_attention.FlatMask, scale, base: float,
