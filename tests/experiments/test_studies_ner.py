@@ -90,7 +90,8 @@ def test_rdrop_smoke_study(tmp_path):
 def test_rdrop_presets_cover_the_grid_and_the_small_training_subset():
     for name in ("overfit", "gpu", "gpu_overfit"):
         _, _, _, evals, alphas, dropouts = rdrop.PRESETS[name]
-        assert set(alphas) == {0.0, 1.0, 4.0} and set(dropouts) == {0.1, 0.3}
+        assert {0.0, 1.0, 4.0} < set(alphas) and min(a for a in alphas if a) <= 0.1
+        assert set(dropouts) == {0.1, 0.3}
         assert evals >= 8  # best evaluation of several
     assert rdrop.PRESETS["overfit"][1]["data.max_examples"] == rdrop.SUBSET
     assert rdrop.PRESETS["gpu_overfit"][1]["data.max_examples"] == rdrop.SUBSET
