@@ -240,6 +240,12 @@ def attention_case(rng, dtype, s):
         (q, k, v, jnp.asarray(valid), jnp.asarray(prefix)),
         ref.attention(host64(q), host64(k), host64(v), mask=structured,
                       scale="entropy_invariant")))
+    q, k, _, mask = attention_inputs(rng, dtype, s, "padding+causal")
+    checks.append(OpCheck(
+        "attention_entropy (entropy_invariant, padding+causal, GQA)",
+        lambda q, k, m: ops.attention_entropy(q, k, mask=m, scale="entropy_invariant"),
+        (q, k, jnp.asarray(mask)),
+        ref.attention_entropy(host64(q), host64(k), mask=mask, scale="entropy_invariant")))
     if dtype == "float32":  # integer key counts in, float32 out, whatever the inputs' dtype
         counts = np.arange(1, 4 * s.n + 1)
         checks.append(OpCheck("entropy_invariant_scale", ops.entropy_invariant_scale,

@@ -17,6 +17,7 @@ import numpy as np
 
 __all__ = [
     "attention",
+    "attention_entropy",
     "bhattacharyya_distance",
     "causal_mask",
     "cross_entropy",
@@ -173,6 +174,40 @@ def attention(q, k, v, *, mask=None, scale="standard", entropy_base: float = 512
     total = weights.sum(-1, keepdims=True)
     probs = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
     return np.einsum("...hqk,...khd->...qhd", probs, v)
+
+
+def attention_entropy(q, k, *, mask=None, scale="standard", entropy_base: float = 512.0
+                      ) -> np.ndarray:
+    """`H_i = −Σ_j p_ij log p_ij` of `p_i = softmax_j(κ_i q_i·k_j | visible)`, `[..., n_q, h]`
+    float64 (kexue.fm/archives/8823); 0 for a query that sees no key. Arguments as for
+    `attention`."""
+    q, k = _f64(q, k)
+    h, d = q.shape[-2:]
+    k = np.repeat(k, h // k.shape[-2], axis=-2)
+    logits = np.einsum("...qhd,...khd->...hqk", q, k)
+    if mask is None:
+        visible = np.ones(logits.shape, bool)
+    else:
+        mask = np.asarray(mask, bool)
+        if mask.ndim < q.ndim:
+            mask = mask[..., None, :, :]
+        visible = np.broadcast_to(mask, logits.shape)
+    out = np.zeros(logits.shape[:-1])  # [..., h, n_q]
+    for index in np.ndindex(*out.shape):
+        seen = visible[index]
+        if not seen.any():
+            continue
+        if scale == "standard":
+            kappa = 1 / math.sqrt(d)
+        elif scale == "entropy_invariant":
+            kappa = math.log(seen.sum()) / math.log(entropy_base) / math.sqrt(d)
+        else:
+            kappa = float(scale)
+        z = kappa * logits[index][seen]
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        out[index] = -np.sum(p * np.log(np.where(p > 0, p, 1.0)))
+    return np.swapaxes(out, -1, -2)
 
 
 # ----------------------------------------------------------------------------- GlobalPointer
