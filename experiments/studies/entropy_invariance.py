@@ -41,7 +41,8 @@ from experiments.studies.common import (
 MLM_CONFIG = "configs/mlm_extrapolation.py"
 LENGTHS = (64, 128, 256, 512, 1024)
 #: Evaluation lengths of the presets that go further than `LENGTHS`.
-PRESET_LENGTHS = {"gpu": (64, 128, 256, 512, 1024, 2048, 4096)}
+PRESET_LENGTHS = {"gpu": (64, 128, 256, 512, 1024, 2048, 4096),
+                  "smoke": (64, 128)}  # each length compiles its own programs
 #: (name, model.attention_scale, objective.positions)
 EI_VARIANTS = (
     ("standard", "standard", "contiguous"),
