@@ -8,6 +8,9 @@
 * `CLUENER_DIR`: where tests find the CLUENER 2020 JSON lines: `$KEXUE_CLUENER_DIR`,
   else `../shared/data/cluener` next to the repository (the project machine's copy).
   Tests that need it skip with this path in the reason when it is absent.
+* Tests marked `slow` (the long smoke runs) start first: with `-n 2` the workers then
+  end on short tests and finish together, rather than one idling while the other runs
+  a long test that happened to be collected last.
 """
 
 from __future__ import annotations
@@ -57,3 +60,8 @@ def pytest_runtest_makereport(item, call):
     if seed is not None and report.failed:
         report.sections.append(("random seed", f"replay with KEXUE_TEST_SEED={seed}"))
     return report
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first: the `slow` tests, in collection order, then the rest (stable)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

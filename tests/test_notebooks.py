@@ -37,6 +37,7 @@ def test_notebooks_exist():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.slow
 def test_notebook_runs(path, capsys, monkeypatch):
     monkeypatch.setenv("KEXUE_NOTEBOOK_SMOKE", "1")
     namespace: dict = {"__name__": "__notebook__"}

@@ -102,6 +102,7 @@ def test_optim_exports(name):
     assert callable(getattr(kexue.optim, name))
 
 
+@pytest.mark.slow
 def test_demo_runs_and_learns():
     """`make run`'s job, shortened: every section prints and training reaches real F1."""
     result = _run(["-m", "experiments.demo", "--config", "configs/demo.py",
@@ -118,6 +119,7 @@ def test_demo_runs_and_learns():
     assert min(f1) > 0.6, out
 
 
+@pytest.mark.slow
 def test_benchmark_quick_mode_prints_tables():
     result = _run(["-m", "benchmarks.ops", "--quick"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -130,6 +132,7 @@ def _readme_snippets() -> list[str]:
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
+@pytest.mark.slow
 def test_readme_snippets_run():
     """The README's usage examples are real code: run them as a user would."""
     snippets = _readme_snippets()

@@ -62,6 +62,7 @@ def test_max_length_stops_at_the_budget():
     assert len(tried) == 1 and tried[0][0] == 16 and tried[0][1] > 1024
 
 
+@pytest.mark.slow
 def test_max_length_bisection_finds_what_a_linear_scan_finds():
     options = lm.remat_options()
     lengths = (16, 32, 64, 128, 256)

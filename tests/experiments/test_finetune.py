@@ -133,6 +133,7 @@ def smoke_config(data_dir: Path, config_file: str = CONFIG, **overrides):
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_file, kind", [(CONFIG, "bert"), (CONFIG, "roformer"),
                                                ("configs/cluener_multilabel.py", "roformer")])
 def test_step_zero_holds_the_checkpoint_in_the_encoder_and_a_fresh_head(config_file, kind,
@@ -181,6 +182,7 @@ def cli(workdir: Path, data_dir: Path, *overrides: str):
                    *overrides)
 
 
+@pytest.mark.slow
 def test_command_line_fine_tunes_and_resumes_without_reloading(checkpoints, data_dir,
                                                                tmp_path):
     directory, _ = checkpoints["bert"]
@@ -212,6 +214,7 @@ def rewrite_safetensors(directory: Path, edit) -> None:
     save_file(edit(tensors), str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
+@pytest.mark.slow
 def test_a_bad_checkpoint_is_one_error_line_from_the_command_line(checkpoints, data_dir,
                                                                    tmp_path):
     bad = tmp_path / "bad"
@@ -227,6 +230,7 @@ def test_a_bad_checkpoint_is_one_error_line_from_the_command_line(checkpoints, d
     assert not (tmp_path / "run").exists()  # nothing built, nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem", ["missing tensor", "wrong shape", "wrong layout",
                                      "conflicting key", "other vocabulary"])
 def test_bad_checkpoints_and_conflicts_name_the_config_key(problem, checkpoints, data_dir,
@@ -267,6 +271,7 @@ def test_bad_checkpoints_and_conflicts_name_the_config_key(problem, checkpoints,
 @pytest.mark.parametrize("path, metric", [("configs/cluener_globalpointer.py", "f1"),
                                           ("configs/cluener_multilabel.py", "micro_f1"),
                                           ("configs/cluener_bio.py", "f1")])
+@pytest.mark.slow
 def test_finetune_presets_mirror_the_reference_setup(path, metric, checkpoints):
     from experiments import config as experiment_config
 

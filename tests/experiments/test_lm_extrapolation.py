@@ -27,6 +27,7 @@ def smoke_study(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
                            timeout=300)
 
 
+@pytest.mark.slow
 def test_smoke_study_writes_json_with_both_scales_and_every_length(smoke_study):
     out, _ = smoke_study
     record = json.loads((out / "lm_extrapolation.json").read_text())
@@ -51,6 +52,7 @@ def test_smoke_study_writes_json_with_both_scales_and_every_length(smoke_study):
     assert record["date"] and record["machine"].startswith("cpu")
 
 
+@pytest.mark.slow
 def test_smoke_study_writes_table_and_plot(smoke_study):
     out, result = smoke_study
     table = (out / "lm_extrapolation.md").read_text()

@@ -29,6 +29,7 @@ def smoke_study(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
                            timeout=300)
 
 
+@pytest.mark.slow
 def test_smoke_study_writes_json_with_every_variant_and_length(smoke_study):
     out, _ = smoke_study
     record = json.loads((out / "entropy_invariance.json").read_text())
@@ -52,6 +53,7 @@ def test_smoke_study_writes_json_with_every_variant_and_length(smoke_study):
     assert "--preset smoke" in record["command"]
 
 
+@pytest.mark.slow
 def test_smoke_study_writes_table_and_plot(smoke_study):
     out, result = smoke_study
     table = (out / "entropy_invariance.md").read_text()

@@ -103,6 +103,7 @@ def ner_run(tmp_path_factory):
 
 
 @needs_cluener
+@pytest.mark.slow
 def test_predictions_parse_as_cluener_and_round_trip_through_the_scorer(ner_run):
     workdir, tmp = ner_run
     dev = Path(CLUENER_DIR, "dev.jsonl").read_text(encoding="utf-8").splitlines()[:12]
@@ -150,6 +151,7 @@ def test_predictions_parse_as_cluener_and_round_trip_through_the_scorer(ner_run)
     assert float(f1) == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-6)
 
 
+@pytest.mark.slow
 @needs_cluener
 def test_bad_texts_are_named_before_the_model_runs(ner_run, tmp_path):
     workdir, _ = ner_run

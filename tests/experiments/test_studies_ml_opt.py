@@ -35,6 +35,7 @@ def test_studies_are_registered():
         assert {"default", "smoke"} <= set(module.PRESETS)
 
 
+@pytest.mark.slow
 def test_multilabel_smoke_study(tmp_path_factory):
     out = _smoke(tmp_path_factory, "multilabel")
     record = json.loads((out / "multilabel.json").read_text())
@@ -72,6 +73,7 @@ def test_multilabel_smoke_study(tmp_path_factory):
     assert "![F1 by loss and imbalance](multilabel.png)" in table
 
 
+@pytest.mark.slow
 def test_optimizers_smoke_study(tmp_path_factory):
     out = _smoke(tmp_path_factory, "optimizers")
     record = json.loads((out / "optimizers.json").read_text())

@@ -19,6 +19,7 @@ from tests.experiments._smoke import check_png, run_smoke_study
 pytestmark = pytest.mark.skipif(not HAVE_CLUENER, reason=CLUENER_MISSING)
 
 
+@pytest.mark.slow
 def test_globalpointer_smoke_study(tmp_path):
     out, result = run_smoke_study(tmp_path, "globalpointer")
     record = json.loads((out / "globalpointer.json").read_text())
@@ -63,6 +64,7 @@ def test_globalpointer_smoke_study(tmp_path):
     assert "updated" not in result.stdout  # docs/results.md is left alone for other --out
 
 
+@pytest.mark.slow
 def test_rdrop_smoke_study(tmp_path):
     out, _ = run_smoke_study(tmp_path, "rdrop")
     record = json.loads((out / "rdrop.json").read_text())

@@ -62,6 +62,7 @@ def lm_run(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProces
     return workdir, train("configs/lm_stdlib.py", workdir, data_dir)
 
 
+@pytest.mark.slow
 def test_lm_smoke_run_learns_logs_and_samples(lm_run):
     workdir, result = lm_run
     assert '"preset": "smoke"' in result.stdout  # the resolved config is printed
@@ -78,6 +79,7 @@ def test_lm_smoke_run_learns_logs_and_samples(lm_run):
     assert "sample (greedy) from 'def '" in result.stdout
 
 
+@pytest.mark.slow
 def test_resume_after_stop_reproduces_the_uninterrupted_run(lm_run, tmp_path, data_dir):
     reference, _ = lm_run
     workdir = tmp_path / "resumed"
@@ -89,6 +91,7 @@ def test_resume_after_stop_reproduces_the_uninterrupted_run(lm_run, tmp_path, da
         assert curve(workdir, split) == curve(reference, split), split
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device(lm_run, tmp_path, data_dir):
     reference, _ = lm_run
     workdir = tmp_path / "mesh222"
@@ -102,6 +105,7 @@ def test_eight_devices_match_one_device(lm_run, tmp_path, data_dir):
                                    [theirs[s] for s in sorted(ours)], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_reproduces_the_final_eval(lm_run):
     workdir, _ = lm_run
     result = run_cli("experiments.evaluate", "--workdir", str(workdir))
@@ -145,6 +149,7 @@ def test_incompatible_combinations_fail_before_compiling(tmp_path, overrides, me
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_mlm_smoke_reports_accuracy_per_length(tmp_path, data_dir):
     workdir = tmp_path / "mlm"
     # The head at the chosen positions only (data.mlm_max_predictions) in training.
@@ -166,6 +171,7 @@ def test_mlm_smoke_reports_accuracy_per_length(tmp_path, data_dir):
     ("configs/cluener_multilabel.py", ("--config.objective.loss=sigmoid_bce",),
      ("micro_f1", "macro_f1")),
 ])
+@pytest.mark.slow
 def test_cluener_smoke(tmp_path, data_dir, config, overrides, metrics):
     workdir = tmp_path / "cluener"
     train(config, workdir, data_dir, f"--config.data.manual_dir={CLUENER_DIR}", *overrides)

@@ -17,6 +17,7 @@ OPTIMIZERS = ("optax.adamw", "amos", "amos (factored)", "amos_style (adam)",
 SETTINGS = ("XLA defaults", "kexue.train CPU options")
 
 
+@pytest.mark.slow
 def test_quick_benchmark_times_every_optimizer_under_both_settings(tmp_path):
     out = tmp_path / "optim.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}

@@ -80,6 +80,7 @@ def finished_run(tmp_path_factory):
     return workdir, data_dir
 
 
+@pytest.mark.slow
 def test_refused_resume_leaves_the_workdir_byte_identical(finished_run):
     workdir, data_dir = finished_run
     before = _snapshot(workdir)
@@ -125,6 +126,7 @@ def test_unusable_workdir_fails_at_once_in_one_line(tmp_path, layout, message):
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_damaged_config_json_stops_evaluate_with_one_line(finished_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run[0], workdir)
@@ -144,6 +146,7 @@ def _can_mount_read_only(directory) -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_read_only_workdir_prints_the_metrics(finished_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run[0], workdir)
