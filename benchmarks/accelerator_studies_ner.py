@@ -3,8 +3,8 @@
     python -m benchmarks.accelerator --out DIR --parts studies_ner     # not in the default run
 
 One section per study of `python -m experiments.reproduce`, in order: ``globalpointer``
-(GlobalPointer variants × 3 seeds, 3000 steps, best evaluation), ``rdrop`` (α ∈ {0, 1,
-4} × dropout ∈ {0.1, 0.3} × 3 seeds, on the full data (`gpu`) and on a small training
+(GlobalPointer variants × 3 seeds, 3000 steps, best evaluation), ``rdrop`` (α ∈ {0, 0.1,
+0.3, 1, 4} × dropout ∈ {0.1, 0.3} × 3 seeds, on the full data (`gpu`) and on a small training
 subset (`gpu_overfit`)) and ``optimizers`` (5 learning rates per optimizer, on the LM
 (`gpu_lm`) and on NER with the collapse variants (`gpu_ner`)). Each study runs through
 `python -m experiments.reproduce STUDY --preset P` for every preset `P` of the study
