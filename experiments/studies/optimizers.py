@@ -26,7 +26,9 @@ initialisation. Presets: "default" (the config files' learning rates, both tasks
 "collapse" (NER: AdamW as configured, with pre-norm, with a 3× longer warmup, at a 3×
 lower learning rate, and Amos-style Adam as the reference), "gpu_lm" and "gpu_ner" (5
 learning rates on a half-decade log grid for every optimizer, on NER plus the pre-norm
-and warmup variants of AdamW; 600 steps; for the GPU campaign) and "smoke".
+and warmup variants of AdamW; 600 steps; for the GPU campaign), "cpu_lm_grid" and
+"cpu_ner_grid" (the same learning-rate grid at 300 steps, what 2 CPU cores allow for
+one seed) and "smoke".
 Amos: arXiv 2210.11693; Amos-style schedules: kexue.fm archive 9344.
 """
 
@@ -120,6 +122,8 @@ _NER = ("full", {**_SMALL, "model.gp_head_dim": 32, "data.batch_size": 32})
 PRESETS: dict[str, tuple[dict[str, tuple[str, dict[str, Any], tuple[Variant, ...]]], int]] = {
     "default": ({"lm": (*_LM, _defaults(TRAINED)), "ner": (*_NER, _defaults(TRAINED))}, 300),
     "collapse": ({"ner": (*_NER, COLLAPSE_VARIANTS)}, 300),
+    "cpu_lm_grid": ({"lm": (*_LM, _grid(TRAINED))}, 300),
+    "cpu_ner_grid": ({"ner": (*_NER, _grid(TRAINED))}, 300),
     "gpu_lm": ({"lm": (*_LM, _grid(TRAINED))}, 600),
     "gpu_ner": ({"ner": (*_NER, _grid(TRAINED) + COLLAPSE_VARIANTS[1:3])}, 600),
     "smoke": ({
