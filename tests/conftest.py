@@ -4,9 +4,6 @@
   Must run before JAX initialises its backends, hence at import time here.
 * `rng`: a NumPy generator with a fresh seed for every test. The seed is printed in
   the report of a failing test; set KEXUE_TEST_SEED=<seed> to replay it.
-* XLA:CPU compiles without LLVM optimisation, and compiled programs are kept in JAX's
-  persistent compilation cache (in the system's temporary directory) for the workers
-  and the subprocesses they start.
 * Hypothesis runs without deadlines (first calls include XLA compilation).
 * `CLUENER_DIR`: where tests find the CLUENER 2020 JSON lines: `$KEXUE_CLUENER_DIR`,
   else `../shared/data/cluener` next to the repository (the project machine's copy).
@@ -18,9 +15,7 @@
 
 from __future__ import annotations
 
-import getpass
 import os
-import tempfile
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -30,16 +25,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # measure speed do so in benchmarks, not here.
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
-# Many tests, and the CLI subprocesses they start (which inherit the environment),
-# compile the same small programs (a smoke model's train step, its evaluation): JAX's
-# persistent compilation cache, shared by the xdist workers and the subprocesses, compiles
-# each once per machine (keyed on the program, the compile options and the JAX version,
-# so it changes no result). Bounded at 1 GiB, least recently used out first.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    tempfile.gettempdir(), f"kexue-tests-jax-cache-{getpass.getuser()}"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**30))
 
 import numpy as np
 import pytest
