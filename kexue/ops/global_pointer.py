@@ -248,7 +248,7 @@ def decode_spans(logits, *, max_spans: int, threshold: float = 0.0,
     above the threshold (0 for ZLPR-trained logits). Candidates are the spans with
     `start ≤ end` (and, with `valid`, both ends real tokens); of those above the
     threshold, the `max_spans` highest are returned, best first, ties in the order of
-    the flat index `type·n² + start·n + end` (`jax.lax.top_k`). Fixed-size output, so
+    the flat index `type·n² + start·n + end` (a stable sort on both keys). Fixed-size output, so
     `jax.jit`- and `vmap`-safe; masked spans of GlobalPointer logits carry a large
     negative logit and do not decode at any threshold above it.
 
@@ -288,7 +288,11 @@ def decode_spans(logits, *, max_spans: int, threshold: float = 0.0,
     above = jnp.broadcast_to(above, scores.shape).reshape(*lead, types * n * n)
     flat = jnp.where(above, scores.reshape(*lead, types * n * n), -jnp.inf)
     k = min(int(max_spans), types * n * n)
-    top, index = jax.lax.top_k(flat, k)
+    # A lexicographic sort on (−score, flat index) rather than `jax.lax.top_k`, whose
+    # order among equal scores XLA:CPU does not keep under `jax.jit` (seen with k = all).
+    positions = jnp.broadcast_to(jnp.arange(types * n * n, dtype=jnp.int32), flat.shape)
+    negated, index = jax.lax.sort((-flat, positions), dimension=flat.ndim - 1, num_keys=2)
+    top, index = -negated[..., :k], index[..., :k]
     count = jnp.sum(above, axis=-1, dtype=jnp.int32)
     filled = jnp.arange(k) < count[..., None]
     rows = jnp.stack([index // (n * n), index // n % n, index % n], axis=-1)
