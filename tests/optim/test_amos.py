@@ -236,7 +236,9 @@ def test_nnx_state_gives_the_same_steps_as_a_plain_dict(rng):
         state, opt_state = step(state, opt_state)
         updates, plain_state = plain_tx.update(grads, plain_state, plain)
         plain = optax.apply_updates(plain, updates)
-    chex.assert_trees_all_close(nnx.to_pure_dict(state), plain, rtol=1e-5, atol=1e-7)
+    # One path jitted, the other eager: float32 rounding differs (fusion), by up to a few
+    # 1e-7 on parameters of size ~0.05 after 3 steps (seed 3355550375100671462: 4.4e-7).
+    chex.assert_trees_all_close(nnx.to_pure_dict(state), plain, rtol=1e-5, atol=2e-6)
 
 
 def test_sharded_state_follows_params_and_matches_unsharded(rng):
